@@ -1,0 +1,316 @@
+"""A candidate network as plain data: layers, output shapes, parameters, FLOPs.
+
+Nothing here imports TensorFlow, so deciding that a candidate is impossible (a feature
+map shrinks below 1x1) or over a budget costs microseconds and builds no graph.
+
+FLOPs count a multiply-add as two operations for conv and dense layers, one
+operation per input element read by a pooling window, two per element for batch
+normalization and one per element for an activation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from nas.specs import Constraints, Knob, SearchSpace
+
+__all__ = ["Architecture", "Layer", "HyperparameterSpec", "hyperparameter_specs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperparameterSpec:
+    """One knob of a space as KerasTuner sees it.
+
+    `conditions` lists (parent name, parent values): the knob is active only when
+    every parent takes one of its values.
+    """
+
+    name: str
+    knob: Knob
+    conditions: tuple[tuple[str, tuple], ...] = ()
+
+
+def hyperparameter_specs(space: SearchSpace) -> list[HyperparameterSpec]:
+    """The whole space as named hyperparameters, parents before children."""
+    depths = space.depth.values()
+    specs = [HyperparameterSpec("depth", space.depth)]
+    pooled = tuple(t for t in space.pool_type.values() if t != "none")
+    for stage in range(1, max(depths) + 1):
+        active = (("depth", tuple(d for d in depths if d >= stage)),)
+        prefix = f"stage_{stage}/"
+        for name, knob in (
+            ("filters", space.filters),
+            ("kernel_size", space.kernel_size),
+            ("stride", space.stride),
+            ("padding", space.padding),
+            ("activation", space.activation),
+            ("batch_norm", space.batch_norm),
+            ("pointwise", space.pointwise),
+            ("pool", space.pool_type),
+        ):
+            specs.append(HyperparameterSpec(prefix + name, knob, active))
+        if pooled:
+            pool_active = active + ((prefix + "pool", pooled),)
+            specs.append(HyperparameterSpec(prefix + "pool_size", space.pool_size, pool_active))
+            if space.pool_stride is not None:
+                specs.append(
+                    HyperparameterSpec(prefix + "pool_stride", space.pool_stride, pool_active)
+                )
+    specs.append(HyperparameterSpec("reduce", space.reduce))
+    specs.append(HyperparameterSpec("dense_layers", space.dense_layers))
+    dense_counts = space.dense_layers.values()
+    for layer in range(1, max(dense_counts) + 1):
+        active = (("dense_layers", tuple(n for n in dense_counts if n >= layer)),)
+        specs.append(HyperparameterSpec(f"dense_{layer}/units", space.dense_units, active))
+        specs.append(HyperparameterSpec(f"dense_{layer}/dropout", space.dropout, active))
+    specs.append(HyperparameterSpec("optimizer", space.optimizer))
+    specs.append(HyperparameterSpec("learning_rate", space.learning_rate))
+    return specs
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One layer of a candidate: what it is, its output shape and its cost."""
+
+    name: str
+    kind: str
+    config: dict
+    output_shape: tuple[int, ...]
+    params: int
+    flops: int
+
+    def describe(self) -> str:
+        c = self.config
+        if self.kind == "Conv2D":
+            return (f"{c['filters']} {c['kernel_size']}x{c['kernel_size']} "
+                    f"stride {c['strides']} {c['padding']}")
+        if self.kind in ("MaxPooling2D", "AveragePooling2D"):
+            return f"{c['pool_size']}x{c['pool_size']} stride {c['strides']}"
+        if self.kind == "Dense":
+            return f"{c['units']} {c['activation']}"
+        if self.kind == "Dropout":
+            return f"rate {c['rate']}"
+        if self.kind == "Activation":
+            return c["activation"]
+        if self.kind == "Rescaling":
+            return f"x {c['scale']:.6g}"
+        return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A candidate CNN as data. Build one with `Architecture.from_values`.
+
+    Attributes:
+        values: The chosen value of every active hyperparameter.
+        layers: The layers up to the point the candidate became impossible, if it did.
+        impossible: Why no model can be built (None when it can).
+    """
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    values: dict
+    layers: tuple[Layer, ...]
+    impossible: str | None = None
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def flops(self) -> int:
+        return sum(layer.flops for layer in self.layers)
+
+    @property
+    def depth(self) -> int:
+        return self.values["depth"]
+
+    def over_budget(self, constraints: Constraints) -> str | None:
+        """Why this candidate breaks a budget, or None when it fits."""
+        if constraints.max_params is not None and self.params > constraints.max_params:
+            return f"{self.params:,} parameters > max_params {constraints.max_params:,}"
+        if constraints.max_flops is not None and self.flops > constraints.max_flops:
+            return f"{self.flops:,} FLOPs > max_flops {constraints.max_flops:,}"
+        return None
+
+    def rejection(self, constraints: Constraints) -> str | None:
+        """Why this candidate must not be trained (impossible or over budget), or None."""
+        return self.impossible or self.over_budget(constraints)
+
+    def summary(self) -> dict:
+        """The architecture choices a person compares trials by."""
+        stages = range(1, self.depth + 1)
+        return {
+            "depth": self.depth,
+            "filters": [self.values[f"stage_{s}/filters"] for s in stages],
+            "kernels": [self.values[f"stage_{s}/kernel_size"] for s in stages],
+            "strides": [self.values[f"stage_{s}/stride"] for s in stages],
+            "pooling": [self.values[f"stage_{s}/pool"] for s in stages],
+            "pointwise": [self.values[f"stage_{s}/pointwise"] for s in stages],
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "params": self.params,
+            "flops": self.flops,
+            "impossible": self.impossible,
+            "values": dict(self.values),
+            "layers": [
+                {
+                    "name": layer.name,
+                    "type": layer.kind,
+                    "config": layer.config,
+                    "output_shape": list(layer.output_shape),
+                    "params": layer.params,
+                    "flops": layer.flops,
+                }
+                for layer in self.layers
+            ],
+        }
+
+    def table(self) -> str:
+        """The layer table as text: name, type, output shape, parameters, FLOPs."""
+        rows = [("layer", "type", "output shape", "params", "FLOPs")]
+        for layer in self.layers:
+            kind = f"{layer.kind} {layer.describe()}".strip()
+            shape = "x".join(str(d) for d in layer.output_shape)
+            rows.append((layer.name, kind, shape, f"{layer.params:,}", f"{layer.flops:,}"))
+        rows.append(("total", "", "", f"{self.params:,}", f"{self.flops:,}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = []
+        for n, row in enumerate(rows):
+            cells = [row[i].ljust(widths[i]) if i < 3 else row[i].rjust(widths[i]) for i in range(5)]
+            lines.append("  ".join(cells).rstrip())
+            if n == 0 or n == len(rows) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        if self.impossible:
+            lines.append(f"impossible: {self.impossible}")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_values(
+        cls,
+        space: SearchSpace,
+        values: dict[str, Any],
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        pixel_scale: float = 1.0,
+    ) -> "Architecture":
+        """The candidate that `values` picks from `space`, for inputs of `input_shape`.
+
+        Missing values of fixed knobs are filled in; inactive values are ignored.
+        """
+        chosen = _active_values(space, values)
+        builder = _Builder(tuple(input_shape))
+        builder.add("rescaling", "Rescaling", {"scale": 1.0 / pixel_scale, "offset": 0.0},
+                    builder.shape, 0, 0)
+        try:
+            for stage in range(1, chosen["depth"] + 1):
+                builder.stage(stage, chosen)
+            builder.head(chosen, num_classes)
+        except _Impossible as why:
+            return cls(tuple(input_shape), num_classes, chosen, tuple(builder.layers), str(why))
+        return cls(tuple(input_shape), num_classes, chosen, tuple(builder.layers))
+
+
+class _Impossible(Exception):
+    pass
+
+
+def _active_values(space: SearchSpace, values: dict) -> dict:
+    """The value of every hyperparameter active under `values`, in declaration order."""
+    chosen: dict[str, Any] = {}
+    for spec in hyperparameter_specs(space):
+        if all(chosen.get(parent) in allowed for parent, allowed in spec.conditions):
+            if spec.name in values and values[spec.name] is not None:
+                chosen[spec.name] = values[spec.name]
+            elif spec.knob.is_fixed:
+                chosen[spec.name] = spec.knob.fixed
+            else:
+                raise KeyError(f"no value for the hyperparameter {spec.name!r}")
+    return chosen
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: str) -> int:
+    if padding == "same":
+        return math.ceil(size / stride)
+    return (size - kernel) // stride + 1 if size >= kernel else 0
+
+
+class _Builder:
+    def __init__(self, input_shape: tuple[int, int, int]):
+        self.shape = input_shape
+        self.layers: list[Layer] = []
+
+    def add(self, name, kind, config, shape, params, flops):
+        self.layers.append(Layer(name, kind, config, tuple(shape), int(params), int(flops)))
+        self.shape = tuple(shape)
+
+    def stage(self, stage: int, v: dict) -> None:
+        p = f"stage_{stage}/"
+        h, w, c = self.shape
+        filters, kernel = v[p + "filters"], v[p + "kernel_size"]
+        stride, padding = v[p + "stride"], v[p + "padding"]
+        batch_norm, activation = v[p + "batch_norm"], v[p + "activation"]
+        oh, ow = _conv_out(h, kernel, stride, padding), _conv_out(w, kernel, stride, padding)
+        if oh < 1 or ow < 1:
+            raise _Impossible(
+                f"stage {stage}: a {kernel}x{kernel} conv with {padding} padding and stride "
+                f"{stride} does not fit the {h}x{w} feature map"
+            )
+        bias = not batch_norm  # batch norm's shift makes the conv bias redundant
+        self.add(p + "conv", "Conv2D",
+                 {"filters": filters, "kernel_size": kernel, "strides": stride,
+                  "padding": padding, "use_bias": bias},
+                 (oh, ow, filters), kernel * kernel * c * filters + (filters if bias else 0),
+                 2 * kernel * kernel * c * filters * oh * ow)
+        if batch_norm:
+            self.add(p + "bn", "BatchNormalization", {}, self.shape, 4 * filters,
+                     2 * oh * ow * filters)
+        self.add(p + "act", "Activation", {"activation": activation}, self.shape, 0,
+                 oh * ow * filters)
+        if v[p + "pointwise"]:
+            self.add(p + "pointwise", "Conv2D",
+                     {"filters": filters, "kernel_size": 1, "strides": 1, "padding": "same",
+                      "use_bias": True},
+                     self.shape, filters * filters + filters, 2 * filters * filters * oh * ow)
+            self.add(p + "pointwise_act", "Activation", {"activation": activation}, self.shape,
+                     0, oh * ow * filters)
+        pool = v[p + "pool"]
+        if pool != "none":
+            size = v[p + "pool_size"]
+            pool_stride = v.get(p + "pool_stride", size)
+            ph = (oh - size) // pool_stride + 1 if oh >= size else 0
+            pw = (ow - size) // pool_stride + 1 if ow >= size else 0
+            if ph < 1 or pw < 1:
+                raise _Impossible(
+                    f"stage {stage}: a {size}x{size} {pool} pool does not fit the "
+                    f"{oh}x{ow} feature map"
+                )
+            kind = "MaxPooling2D" if pool == "max" else "AveragePooling2D"
+            self.add(p + "pool", kind, {"pool_size": size, "strides": pool_stride},
+                     (ph, pw, filters), 0, size * size * ph * pw * filters)
+
+    def head(self, v: dict, num_classes: int) -> None:
+        h, w, c = self.shape
+        reduce = v["reduce"]
+        if reduce == "flatten":
+            self.add("flatten", "Flatten", {}, (h * w * c,), 0, 0)
+        else:
+            kind = "GlobalAveragePooling2D" if reduce == "global_avg" else "GlobalMaxPooling2D"
+            self.add(reduce, kind, {}, (c,), 0, h * w * c)
+        for layer in range(1, v["dense_layers"] + 1):
+            (width,) = self.shape
+            units, rate = v[f"dense_{layer}/units"], v[f"dense_{layer}/dropout"]
+            self.add(f"dense_{layer}", "Dense", {"units": units, "activation": "relu"},
+                     (units,), width * units + units, 2 * width * units)
+            if rate > 0:
+                self.add(f"dropout_{layer}", "Dropout", {"rate": rate}, (units,), 0, 0)
+        (width,) = self.shape
+        self.add("output", "Dense", {"units": num_classes, "activation": "softmax"},
+                 (num_classes,), width * num_classes + num_classes, 2 * width * num_classes)
+

@@ -1,0 +1,378 @@
+"""One search end to end: check the input, then data -> tuner -> MLflow -> best trials.
+
+`prepare` does everything that can refuse bad input (specs are already loaded; data,
+tracking store, resume state) and writes nothing; `run` trains and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from nas import tracking
+from nas.data import Arrays, load_arrays
+from nas.specs import Constraints, Pipeline, SearchSpace
+
+__all__ = ["SearchConfig", "SearchError", "SearchResult", "TrialSummary", "prepare", "run"]
+
+_STATE_FILE = "nas_search.json"
+
+
+class SearchError(ValueError):
+    """The search cannot start as asked (the user's input); nothing was written."""
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    """Everything one search needs; CLI flags land here."""
+
+    space: SearchSpace
+    pipeline: Pipeline
+    tuner: str = "random"
+    max_trials: int = 10
+    epochs: int | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    experiment: str | None = None
+    tracking_uri: str | None = None
+    workdir: str = ".nas"
+    overwrite: bool = False
+    max_failures: int = 3
+    max_params: int | None = None
+    max_flops: int | None = None
+    mixed_precision: bool = False
+    jit_compile: bool = False
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"{self.space.name}-{self.pipeline.name}"
+
+    @property
+    def epochs_per_trial(self) -> int:
+        return self.epochs or self.pipeline.epochs
+
+    @property
+    def constraints(self) -> Constraints:
+        """The tightest of the budgets given by flags, the pipeline and the space."""
+
+        def tightest(*limits):
+            given = [limit for limit in limits if limit is not None]
+            return min(given) if given else None
+
+        return Constraints(
+            max_params=tightest(self.max_params, self.pipeline.constraints.max_params,
+                                self.space.constraints.max_params),
+            max_flops=tightest(self.max_flops, self.pipeline.constraints.max_flops,
+                               self.space.constraints.max_flops),
+        )
+
+    @property
+    def project_dir(self) -> Path:
+        return Path(self.workdir) / self.experiment_name
+
+    def fingerprint(self) -> str:
+        """What must match for a search to resume: the specs and the tuner settings."""
+        parts = [self.space.text, self.pipeline.text, self.tuner, str(self.max_trials),
+                 str(self.epochs_per_trial), str(self.batch_size), str(self.seed),
+                 str(self.constraints)]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSummary:
+    trial_id: str
+    status: str
+    objective: float | None
+    params: int
+    flops: int
+    fit_seconds: float
+    run_id: str | None
+    architecture: dict
+
+
+@dataclasses.dataclass
+class SearchResult:
+    experiment_id: str
+    search_run_id: str
+    objective: str
+    direction: str
+    trials: list[TrialSummary]
+    rejected: int
+    resumed: bool
+
+    @property
+    def finished(self) -> list[TrialSummary]:
+        ranked = [t for t in self.trials if t.status == "COMPLETED" and t.objective is not None]
+        return sorted(ranked, key=lambda t: t.objective, reverse=self.direction == "max")
+
+    @property
+    def best(self) -> TrialSummary | None:
+        return self.finished[0] if self.finished else None
+
+
+@dataclasses.dataclass
+class Prepared:
+    config: SearchConfig
+    arrays: Arrays
+    tracker: tracking.Tracker
+    state: dict | None  # the saved state of the search being resumed
+
+
+def prepare(config: SearchConfig) -> Prepared:
+    """Check everything the user gave us; raise before anything is written.
+
+    Raises:
+        SearchError, nas.data.DataError, nas.tracking.TrackingError.
+    """
+    if config.max_trials < 1:
+        raise SearchError(f"--max-trials: {config.max_trials} must be at least 1")
+    if config.epochs is not None and config.epochs < 1:
+        raise SearchError(f"--epochs: {config.epochs} must be at least 1")
+    if config.max_failures < 1:
+        raise SearchError(f"--max-failures: {config.max_failures} must be at least 1")
+    arrays = load_arrays(config.pipeline)
+    tracker = tracking.Tracker(config.tracking_uri)
+    tracker.check()
+    state = None
+    state_file = config.project_dir / _STATE_FILE
+    if state_file.exists() and not config.overwrite:
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") != config.fingerprint():
+            raise SearchError(
+                f"--experiment: {config.experiment_name!r} already holds a search with other "
+                f"settings (in {config.project_dir}); pass --overwrite to start afresh, or "
+                f"choose another --experiment"
+            )
+    return Prepared(config, arrays, tracker, state)
+
+
+def configure_tensorflow(config: SearchConfig) -> None:
+    """GPU memory growth, mixed precision and seeds; before any model is built."""
+    import keras
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # devices already initialized in this process
+            pass
+    keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision
+                                            else "float32")
+    keras.utils.set_random_seed(config.seed)
+
+
+def device_name() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else tf.config.list_logical_devices("CPU")[0].name
+
+
+class _TrialRuns:
+    """Tuner hooks: one nested MLflow run per trial, per-epoch metrics, a progress line."""
+
+    def __init__(self, tracker: tracking.Tracker, experiment_id: str, search_run_id: str,
+                 config: SearchConfig, echo, total: int):
+        self.tracker = tracker
+        self.experiment_id = experiment_id
+        self.search_run_id = search_run_id
+        self.objective = config.pipeline.objective
+        self.direction = config.pipeline.direction
+        self.echo = echo
+        self.total = total
+        self.runs: dict[str, str] = {}
+        self.fit_seconds: dict[str, float] = {}
+        self.best: float | None = None
+        self.device = device_name()
+
+    def trial_started(self, trial, architecture) -> None:
+        tracker = self.tracker
+        run_id = tracker.start_run(
+            self.experiment_id, f"trial-{trial.trial_id}",
+            tags={tracking.TAG_KIND: "trial", tracking.TAG_TRIAL: trial.trial_id,
+                  tracking.TAG_SEARCH: self.search_run_id, "nas.device": self.device,
+                  "nas.worker": os.environ.get("KERASTUNER_TUNER_ID", "local")},
+            parent_run_id=self.search_run_id,
+        )
+        self.runs[trial.trial_id] = run_id
+        tracker.log_params(run_id, trial.hyperparameters.values)
+        tracker.log_metrics(run_id, {"params": architecture.params,
+                                     "flops": architecture.flops})
+        tracker.log_text(run_id, architecture.table() + "\n", "architecture.txt")
+        tracker.log_dict(run_id, architecture.to_dict(), "architecture.json")
+        self._started = time.perf_counter()
+
+    def epoch_ended(self, trial, epoch: int, logs: dict) -> None:
+        metrics = {k: float(v) for k, v in logs.items()
+                   if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+        # Asynchronous: the next epoch trains while MLflow writes.
+        self.tracker.log_metrics(self.runs[trial.trial_id], metrics, step=epoch,
+                                 synchronous=False)
+
+    def trial_ended(self, trial, architecture, history, fit_seconds, error) -> None:
+        run_id = self.runs[trial.trial_id]
+        self.fit_seconds[trial.trial_id] = fit_seconds
+        status = "FINISHED"
+        try:
+            metrics = {"fit_time_s": fit_seconds}
+            if history is not None:
+                values = [v for v in history.get(self.objective, []) if v == v]
+                if values:
+                    best = max(values) if self.direction == "max" else min(values)
+                    metrics["objective"] = best
+                    metrics[f"best_{self.objective}"] = best
+                    metrics["epochs_trained"] = len(history[self.objective])
+                    better = self.best is None or (best > self.best if self.direction == "max"
+                                                   else best < self.best)
+                    self.best = best if better else self.best
+            self.tracker.log_metrics(run_id, metrics)
+            if error is not None:
+                status = ("KILLED" if isinstance(error, (KeyboardInterrupt, tracking.Interrupted))
+                          else "FAILED")
+                message = f"{error.__class__.__name__}: {error}".strip()
+                self.tracker.set_tags(run_id, {"nas.error": message[:5000]})
+            self.tracker.flush()
+        finally:
+            self.tracker.end(run_id, status)
+        done = len(self.runs)
+        shown = f"{metrics.get('objective', float('nan')):.4f}" if error is None else status
+        best = f"{self.best:.4f}" if self.best is not None else "-"
+        self.echo(f"trial {trial.trial_id} ({done}/{self.total}): {self.objective} {shown}  "
+                  f"best {best}  params {architecture.params:,}  "
+                  f"{time.perf_counter() - self._started:.1f} s")
+
+
+def _terminate(signum, frame):
+    raise tracking.Interrupted(f"signal {signal.Signals(signum).name}")
+
+
+def run(prepared: Prepared, echo=print) -> SearchResult:
+    """Train the search's trials, logging each to MLflow; return what was found.
+
+    Raises:
+        nas.tracking.Interrupted / KeyboardInterrupt: stopped by a signal; the state is
+            saved and running the same command resumes.
+        RuntimeError: too many consecutive trials failed.
+    """
+    from nas.data import make_datasets
+    import keras_tuner as kt
+
+    from nas import tuning
+
+    config, tracker, arrays = prepared.config, prepared.tracker, prepared.arrays
+    pipeline = config.pipeline
+    configure_tensorflow(config)
+    project_dir = config.project_dir
+    if config.overwrite and project_dir.exists():
+        shutil.rmtree(project_dir)
+    project_dir.mkdir(parents=True, exist_ok=True)
+
+    experiment_id = tracker.experiment_id(config.experiment_name)
+    resumed = prepared.state is not None
+    if resumed:
+        search_run_id = prepared.state["search_run_id"]
+        closed = tracker.close_stale_runs(experiment_id, search_run_id)
+        if closed:
+            echo(f"closed {closed} trial run(s) left running by an earlier process")
+    else:
+        search_run_id = tracker.start_run(experiment_id, f"search-{config.experiment_name}",
+                                          tags={tracking.TAG_KIND: "search"})
+        _log_search(tracker, search_run_id, config, arrays)
+        state = {"search_run_id": search_run_id, "experiment_id": experiment_id,
+                 "fingerprint": config.fingerprint()}
+        (project_dir / _STATE_FILE).write_text(json.dumps(state))
+
+    hypermodel = tuning.CandidateModel(config.space, arrays.input_shape, arrays.num_classes,
+                                       arrays.pixel_scale, jit_compile=config.jit_compile)
+    constraints = config.constraints
+    oracle = tuning.make_oracle(
+        config.tuner, tuning.declare(config.space),
+        kt.Objective(pipeline.objective, pipeline.direction),
+        max_trials=config.max_trials, seed=config.seed, max_epochs=config.epochs_per_trial,
+        max_failures=config.max_failures,
+        check=lambda values: hypermodel.check(values, constraints),
+    )
+    hooks = _TrialRuns(tracker, experiment_id, search_run_id, config, echo, config.max_trials)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+    with tracker.run(experiment_id, "", run_id=search_run_id):
+        try:
+            tuner = tuning.NasTuner(oracle, hypermodel, hooks, directory=config.workdir,
+                                    project_name=config.experiment_name, overwrite=False)
+            datasets = make_datasets(arrays, config.batch_size or pipeline.batch_size,
+                                     config.seed)
+            tuner.search(datasets.train, validation_data=datasets.validation,
+                         epochs=config.epochs_per_trial, verbose=0, shuffle=False,
+                         callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
+                                                         pipeline.early_stopping_patience))
+            result = _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
+            _log_outcome(tracker, search_run_id, result)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            tracker.flush()
+    return result
+
+
+def _log_search(tracker, run_id: str, config: SearchConfig, arrays: Arrays) -> None:
+    constraints = config.constraints
+    tracker.log_params(run_id, {
+        "space": config.space.name, "pipeline": config.pipeline.name, "tuner": config.tuner,
+        "max_trials": config.max_trials, "epochs": config.epochs_per_trial,
+        "batch_size": config.batch_size or config.pipeline.batch_size, "seed": config.seed,
+        "objective": config.pipeline.objective, "max_failures": config.max_failures,
+        "max_params": constraints.max_params, "max_flops": constraints.max_flops,
+        "mixed_precision": config.mixed_precision, "jit_compile": config.jit_compile,
+        "input_shape": list(arrays.input_shape), "num_classes": arrays.num_classes,
+        "train_samples": len(arrays.x_train), "val_samples": len(arrays.x_val),
+    })
+    tracker.log_text(run_id, config.space.text, f"specs/{config.space.name}.yaml")
+    tracker.log_text(run_id, config.pipeline.text, f"specs/{config.pipeline.name}.yaml")
+    tracker.log_dict(run_id, {"class_names": list(arrays.class_names),
+                              "pixel_scale": arrays.pixel_scale}, "classes.json")
+
+
+def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> SearchResult:
+    runs = {}
+    for run in tracker.trial_runs(experiment_id, search_run_id):
+        trial_id = run.data.tags.get(tracking.TAG_TRIAL)
+        if run.info.status == "FINISHED" or trial_id not in runs:
+            runs[trial_id] = run
+    trials = []
+    for trial in tuner.oracle.trials.values():
+        run = runs.get(trial.trial_id)
+        metrics = run.data.metrics if run else {}
+        architecture = tuner.hypermodel.architecture(trial.hyperparameters.values)
+        score = trial.score if trial.status == "COMPLETED" else None
+        trials.append(TrialSummary(
+            trial_id=trial.trial_id, status=trial.status,
+            objective=None if score is None or score != score else float(score),
+            params=architecture.params, flops=architecture.flops,
+            fit_seconds=float(metrics.get("fit_time_s", 0.0)),
+            run_id=run.info.run_id if run else None,
+            architecture=architecture.summary(),
+        ))
+    pipeline = config.pipeline
+    return SearchResult(experiment_id, search_run_id, pipeline.objective, pipeline.direction,
+                        sorted(trials, key=lambda t: t.trial_id), tuner.oracle.rejected,
+                        resumed)
+
+
+def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:
+    metrics = {
+        "rejected_candidates": result.rejected,
+        "finished_trials": len(result.finished),
+        "failed_trials": sum(t.status == "FAILED" for t in result.trials),
+    }
+    best = result.best
+    if best is not None:
+        metrics.update({"best_objective": best.objective, f"best_{result.objective}":
+                        best.objective, "best_params": best.params, "best_flops": best.flops})
+        tracker.set_tags(run_id, {"nas.best_trial_id": best.trial_id,
+                                  "nas.best_run_id": best.run_id or ""})
+    tracker.log_metrics(run_id, metrics)

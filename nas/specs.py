@@ -1,0 +1,430 @@
+"""Search spaces and pipelines: YAML in, validated frozen dataclasses out.
+
+Nothing here imports TensorFlow. Every problem raises `SpecError`, whose message
+names the file, the field path, the value received and what is allowed, e.g.
+`search_spaces/x.yaml: stages.conv.padding: 'full' is not one of ['same', 'valid']`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "SpecError",
+    "Knob",
+    "SearchSpace",
+    "Pipeline",
+    "load_space",
+    "load_pipeline",
+    "builtin_spaces",
+    "builtin_pipelines",
+]
+
+PADDINGS = ("same", "valid")
+POOL_TYPES = ("max", "avg", "none")
+REDUCERS = ("flatten", "global_avg", "global_max")
+ACTIVATIONS = ("relu", "elu", "gelu", "selu", "swish", "tanh", "sigmoid", "leaky_relu")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam")
+SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "directory", "npz")
+COLOR_MODES = ("grayscale", "rgb")
+OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
+SAMPLINGS = ("linear", "log", "reverse_log")
+
+
+class SpecError(ValueError):
+    """A search space or pipeline is wrong; the message says where and why."""
+
+    def __init__(self, source: str, field: str, message: str):
+        self.source = source
+        self.field = field
+        prefix = f"{source}: {field}: " if field else f"{source}: "
+        super().__init__(prefix + message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """One searchable setting: a fixed value, a choice, or a range.
+
+    Attributes:
+        choices: The values to choose from (one value when fixed); None for a range.
+        min, max, step, sampling: The range, when `choices` is None.
+        type: "int", "float", "str" or "bool".
+    """
+
+    type: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    sampling: str = "linear"
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.choices is not None and len(self.choices) == 1
+
+    @property
+    def fixed(self) -> Any:
+        return self.choices[0]
+
+    def values(self) -> list | None:
+        """Every value the knob can take, or None for a continuous range."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.type == "int":
+            step = int(self.step or 1)
+            return list(range(int(self.min), int(self.max) + 1, step))
+        if self.step:
+            count = int(math.floor((self.max - self.min) / self.step + 1e-9)) + 1
+            return [round(self.min + i * self.step, 10) for i in range(count)]
+        return None
+
+    def lowest(self) -> Any:
+        return min(self.choices) if self.choices is not None else self.min
+
+    def highest(self) -> Any:
+        return max(self.choices) if self.choices is not None else self.max
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraints:
+    """Budgets a candidate must meet to be trained (None: no budget)."""
+
+    max_params: int | None = None
+    max_flops: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """A declared space of CNNs: a trunk of conv stages, a head and an optimizer."""
+
+    name: str
+    source: str
+    depth: Knob
+    filters: Knob
+    kernel_size: Knob
+    stride: Knob
+    padding: Knob
+    activation: Knob
+    batch_norm: Knob
+    pointwise: Knob
+    pool_type: Knob
+    pool_size: Knob
+    pool_stride: Knob | None
+    reduce: Knob
+    dense_layers: Knob
+    dense_units: Knob
+    dropout: Knob
+    optimizer: Knob
+    learning_rate: Knob
+    constraints: Constraints
+    text: str = dataclasses.field(default="", repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """Where the data comes from and how candidates are trained."""
+
+    name: str
+    source_file: str
+    data_source: str
+    path: str | None
+    image_size: tuple[int, int] | None
+    color_mode: str
+    validation_split: float
+    pixel_scale: float | None
+    seed: int
+    epochs: int
+    batch_size: int
+    early_stopping_patience: int | None
+    objective: str
+    constraints: Constraints
+    text: str = dataclasses.field(default="", repr=False, compare=False)
+
+    @property
+    def direction(self) -> str:
+        return "min" if self.objective.endswith("loss") else "max"
+
+
+# --- reading --------------------------------------------------------------
+
+
+class _Reader:
+    """Walks a parsed YAML mapping, turning each problem into a SpecError."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, field: str, message: str):
+        raise SpecError(self.source, field, message)
+
+    def mapping(self, value, field: str, allowed: tuple[str, ...], required=()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(field, f"{_show(value)} is not a mapping")
+        for key in value:
+            if key not in allowed:
+                where = f"{field}.{key}" if field else str(key)
+                self.fail(where, f"unknown key; allowed keys are {sorted(allowed)}")
+        for key in required:
+            if key not in value:
+                self.fail(f"{field}.{key}" if field else key, "is required")
+        return value
+
+    def scalar(self, value, field: str, type_: str, *, low=None, high=None,
+               high_open=False, allowed=None):
+        if type_ == "bool":
+            if not isinstance(value, bool):
+                self.fail(field, f"{_show(value)} is not true or false")
+            return value
+        if type_ == "str":
+            if not isinstance(value, str):
+                self.fail(field, f"{_show(value)} is not a string")
+            if allowed is not None and value not in allowed:
+                self.fail(field, f"{_show(value)} is not one of {list(allowed)}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(field, f"{_show(value)} is not a number")
+        if type_ == "int":
+            if isinstance(value, float) and not value.is_integer():
+                self.fail(field, f"{_show(value)} is not a whole number")
+            value = int(value)
+        else:
+            value = float(value)
+        if low is not None and value < low:
+            self.fail(field, f"{_show(value)} is below the minimum {low}")
+        if high is not None and high_open and value >= high:
+            self.fail(field, f"{_show(value)} is not in [{low}, {high})")
+        if high is not None and not high_open and value > high:
+            self.fail(field, f"{_show(value)} is above the maximum {high}")
+        return value
+
+    def knob(self, value, field: str, type_: str, **limits) -> Knob:
+        if isinstance(value, list):
+            if not value:
+                self.fail(field, "the list of choices is empty")
+            choices = tuple(self.scalar(v, field, type_, **limits) for v in value)
+            if len(set(choices)) != len(choices):
+                self.fail(field, f"{_show(value)} lists a choice twice")
+            return Knob(type_, choices=choices)
+        if isinstance(value, dict):
+            if type_ not in ("int", "float"):
+                self.fail(field, f"a range needs a numeric knob; give a value or a list of {type_} choices")
+            self.mapping(value, field, ("min", "max", "step", "sampling"), required=("min", "max"))
+            low = self.scalar(value["min"], f"{field}.min", type_, **limits)
+            high = self.scalar(value["max"], f"{field}.max", type_, **limits)
+            if low > high:
+                self.fail(field, f"min {_show(low)} is greater than max {_show(high)}")
+            step = value.get("step")
+            if step is not None:
+                step = self.scalar(step, f"{field}.step", type_)
+                if step <= 0:
+                    self.fail(f"{field}.step", f"{_show(step)} must be greater than 0")
+            sampling = self.scalar(value.get("sampling", "linear"), f"{field}.sampling", "str",
+                                   allowed=SAMPLINGS)
+            if sampling != "linear" and low <= 0:
+                self.fail(f"{field}.min", f"{_show(low)} must be greater than 0 for {sampling} sampling")
+            if low == high:
+                return Knob(type_, choices=(low,))
+            return Knob(type_, min=low, max=high, step=step, sampling=sampling)
+        return Knob(type_, choices=(self.scalar(value, field, type_, **limits),))
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return repr(value)
+
+
+def _parse_yaml(path: Path, display: str) -> tuple[dict, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(display, "", "no such file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        raise SpecError(display, "", f"cannot be read ({error.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SpecError(display, "", f"{where}not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise SpecError(display, "", "must be a YAML mapping of settings")
+    return data, text
+
+
+def _resolve(ref: str, kind: str) -> tuple[Path, str]:
+    """A NAME of a built-in, or a PATH to a YAML file -> (path, name shown in errors)."""
+    ref = os.fspath(ref)
+    candidate = Path(ref)
+    if candidate.suffix in (".yaml", ".yml") or os.sep in ref or candidate.exists():
+        return candidate, ref
+    builtins = _builtins(kind)
+    if ref in builtins:
+        return builtins[ref], f"{kind}/{ref}.yaml"
+    raise SpecError(ref, "", f"no such file, and not a built-in; built-ins are {sorted(builtins)}")
+
+
+def _builtins(kind: str) -> dict[str, Path]:
+    folder = resources.files(f"nas.{kind}")
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".yaml")
+    }
+
+
+def builtin_spaces() -> list[str]:
+    """Names of the search spaces that ship with nas."""
+    return sorted(_builtins("search_spaces"))
+
+
+def builtin_pipelines() -> list[str]:
+    """Names of the pipelines that ship with nas."""
+    return sorted(_builtins("pipelines"))
+
+
+def _constraints(reader: _Reader, value, field="constraints") -> Constraints:
+    if value is None:
+        return Constraints()
+    reader.mapping(value, field, ("max_params", "max_flops"))
+    limits = {
+        key: reader.scalar(value[key], f"{field}.{key}", "int", low=1)
+        for key in ("max_params", "max_flops")
+        if value.get(key) is not None
+    }
+    return Constraints(**limits)
+
+
+def load_space(ref: str) -> SearchSpace:
+    """Load a search space from a built-in name or a YAML path.
+
+    Raises:
+        SpecError: the file is missing, not YAML, or breaks a rule of the format.
+    """
+    path, display = _resolve(ref, "search_spaces")
+    data, text = _parse_yaml(path, display)
+    r = _Reader(display)
+    r.mapping(data, "", ("name", "stages", "head", "optimizer", "constraints"),
+              required=("stages", "head", "optimizer"))
+    name = r.scalar(data.get("name", path.stem), "name", "str")
+
+    stages = r.mapping(data["stages"], "stages", ("depth", "conv", "pointwise", "pool"),
+                       required=("depth", "conv"))
+    conv = r.mapping(stages["conv"], "stages.conv",
+                     ("filters", "kernel_size", "stride", "padding", "activation", "batch_norm"),
+                     required=("filters", "kernel_size"))
+    pool = r.mapping(stages.get("pool", {"type": "none"}), "stages.pool", ("type", "size", "stride"))
+    head = r.mapping(data["head"], "head", ("reduce", "dense"))
+    dense = r.mapping(head.get("dense", {"layers": 0}), "head.dense", ("layers", "units", "dropout"))
+    opt = r.mapping(data["optimizer"], "optimizer", ("name", "learning_rate"),
+                    required=("name", "learning_rate"))
+
+    pool_stride = None
+    if stages.get("pool", {}).get("stride") is not None:
+        pool_stride = r.knob(pool["stride"], "stages.pool.stride", "int", low=1)
+
+    return SearchSpace(
+        name=name,
+        source=display,
+        depth=r.knob(stages["depth"], "stages.depth", "int", low=1),
+        filters=r.knob(conv["filters"], "stages.conv.filters", "int", low=1),
+        kernel_size=r.knob(conv["kernel_size"], "stages.conv.kernel_size", "int", low=1),
+        stride=r.knob(conv.get("stride", 1), "stages.conv.stride", "int", low=1),
+        padding=r.knob(conv.get("padding", "same"), "stages.conv.padding", "str", allowed=PADDINGS),
+        activation=r.knob(conv.get("activation", "relu"), "stages.conv.activation", "str",
+                          allowed=ACTIVATIONS),
+        batch_norm=r.knob(conv.get("batch_norm", False), "stages.conv.batch_norm", "bool"),
+        pointwise=r.knob(stages.get("pointwise", False), "stages.pointwise", "bool"),
+        pool_type=r.knob(pool.get("type", "max"), "stages.pool.type", "str", allowed=POOL_TYPES),
+        pool_size=r.knob(pool.get("size", 2), "stages.pool.size", "int", low=1),
+        pool_stride=pool_stride,
+        reduce=r.knob(head.get("reduce", "flatten"), "head.reduce", "str", allowed=REDUCERS),
+        dense_layers=r.knob(dense.get("layers", 0), "head.dense.layers", "int", low=0),
+        dense_units=r.knob(dense.get("units", 64), "head.dense.units", "int", low=1),
+        dropout=r.knob(dense.get("dropout", 0.0), "head.dense.dropout", "float",
+                       low=0.0, high=1.0, high_open=True),
+        optimizer=r.knob(opt["name"], "optimizer.name", "str", allowed=OPTIMIZERS),
+        learning_rate=r.knob(opt["learning_rate"], "optimizer.learning_rate", "float", low=1e-12),
+        constraints=_constraints(r, data.get("constraints")),
+        text=text,
+    )
+
+
+def load_pipeline(ref: str) -> Pipeline:
+    """Load a pipeline from a built-in name or a YAML path.
+
+    Relative `data.path` values are taken relative to the pipeline's own folder.
+
+    Raises:
+        SpecError: the file is missing, not YAML, or breaks a rule of the format.
+    """
+    path, display = _resolve(ref, "pipelines")
+    data, text = _parse_yaml(path, display)
+    r = _Reader(display)
+    r.mapping(data, "", ("name", "data", "train", "objective", "constraints"), required=("data",))
+    name = r.scalar(data.get("name", path.stem), "name", "str")
+    d = r.mapping(data["data"], "data",
+                  ("source", "path", "image_size", "color_mode", "validation_split",
+                   "pixel_scale", "seed"),
+                  required=("source",))
+    train = r.mapping(data.get("train", {}), "train",
+                      ("epochs", "batch_size", "early_stopping_patience"))
+    source = r.scalar(d["source"], "data.source", "str", allowed=SOURCES)
+
+    data_path = None
+    if source in ("directory", "npz"):
+        if "path" not in d:
+            r.fail("data.path", f"is required for source {source!r}")
+        data_path = r.scalar(d["path"], "data.path", "str")
+        data_path = str((path.parent / os.path.expanduser(data_path)).resolve())
+    elif "path" in d:
+        r.fail("data.path", f"only applies to the directory and npz sources, not {source!r}")
+
+    image_size = None
+    if "image_size" in d:
+        size = d["image_size"]
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = [size, size]
+        if not (isinstance(size, list) and len(size) == 2):
+            r.fail("data.image_size", f"{_show(d['image_size'])} is not [height, width] or a single size")
+        image_size = tuple(r.scalar(v, "data.image_size", "int", low=1) for v in size)
+    elif source == "directory":
+        image_size = (32, 32)
+
+    patience = train.get("early_stopping_patience", 3)
+    if patience is not None:
+        patience = r.scalar(patience, "train.early_stopping_patience", "int", low=1)
+    pixel_scale = d.get("pixel_scale")
+    if pixel_scale is not None:
+        pixel_scale = r.scalar(pixel_scale, "data.pixel_scale", "float", low=1e-12)
+
+    return Pipeline(
+        name=name,
+        source_file=display,
+        data_source=source,
+        path=data_path,
+        image_size=image_size,
+        color_mode=r.scalar(d.get("color_mode", "grayscale"), "data.color_mode", "str",
+                            allowed=COLOR_MODES),
+        validation_split=r.scalar(d.get("validation_split", 0.2), "data.validation_split",
+                                  "float", low=0.0, high=1.0, high_open=True),
+        pixel_scale=pixel_scale,
+        seed=r.scalar(d.get("seed", 0), "data.seed", "int", low=0),
+        epochs=r.scalar(train.get("epochs", 10), "train.epochs", "int", low=1),
+        batch_size=r.scalar(train.get("batch_size", 64), "train.batch_size", "int", low=1),
+        early_stopping_patience=patience,
+        objective=r.scalar(data.get("objective", "val_accuracy"), "objective", "str",
+                           allowed=OBJECTIVES),
+        constraints=_constraints(r, data.get("constraints")),
+        text=text,
+    )

@@ -1,0 +1,167 @@
+"""MLflow: one parent run per search, one nested run per trial.
+
+Everything goes through an explicit `MlflowClient`, not MLflow's global active run,
+so the chief and the workers of a distributed search log into the same parent run.
+Runs are context managers: a run ends FINISHED, FAILED when an exception escapes,
+or KILLED when the process is interrupted; a run is always closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Iterator, Mapping
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+__all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "TAG_SEARCH"]
+
+TAG_KIND = "nas.kind"  # "search" or "trial"
+TAG_TRIAL = "nas.trial_id"
+TAG_SEARCH = "nas.search_run_id"
+_MAX_BATCH_PARAMS = 100  # MLflow's limit per log_batch call
+_MAX_PARAM_LENGTH = 6000
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used; the message says which and why."""
+
+
+class Interrupted(BaseException):
+    """Raised by the signal handlers so runs close as KILLED (like KeyboardInterrupt)."""
+
+
+class Tracker:
+    """Writes searches and trials to one MLflow tracking store.
+
+    Args:
+        tracking_uri: Where to log; None means MLflow's own rule
+            (`MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` beside `./mlruns`).
+    """
+
+    def __init__(self, tracking_uri: str | None = None):
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = self.client.tracking_uri
+
+    def check(self) -> None:
+        """Fail fast, with one line, when the store cannot be reached."""
+        uri = self.tracking_uri
+        if uri.startswith(("http://", "https://")):
+            import requests
+
+            try:
+                requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+            except requests.RequestException as error:
+                raise TrackingError(
+                    f"--tracking-uri: {uri} cannot be reached ({error.__class__.__name__})"
+                ) from None
+            return
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as error:  # any store error means the URI is unusable
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise TrackingError(f"--tracking-uri: {uri} cannot be used ({first[:200]})") from None
+
+    def experiment_id(self, name: str, create: bool = True) -> str | None:
+        """The id of the experiment called `name`; created if missing and `create`."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                self.client.restore_experiment(experiment.experiment_id)
+            return experiment.experiment_id
+        if not create:
+            return None
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # another process created it first
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def start_run(self, experiment_id: str, name: str, tags: Mapping[str, str] | None = None,
+                  parent_run_id: str | None = None) -> str:
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    @contextlib.contextmanager
+    def run(self, experiment_id: str, name: str, tags: Mapping[str, str] | None = None,
+            parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[str]:
+        """A run that ends FINISHED, FAILED (an exception), or KILLED (an interrupt).
+
+        With `run_id`, an existing run is reopened instead of a new one created.
+        """
+        if run_id is None:
+            run_id = self.start_run(experiment_id, name, tags, parent_run_id)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        status = "FAILED"
+        try:
+            yield run_id
+            status = "FINISHED"
+        except (KeyboardInterrupt, Interrupted):
+            status = "KILLED"
+            raise
+        finally:
+            self.end(run_id, status)
+
+    def end(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: Mapping[str, object]) -> None:
+        items = [Param(str(k), _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), _MAX_BATCH_PARAMS):
+            self.client.log_batch(run_id, params=items[start:start + _MAX_BATCH_PARAMS])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0,
+                    synchronous: bool = True) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=items, synchronous=synchronous)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, object]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, run_id: str, data: dict, artifact_file: str) -> None:
+        self.client.log_text(run_id, json.dumps(data, indent=2, default=str), artifact_file)
+
+    def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, os.fspath(path), artifact_path)
+
+    def flush(self) -> None:
+        """Wait until asynchronously logged metrics have landed in the store."""
+        import mlflow
+
+        mlflow.flush_async_logging()
+
+    def trial_runs(self, experiment_id: str, search_run_id: str) -> list:
+        """Every trial run of one search, oldest first."""
+        return self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.{TAG_SEARCH} = '{search_run_id}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=50000,
+        )
+
+    def close_stale_runs(self, experiment_id: str, search_run_id: str) -> int:
+        """Close, as KILLED, the trial runs a dead process left RUNNING. Returns how many."""
+        stale = [r for r in self.trial_runs(experiment_id, search_run_id)
+                 if r.info.status == RunStatus.to_string(RunStatus.RUNNING)]
+        for run in stale:
+            self.client.set_tag(run.info.run_id, "nas.error", "the process running it died")
+            self.end(run.info.run_id, "KILLED")
+        return len(stale)
+
+
+def _param_value(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:_MAX_PARAM_LENGTH]
+

@@ -1,0 +1,1 @@
+"""Built-in pipelines (YAML), found by name."""

@@ -1,0 +1,45 @@
+"""Hermetic tests: every folder and tracking store lives under tmp_path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import types
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Run each test in its own folder with its own MLflow store, seeded."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("NAS_WORKDIR", str(tmp_path / ".nas"))
+    random.seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits_search(tmp_path_factory):
+    """One small finished search (tiny space, digits), shared by read-only tests.
+
+    Returns a namespace with `root`, `tracking_uri`, `workdir`, `experiment`, `result`.
+    """
+    from nas import search
+    from nas.specs import load_pipeline, load_space
+
+    root = tmp_path_factory.mktemp("digits_search")
+    tracking_uri = f"sqlite:///{root}/mlflow.db"
+    config = search.SearchConfig(
+        space=load_space("tiny"), pipeline=load_pipeline("digits"), max_trials=3, epochs=4,
+        experiment="shared", tracking_uri=tracking_uri, workdir=str(root / ".nas"), seed=1,
+    )
+    with contextlib.chdir(root):  # MLflow puts artifacts under ./mlruns
+        result = search.run(search.prepare(config), echo=lambda line: None)
+    return types.SimpleNamespace(root=root, tracking_uri=tracking_uri,
+                                 workdir=str(root / ".nas"), experiment="shared",
+                                 result=result)
