@@ -33,6 +33,11 @@ SPACE = click.option("--space", default="cnn", show_default=True, metavar="NAME|
                      help="Search space: a built-in name or a YAML file.")
 PIPELINE = click.option("--pipeline", default="digits", show_default=True, metavar="NAME|PATH",
                         help="Pipeline: a built-in name or a YAML file.")
+DISTRIBUTION = click.option(
+    "--distribution", type=click.Choice(["none", "mirrored"]), default="none",
+    show_default=True,
+    help="mirrored: train each trial over all GPUs this process sees (tf.distribute).",
+)
 
 
 class UserError(click.ClickException):
@@ -50,13 +55,16 @@ def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         from nas.data import DataError
+        from nas.export import ExportError
+        from nas.results import ResultsError
         from nas.search import SearchError
         from nas.specs import SpecError
         from nas.tracking import TrackingError
 
         try:
             return func(*args, **kwargs)
-        except (SpecError, DataError, SearchError, TrackingError) as error:
+        except (SpecError, DataError, SearchError, TrackingError, ResultsError,
+                ExportError) as error:
             raise UserError(str(error)) from None
 
     return wrapper
@@ -95,10 +103,22 @@ def main():
 @click.option("--max-flops", type=int, default=None, help="FLOPs budget per candidate.")
 @click.option("--mixed-precision", is_flag=True, help="float16 compute, float32 output.")
 @click.option("--jit-compile", is_flag=True, help="Compile training steps with XLA.")
+@click.option("--register", default=None, metavar="NAME",
+              help="Register the best model in the MLflow Model Registry as NAME.")
+@DISTRIBUTION
+@click.option("--chief", default=None, metavar="HOST:PORT",
+              help="Run as the chief of a distributed search: serve trials to `nas worker` "
+                   "processes at this address (0.0.0.0:PORT for other machines).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Start a chief and N local worker processes on 127.0.0.1 and wait for them.")
+@click.option("--worker-timeout", type=click.FloatRange(min=1), default=60.0,
+              show_default=True, metavar="SECONDS",
+              help="A worker silent this long is lost; its trial goes to another worker.")
 @user_errors
 def search(space, pipeline, tuner, max_trials, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
-           mixed_precision, jit_compile):
+           mixed_precision, jit_compile, register, distribution, chief, workers,
+           worker_timeout):
     """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
     from nas import search as search_module
     from nas.specs import load_pipeline, load_space
@@ -109,22 +129,31 @@ def search(space, pipeline, tuner, max_trials, epochs, batch_size, seed, experim
         experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
         overwrite=overwrite, max_failures=max_failures, max_params=max_params,
         max_flops=max_flops, mixed_precision=mixed_precision, jit_compile=jit_compile,
+        register=register, distribution=_distribution(distribution), chief=chief,
+        worker_timeout=worker_timeout,
     )
+    if workers:
+        _search_with_local_workers(config, workers)
+    if chief:
+        from nas import distributed
+
+        distributed.check_address(chief)
     prepared = search_module.prepare(config)
     click.echo(f"searching {config.space.name} on {config.pipeline.name} with {tuner}: "
                f"{max_trials} trials, experiment {config.experiment_name!r}")
     if prepared.state:
         click.echo(f"resuming the search in {config.project_dir} (--overwrite starts afresh)")
+    if chief:
+        _print_worker_command(prepared, space, pipeline)
     try:
         result = search_module.run(prepared, echo=click.echo)
     except (KeyboardInterrupt, _interrupted()) as error:
         click.echo(f"Interrupted ({error or 'Ctrl-C'}): the trial and the search were closed "
                    f"as KILLED and the state saved; run the same command to resume.", err=True)
         sys.exit(130)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        click.echo(f"Error: the search failed: {first[0] if first else error}", err=True)
-        for line in first[1:]:
+    except search_module.SearchFailed as error:
+        click.echo(f"Error: the search failed: {error}", err=True)
+        for line in error.errors:
             click.echo(f"  {line}", err=True)
         sys.exit(1)
     _print_result(result)
@@ -156,6 +185,416 @@ def _trial_table(trials, objective: str) -> str:
                      ",".join(map(str, a["filters"])), ",".join(map(str, a["kernels"]))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+# --- nas space (issue 6): look at a space before searching it; no TensorFlow ---
+
+
+@main.group()
+def space():
+    """Look at search spaces before searching them."""
+
+
+@space.command("show")
+@click.argument("space_ref", metavar="SPACE")
+@PIPELINE
+@click.option("--samples", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Candidates to draw and show with their layer tables.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples.")
+@click.option("--max-params", type=click.IntRange(min=1), default=None,
+              help="Parameter budget to check the space against.")
+@click.option("--max-flops", type=click.IntRange(min=1), default=None,
+              help="FLOPs budget to check the space against.")
+@user_errors
+def space_show(space_ref, pipeline, samples, seed, max_params, max_flops):
+    """How many architectures SPACE holds, which are impossible, what they cost.
+
+    SPACE is a built-in name or a YAML file. Counts are exact and cover the discrete
+    knobs (only those active under each choice); continuous ranges are named, not
+    counted. The pipeline gives the input shape. No model is built.
+    """
+    from nas import space as space_module
+    from nas.specs import Constraints, load_pipeline, load_space
+
+    chosen, pipe = load_space(space_ref), load_pipeline(pipeline)
+    input_shape, num_classes, pixel_scale = space_module.input_signature(pipe)
+    budget = space_module.tightest(Constraints(max_params, max_flops), pipe.constraints,
+                                   chosen.constraints)
+    report = space_module.analyse(chosen, input_shape, num_classes)
+    shape = "x".join(map(str, input_shape))
+    click.echo(f"space {chosen.name} ({chosen.source}) on pipeline {pipe.name}: "
+               f"{shape} inputs, {num_classes} classes")
+    click.echo(space_module.describe(report, budget))
+    if not samples or not report.fits(budget):
+        return
+    found, rejected = space_module.sample(chosen, input_shape, num_classes, samples, seed,
+                                          pixel_scale, budget)
+    skipped = f"; {rejected} drawn and skipped as impossible or over budget" if rejected else ""
+    click.echo(f"\n{len(found)} sampled candidates (seed {seed}{skipped})")
+    for number, architecture in enumerate(found, 1):
+        click.echo(f"\ncandidate {number}: {architecture.params:,} parameters, "
+                   f"{architecture.flops:,} FLOPs")
+        click.echo(space_module.describe_candidate(architecture))
+
+
+# --- results, the MLflow UI and export (issue 3): read back from MLflow ---------------
+
+# The same list as nas.results.STATUSES, here so that `nas --help` does not import MLflow.
+_RUN_STATUSES = ["FINISHED", "FAILED", "KILLED", "RUNNING"]
+LATEST_EXPERIMENT = click.option(
+    "--experiment", default=None, metavar="NAME",
+    help="Experiment of the search (its latest search run).  [default: the experiment "
+         "searched most recently]",
+)
+
+
+@main.command()
+@LATEST_EXPERIMENT
+@click.option("--sort", default="objective", show_default=True, metavar="METRIC",
+              help="objective (best first), trial, params, flops, fit_time, epochs, or any "
+                   "metric of the trial runs (e.g. val_loss).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Show the first N rows only.")
+@click.option("--status", type=click.Choice(_RUN_STATUSES, case_sensitive=False), default=None,
+              help="Only trials whose MLflow run ended so.")
+@click.option("--pareto", is_flag=True,
+              help="Only the trials on the Pareto front of the objective vs parameters or "
+                   "FLOPs, marked.")
+@TRACKING_URI
+@user_errors
+def trials(experiment, sort, limit, status, pareto, tracking_uri):
+    """The trials of a search, one row each, read back from MLflow."""
+    from nas import results
+
+    tracker = results.open_store(tracking_uri)
+    found = results.find_search(tracker, experiment)
+    rows = results.list_trials(tracker, found)
+    total = len(rows)
+    if status:
+        rows = [r for r in rows if r.status == status.upper()]
+    marks = _pareto_marks(rows, found.direction) if pareto else None
+    if marks is not None:
+        rows = [r for r in rows if marks.get(r.run_id)]
+    rows = results.sort_trials(rows, sort, found)[:limit]
+    better = "higher" if found.direction == "max" else "lower"
+    click.echo(f"experiment {found.experiment_name!r}, search run {found.run_id} "
+               f"({found.status}): {total} of {found.max_trials or '?'} trials; "
+               f"{found.objective}, {better} is better")
+    if not rows:
+        click.echo(f"no trial{' is ' + status.upper() if status else ' yet'}")
+        return
+    table = _results_table(rows, found.objective)
+    click.echo(table if marks is None else _with_pareto_column(table, rows, marks))
+    for row in rows:
+        if row.error:
+            click.echo(f"trial {row.trial_id} {row.status}: {row.error.splitlines()[0]}")
+
+
+@main.command()
+@LATEST_EXPERIMENT
+@TRACKING_URI
+@user_errors
+def best(experiment, tracking_uri):
+    """The best trial of a search: its scores, choices, layer table and MLflow run."""
+    import textwrap
+
+    from nas import export as export_module
+    from nas import results
+
+    tracker = results.open_store(tracking_uri)
+    found = results.find_search(tracker, experiment)
+    rows = results.list_trials(tracker, found)
+    top = results.best_trial(rows, found)
+    finished = sum(r.status == "FINISHED" for r in rows)
+    click.echo(f"best trial {top.trial_id} of experiment {found.experiment_name!r}: "
+               f"{found.objective} {top.objective:.4f} ({finished} finished trials)")
+    click.echo(f"{_count(top.params)} parameters, {_count(top.flops)} FLOPs, "
+               f"fit {_seconds(top.fit_seconds)} s, {top.epochs or '-'} epochs")
+    values = "  ".join(f"{k}={_cell(v)}" for k, v in top.values.items())
+    click.echo(textwrap.fill(values, width=88, initial_indent="hyperparameters: ",
+                             subsequent_indent="  ", break_on_hyphens=False))
+    click.echo("")
+    click.echo(results.layer_table(tracker, top))
+    click.echo("")
+    click.echo(f"MLflow: trial run {top.run_id}, search run {found.run_id}, experiment "
+               f"{found.experiment_name!r} (id {found.experiment_id}) in {tracker.tracking_uri}")
+    click.echo(f"  artifacts: {top.artifact_uri}")
+    logged = export_module.logged_model(tracker, found)
+    if logged is not None and logged.tags.get("nas.trial_id") == top.trial_id:
+        click.echo(f"  model:     runs:/{found.run_id}/{export_module.MODEL_NAME}")
+    hint = "" if tracker.tracking_uri.startswith("http") else "  (start it with `nas ui`)"
+    click.echo(f"  UI:        {results.ui_link(tracker.tracking_uri, found, top.run_id)}{hint}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; 0.0.0.0 opens the UI to the network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@TRACKING_URI
+@user_errors
+def ui(host, port, tracking_uri):
+    """The MLflow UI on the store the searches write to (Ctrl-C stops it).
+
+    Runs `mlflow server` on the tracking store that `nas search` would use with the same
+    --tracking-uri / MLFLOW_TRACKING_URI, so every search and trial is there.
+    """
+    from nas import results
+
+    tracker = results.open_store(tracking_uri)
+    command = results.ui_command(tracker.tracking_uri, host, port)
+    tracker.check()
+    click.echo(f"MLflow UI of {tracker.tracking_uri} on http://{host}:{port} "
+               f"(Ctrl-C stops it)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Replaced by the server: Ctrl-C and signals reach it directly.
+    os.execv(command[0], command)
+
+
+@main.command("export")
+@click.option("--experiment", default=None, metavar="NAME",
+              help="Export the best trial of this experiment's latest search.  [default: the "
+                   "experiment searched most recently]")
+@click.option("--run", "run_id", default=None, metavar="RUN_ID",
+              help="A search's run (export its best trial) or a trial's run (that trial).")
+@click.option("--out", required=True, metavar="DIR",
+              type=click.Path(file_okay=False, writable=True),
+              help="Folder to write; must be empty or new unless --force.")
+@click.option("--force", is_flag=True, help="Replace the content of a non-empty DIR.")
+@click.option("--format", "fmt", type=click.Choice(["savedmodel", "tflite"]),
+              default="savedmodel", show_default=True,
+              help="A TensorFlow SavedModel, or a TFLite flatbuffer (model.tflite).")
+@click.option("--register", default=None, metavar="NAME",
+              help="Also register the model in the MLflow Model Registry as NAME.")
+@TRACKING_URI
+@WORKDIR
+@user_errors
+def export_model(experiment, run_id, out, force, fmt, register, tracking_uri, workdir):
+    """Write the best trial's model (its best-epoch weights) for serving.
+
+    The model takes images as the pipeline reads them (raw float32 pixel values; the
+    scaling is inside) and returns class probabilities; class_names.json is written
+    beside it. The weights come from KerasTuner's checkpoint in --workdir when it holds
+    the search, else from the MLflow model the search logged.
+    """
+    if experiment is not None and run_id is not None:
+        raise click.UsageError("--experiment and --run exclude each other; give one")
+    from nas import export as export_module
+    from nas import results
+
+    tracker = results.open_store(tracking_uri)
+    tracker.check()
+    done = export_module.export(tracker, out, experiment=experiment, run_id=run_id,
+                                workdir=workdir, force=force, format=fmt, register=register)
+    what = "a SavedModel" if fmt == "savedmodel" else "TFLite (model.tflite)"
+    click.echo(f"exported trial {done.trial.trial_id} of experiment "
+               f"{done.search.experiment_name!r} ({done.search.objective} "
+               f"{done.trial.objective:.4f}) to {done.out} as {what}")
+    click.echo(f"  weights:     {done.source}")
+    click.echo(f"  class names: {done.out / export_module.CLASS_NAMES_FILE}")
+    if fmt == "savedmodel":
+        click.echo(f"  signature:   serving_default (image: raw pixels -> output_0: class "
+                   f"probabilities); see `saved_model_cli show --dir {done.out} --all`")
+    if done.registered:
+        click.echo(f"registered as {done.registered}")
+
+
+def _results_table(rows, objective: str) -> str:
+    header = ("trial", "status", objective, "params", "FLOPs", "fit s", "epochs", "depth",
+              "filters", "kernels", "strides", "pool", "1x1")
+    table = [header]
+    for r in rows:
+        a = r.architecture
+        table.append((r.trial_id, r.status,
+                      "-" if r.objective is None else f"{r.objective:.4f}",
+                      _count(r.params), _count(r.flops), _seconds(r.fit_seconds),
+                      "-" if r.epochs is None else str(r.epochs), _cell(a["depth"]),
+                      _cell(a["filters"]), _cell(a["kernels"]), _cell(a["strides"]),
+                      _cell(a["pooling"]), _cell(a["pointwise"])))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+                     for row in table)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "y" if value else "n"
+    if isinstance(value, list):
+        return ",".join(_cell(v) for v in value) or "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _count(value) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+# --- scale out: nas worker, and the helpers of search --chief / --workers ---------------
+
+
+@main.command()
+@SPACE
+@PIPELINE
+@EXPERIMENT
+@TRACKING_URI
+@WORKDIR
+@click.option("--chief", required=True, metavar="HOST:PORT",
+              help="The address of the chief (`nas search --chief HOST:PORT`).")
+@click.option("--worker-id", default=None, metavar="ID",
+              help="This worker's name, in the chief's log and as the nas.worker tag of its "
+                   "trial runs.  [default: HOSTNAME-PID]")
+@DISTRIBUTION
+@click.option("--wait", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for the chief's search to start.")
+@user_errors
+def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id, distribution,
+           wait):
+    """Train trials for the chief of a distributed search, until the search ends.
+
+    Give the chief's --space, --pipeline, --experiment and --tracking-uri (a tracking
+    server all machines reach); epochs, batch size, seed and precision come from the
+    chief. One worker per GPU: set CUDA_VISIBLE_DEVICES for each.
+    """
+    import socket
+
+    from nas import distributed
+    from nas import search as search_module
+    from nas.specs import load_pipeline, load_space
+
+    worker_id = worker_id if worker_id is not None else (
+        f"{socket.gethostname()}-{os.getpid()}".replace("chief", "chf"))
+    config = search_module.SearchConfig(
+        space=load_space(space), pipeline=load_pipeline(pipeline), experiment=experiment,
+        tracking_uri=tracking_uri, workdir=workdir, distribution=_distribution(distribution),
+        chief=chief, worker_id=worker_id,
+    )
+    prepared = distributed.prepare_worker(config)
+
+    def echo(line):
+        click.echo(f"[{worker_id}] {line}")
+
+    try:
+        trained = distributed.run_worker(prepared, echo=echo, wait=wait)
+    except (KeyboardInterrupt, _interrupted()) as error:
+        click.echo(f"Interrupted ({error or 'Ctrl-C'}): the trial was closed as KILLED; the "
+                   f"chief hands it to another worker.", err=True)
+        sys.exit(130)
+    echo(f"the search has ended; this worker trained {len(trained)} trial(s)"
+         + (f": {', '.join(trained)}" if trained else ""))
+
+
+def _distribution(choice: str | None) -> str | None:
+    return None if choice in (None, "none") else choice
+
+
+def _print_worker_command(prepared, space: str, pipeline: str) -> None:
+    from nas import distributed
+
+    config = prepared.config
+    uri = prepared.tracker.tracking_uri
+    click.echo("start workers (any number, on any machine that reaches this one) with:")
+    click.echo("  " + distributed.worker_command(config.chief, space, pipeline,
+                                                 config.experiment_name, uri,
+                                                 config.distribution))
+    if not uri.startswith(("http://", "https://")):
+        click.echo(f"  (workers on other machines need a tracking server both reach: "
+                   f"--tracking-uri http://...; {uri} is local to this machine)")
+
+
+def _search_with_local_workers(config, workers: int) -> None:
+    """`nas search --workers N`: the chief and N workers as processes; exits with the chief's
+    exit code."""
+    from nas import distributed
+    from nas import search as search_module
+
+    if config.chief:
+        raise click.UsageError("--workers and --chief exclude each other: --workers starts "
+                               "its own chief on 127.0.0.1")
+    # Checks the input and creates the tracking store once, before several processes
+    # open it at the same time.
+    prepared = search_module.prepare(config)
+    params = click.get_current_context().params
+    chief_args = _options_of(click.get_current_context(), skip={"workers", "chief"})
+    worker_args = ["--space", params["space"], "--pipeline", params["pipeline"],
+                   "--experiment", config.experiment_name,
+                   "--tracking-uri", prepared.tracker.tracking_uri,
+                   "--workdir", config.workdir, "--distribution", params["distribution"]]
+    sys.exit(distributed.run_local(chief_args, worker_args, workers, echo=click.echo))
+
+
+def _options_of(ctx: click.Context, skip: set[str]) -> list[str]:
+    """The options of the running command, as arguments that give them again."""
+    args = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or param.name in skip or value is None:
+            continue
+        if param.is_flag:
+            args += [param.opts[0]] if value else []
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+# --- trade-offs (issue 6): the Pareto front of objective vs parameters and FLOPs ---
+
+
+@main.command()
+@LATEST_EXPERIMENT
+@click.option("--out", required=True, metavar="FILE.png",
+              type=click.Path(dir_okay=False, writable=True),
+              help="Where to write the plot (PNG).")
+@TRACKING_URI
+@user_errors
+def report(experiment, out, tracking_uri):
+    """Plot a search's objective against parameters and FLOPs, Pareto fronts drawn.
+
+    The same plot as the pareto.png artifact of the search's MLflow run.
+    """
+    if not out.lower().endswith(".png"):
+        raise click.BadParameter(f"{out!r} does not end in .png; the plot is a PNG",
+                                 param_hint="--out")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise click.BadParameter(f"{out!r}: the folder {os.path.dirname(out)!r} does not exist",
+                                 param_hint="--out")
+    from nas import pareto, results
+
+    tracker = results.open_store(tracking_uri)
+    found = results.find_search(tracker, experiment)
+    finished = [r for r in results.list_trials(tracker, found)
+                if r.status == "FINISHED" and r.objective is not None]
+    if not finished:
+        raise UserError(f"experiment {found.experiment_name!r}: the search {found.run_id} has "
+                        f"no finished trial to plot yet")
+    pareto.plot_tradeoff(finished, out, found.objective, found.direction,
+                         title=f"search {found.experiment_name}")
+    on_front = [r.trial_id for r in pareto.pareto_front(finished, "params", found.direction)]
+    click.echo(f"wrote {out}: {found.objective} of {len(finished)} finished trials against "
+               f"parameters and FLOPs; Pareto front (parameters): trials {', '.join(on_front)}")
+
+
+def _pareto_marks(rows, direction: str) -> dict[str, str]:
+    """run id -> "params", "flops" or "params,flops": the fronts a finished trial is on."""
+    from nas import pareto
+
+    finished = [r for r in rows if r.status == "FINISHED"]
+    return {r.run_id: ",".join(fronts)
+            for r, fronts in zip(finished, pareto.front_marks(finished, direction))}
+
+
+def _with_pareto_column(table: str, rows, marks: dict[str, str]) -> str:
+    """`table` (a header line, then one line per row) with a `pareto` column appended."""
+    lines = table.splitlines()
+    width = max(len(line) for line in lines)
+    cells = ["pareto"] + [marks.get(r.run_id, "") for r in rows]
+    return "\n".join(f"{line.ljust(width)}  {cell}".rstrip() for line, cell in zip(lines, cells))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from nas.specs import Pipeline
 
 __all__ = ["DataError", "Arrays", "Datasets", "load_arrays", "make_datasets"]
 
-_KERAS_FILES = {
-    "mnist": "~/.keras/datasets/mnist.npz",
-    "fashion_mnist": "~/.keras/datasets/fashion-mnist/ (the four *-ubyte.gz files)",
-    "cifar10": "~/.keras/datasets/cifar-10-batches-py/ (the extracted archive)",
+_KERAS_FILES = {  # where keras.datasets looks, under $KERAS_HOME (default ~/.keras)
+    "mnist": "datasets/mnist.npz",
+    "fashion_mnist": "datasets/fashion-mnist/ (the four *-ubyte.gz files)",
+    "cifar10": "datasets/cifar-10-batches-py-target/ (the extracted archive)",
 }
 _KERAS_CLASSES = {
     "fashion_mnist": ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
@@ -156,9 +156,10 @@ def _keras_dataset(source: str, where: str):
         return loader.load_data()
     except Exception as error:  # keras raises a bare Exception on a failed download
         reason = str(error).split(" -- ")[-1].strip() or error.__class__.__name__
+        home = os.environ.get("KERAS_HOME", os.path.join("~", ".keras"))
         raise DataError(
             f"{where}.source: {source!r} could not be downloaded ({reason}); offline, put "
-            f"the files at {_KERAS_FILES[source]}"
+            f"the files at {os.path.join(home, _KERAS_FILES[source])}"
         ) from None
 
 

@@ -7,6 +7,7 @@ tracking store, resume state) and writes nothing; `run` trains and logs.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -15,17 +16,28 @@ import signal
 import time
 from pathlib import Path
 
-from nas import tracking
+from nas import pareto, tracking
 from nas.data import Arrays, load_arrays
+from nas.space import search_problem
 from nas.specs import Constraints, Pipeline, SearchSpace
 
-__all__ = ["SearchConfig", "SearchError", "SearchResult", "TrialSummary", "prepare", "run"]
+__all__ = ["SearchConfig", "SearchError", "SearchFailed", "SearchResult", "TrialSummary", "prepare",
+           "run"]
 
 _STATE_FILE = "nas_search.json"
+FLUSH_SECONDS = 10.0  # longest a trial's epoch metrics wait before they reach MLflow
 
 
 class SearchError(ValueError):
     """The search cannot start as asked (the user's input); nothing was written."""
+
+
+class SearchFailed(RuntimeError):
+    """The search stopped because too many trials failed; `errors` says which and why."""
+
+    def __init__(self, message: str, errors: list[str]):
+        super().__init__(message)
+        self.errors = errors
 
 
 @dataclasses.dataclass
@@ -48,6 +60,13 @@ class SearchConfig:
     max_flops: int | None = None
     mixed_precision: bool = False
     jit_compile: bool = False
+    register: str | None = None  # Model Registry name for the best model
+    # Scale-out (nas.distributed): "mirrored" trains one trial over all local GPUs;
+    # `chief` HOST:PORT makes this process the chief (or, with `worker_id`, a worker).
+    distribution: str | None = None
+    chief: str | None = None
+    worker_id: str | None = None
+    worker_timeout: float = 60.0  # seconds of silence after which a worker is lost
 
     @property
     def experiment_name(self) -> str:
@@ -122,6 +141,7 @@ class Prepared:
     arrays: Arrays
     tracker: tracking.Tracker
     state: dict | None  # the saved state of the search being resumed
+    previous: dict | None = None  # the state of a search that --overwrite replaces
 
 
 def prepare(config: SearchConfig) -> Prepared:
@@ -136,19 +156,32 @@ def prepare(config: SearchConfig) -> Prepared:
         raise SearchError(f"--epochs: {config.epochs} must be at least 1")
     if config.max_failures < 1:
         raise SearchError(f"--max-failures: {config.max_failures} must be at least 1")
+    for flag, budget in (("--max-params", config.max_params), ("--max-flops", config.max_flops)):
+        if budget is not None and budget < 1:
+            raise SearchError(f"{flag}: {budget} must be at least 1")
     arrays = load_arrays(config.pipeline)
-    tracker = tracking.Tracker(config.tracking_uri)
-    tracker.check()
+    # Before the tracking store is touched: a space nothing in can be trained is refused.
+    problem = search_problem(config, arrays.input_shape, arrays.num_classes)
+    if problem:
+        raise SearchError(problem)
     state = None
     state_file = config.project_dir / _STATE_FILE
-    if state_file.exists() and not config.overwrite:
-        state = json.loads(state_file.read_text())
-        if state.get("fingerprint") != config.fingerprint():
+    if state_file.exists():
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            raise SearchError(f"--workdir: {state_file} is not readable; pass --overwrite to "
+                              f"start afresh") from None
+        if not config.overwrite and state.get("fingerprint") != config.fingerprint():
             raise SearchError(
                 f"--experiment: {config.experiment_name!r} already holds a search with other "
                 f"settings (in {config.project_dir}); pass --overwrite to start afresh, or "
                 f"choose another --experiment"
             )
+    tracker = tracking.Tracker(config.tracking_uri)
+    tracker.check()
+    if config.overwrite:
+        return Prepared(config, arrays, tracker, None, previous=state)
     return Prepared(config, arrays, tracker, state)
 
 
@@ -201,26 +234,30 @@ class _TrialRuns:
             parent_run_id=self.search_run_id,
         )
         self.runs[trial.trial_id] = run_id
-        tracker.log_params(run_id, trial.hyperparameters.values)
-        tracker.log_metrics(run_id, {"params": architecture.params,
-                                     "flops": architecture.flops})
+        tracker.log_batch(run_id, params=trial.hyperparameters.values,
+                          metrics=tracker.metrics({"params": architecture.params,
+                                                   "flops": architecture.flops}))
         tracker.log_text(run_id, architecture.table() + "\n", "architecture.txt")
         tracker.log_dict(run_id, architecture.to_dict(), "architecture.json")
-        self._started = time.perf_counter()
+        self._pending = []
+        self._started = self._flushed = time.perf_counter()
 
     def epoch_ended(self, trial, epoch: int, logs: dict) -> None:
-        metrics = {k: float(v) for k, v in logs.items()
-                   if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
-        # Asynchronous: the next epoch trains while MLflow writes.
-        self.tracker.log_metrics(self.runs[trial.trial_id], metrics, step=epoch,
-                                 synchronous=False)
+        # Batched: one store write per trial, plus one every FLUSH_SECONDS so a long
+        # trial still shows its curves while it trains.
+        self._pending += self.tracker.metrics(
+            {k: float(v) for k, v in logs.items()
+             if k in ("loss", "accuracy", "val_loss", "val_accuracy")}, step=epoch)
+        if time.perf_counter() - self._flushed > FLUSH_SECONDS:
+            self.tracker.log_batch(self.runs[trial.trial_id], self._pending)
+            self._pending, self._flushed = [], time.perf_counter()
 
     def trial_ended(self, trial, architecture, history, fit_seconds, error) -> None:
         run_id = self.runs[trial.trial_id]
         self.fit_seconds[trial.trial_id] = fit_seconds
         status = "FINISHED"
+        metrics, tags = {"fit_time_s": fit_seconds}, {}
         try:
-            metrics = {"fit_time_s": fit_seconds}
             if history is not None:
                 values = [v for v in history.get(self.objective, []) if v == v]
                 if values:
@@ -231,13 +268,12 @@ class _TrialRuns:
                     better = self.best is None or (best > self.best if self.direction == "max"
                                                    else best < self.best)
                     self.best = best if better else self.best
-            self.tracker.log_metrics(run_id, metrics)
             if error is not None:
                 status = ("KILLED" if isinstance(error, (KeyboardInterrupt, tracking.Interrupted))
                           else "FAILED")
-                message = f"{error.__class__.__name__}: {error}".strip()
-                self.tracker.set_tags(run_id, {"nas.error": message[:5000]})
-            self.tracker.flush()
+                tags["nas.error"] = f"{error.__class__.__name__}: {error}".strip()[:5000]
+            self.tracker.log_batch(run_id, self._pending + self.tracker.metrics(metrics),
+                                   tags=tags)
         finally:
             self.tracker.end(run_id, status)
         done = len(self.runs)
@@ -263,7 +299,7 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
     from nas.data import make_datasets
     import keras_tuner as kt
 
-    from nas import tuning
+    from nas import distributed, export, tuning
 
     config, tracker, arrays = prepared.config, prepared.tracker, prepared.arrays
     pipeline = config.pipeline
@@ -274,6 +310,8 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
     project_dir.mkdir(parents=True, exist_ok=True)
 
     experiment_id = tracker.experiment_id(config.experiment_name)
+    if prepared.previous:
+        _close_search(tracker, prepared.previous, echo)
     resumed = prepared.state is not None
     if resumed:
         search_run_id = prepared.state["search_run_id"]
@@ -302,21 +340,66 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
     with tracker.run(experiment_id, "", run_id=search_run_id):
         try:
-            tuner = tuning.NasTuner(oracle, hypermodel, hooks, directory=config.workdir,
-                                    project_name=config.experiment_name, overwrite=False)
+            tuner = tuning.NasTuner(
+                oracle, hypermodel, hooks, directory=config.workdir,
+                project_name=config.experiment_name, overwrite=False,
+                distribution_strategy=distributed.strategy(config.distribution))
+            if config.chief:  # workers train the trials; this process serves the oracle
+                tuner = distributed.Chief(tuner, prepared, experiment_id, search_run_id, echo)
             datasets = make_datasets(arrays, config.batch_size or pipeline.batch_size,
                                      config.seed)
-            tuner.search(datasets.train, validation_data=datasets.validation,
+            # KerasTuner collects garbage twice per trial; with TensorFlow and MLflow
+            # loaded each full collection takes ~0.5 s. Freezing what exists now (modules,
+            # the data) leaves only each trial's own objects to scan.
+            gc.collect()
+            gc.freeze()
+            _search(tuner, datasets.train, validation_data=datasets.validation,
                          epochs=config.epochs_per_trial, verbose=0, shuffle=False,
                          callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
                                                          pipeline.early_stopping_patience))
             result = _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
             _log_outcome(tracker, search_run_id, result)
+            export.log_best_model(tracker, search_run_id, tuner, result,
+                                  register=config.register, echo=echo)
+            pareto.log_plot(tracker, search_run_id, result.finished, result.objective,
+                            result.direction, title=f"search {config.experiment_name}")
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            tracker.flush()
     return result
+
+
+def _search(tuner, *args, **kwargs) -> None:
+    """`tuner.search`, with KerasTuner's too-many-failures error made readable."""
+    try:
+        tuner.search(*args, **kwargs)
+    except RuntimeError as error:
+        if "consecutive failures" not in str(error):
+            raise
+        failed = [t for t in tuner.oracle.trials.values() if t.status in ("FAILED", "INVALID")]
+        lines = [f"trial {t.trial_id}: {_last_line(t.message)}" for t in failed]
+        raise SearchFailed(
+            f"{tuner.oracle.max_consecutive_failed_trials} trials in a row failed "
+            f"(--max-failures); finished trials are kept", lines) from None
+
+
+def _last_line(message: str | None) -> str:
+    lines = [line for line in (message or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"
+
+
+def _close_search(tracker, state: dict, echo) -> None:
+    """Close, as KILLED, what a search replaced by --overwrite left running."""
+    run_id, experiment_id = state.get("search_run_id"), state.get("experiment_id")
+    try:
+        closed = tracker.close_stale_runs(experiment_id, run_id)
+        if tracker.client.get_run(run_id).info.status == "RUNNING":
+            tracker.end(run_id, "KILLED")
+            closed += 1
+    except Exception:  # the old run may be gone (deleted, or another store)
+        return
+    if closed:
+        echo(f"closed {closed} run(s) of the replaced search as KILLED")
 
 
 def _log_search(tracker, run_id: str, config: SearchConfig, arrays: Arrays) -> None:

@@ -24,7 +24,8 @@ __all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "
 TAG_KIND = "nas.kind"  # "search" or "trial"
 TAG_TRIAL = "nas.trial_id"
 TAG_SEARCH = "nas.search_run_id"
-_MAX_BATCH_PARAMS = 100  # MLflow's limit per log_batch call
+_MAX_BATCH_PARAMS = 100  # MLflow's limits per log_batch call
+_MAX_BATCH_METRICS = 1000
 _MAX_PARAM_LENGTH = 6000
 
 
@@ -114,18 +115,31 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def log_params(self, run_id: str, params: Mapping[str, object]) -> None:
-        items = [Param(str(k), _param_value(v)) for k, v in params.items()]
-        for start in range(0, len(items), _MAX_BATCH_PARAMS):
-            self.client.log_batch(run_id, params=items[start:start + _MAX_BATCH_PARAMS])
+        self.log_batch(run_id, params=params)
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0,
-                    synchronous: bool = True) -> None:
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.log_batch(run_id, self.metrics(metrics, step))
+
+    @staticmethod
+    def metrics(values: Mapping[str, float], step: int = 0) -> list[Metric]:
+        """`values` as MLflow metrics stamped now, to log later in one batch."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(run_id, metrics=items, synchronous=synchronous)
+        return [Metric(k, float(v), now, step) for k, v in values.items()]
+
+    def log_batch(self, run_id: str, metrics: list[Metric] = (), params: Mapping = None,
+                  tags: Mapping = None) -> None:
+        """Everything in as few store writes as MLflow's batch limits allow."""
+        params = [Param(str(k), _param_value(v)) for k, v in (params or {}).items()]
+        tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        metrics = list(metrics)
+        while metrics or params or tags:
+            self.client.log_batch(run_id, metrics=metrics[:_MAX_BATCH_METRICS],
+                                  params=params[:_MAX_BATCH_PARAMS], tags=tags[:_MAX_BATCH_PARAMS])
+            metrics, params = metrics[_MAX_BATCH_METRICS:], params[_MAX_BATCH_PARAMS:]
+            tags = tags[_MAX_BATCH_PARAMS:]
 
     def set_tags(self, run_id: str, tags: Mapping[str, object]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.log_batch(run_id, tags=tags)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
@@ -137,10 +151,7 @@ class Tracker:
         self.client.log_artifact(run_id, os.fspath(path), artifact_path)
 
     def flush(self) -> None:
-        """Wait until asynchronously logged metrics have landed in the store."""
-        import mlflow
-
-        mlflow.flush_async_logging()
+        """Nothing to wait for: every write is synchronous (metrics are batched instead)."""
 
     def trial_runs(self, experiment_id: str, search_run_id: str) -> list:
         """Every trial run of one search, oldest first."""

@@ -162,8 +162,11 @@ def make_oracle(tuner: str, hyperparameters: kt.HyperParameters, objective: kt.O
     elif tuner == "grid":
         oracle = _GridOracle(max_trials=max_trials, **common)
     elif tuner == "hyperband":
-        oracle = _HyperbandOracle(max_epochs=max_epochs, factor=3, max_trials=max_trials,
-                                  **common)
+        # Hyperband sizes its brackets from max_epochs; the trial count is capped by
+        # Oracle.max_trials and enough iterations to reach it.
+        oracle = _HyperbandOracle(max_epochs=max_epochs, factor=3,
+                                  hyperband_iterations=max_trials, **common)
+        oracle.max_trials = max_trials
     else:
         raise ValueError(f"tuner {tuner!r} is not one of {list(TUNERS)}")
     oracle.set_guard(check)

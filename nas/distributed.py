@@ -1,0 +1,563 @@
+"""Scale out: one search over many processes and machines (KerasTuner's chief and workers).
+
+The chief runs the guarded oracle behind KerasTuner's gRPC service and owns the search's
+parent MLflow run; workers ask the chief for trials, train them, and log each one as a
+child of that parent run, which they find in MLflow (a worker shares no file with the
+chief). To KerasTuner's service the chief adds what a long search on many machines needs:
+
+- heartbeats: every worker calls the chief every few seconds and names itself on each
+  call. A worker silent for longer than `--worker-timeout` is lost: its trial goes back
+  to KerasTuner's retry queue for another worker, and its MLflow run is closed KILLED.
+  A worker that asks for a new trial while it still holds one has restarted: the same.
+- a hold at the end: once every trial is handed out, idle workers wait instead of
+  exiting until the trials still running have ended, so a lost trial still finds a
+  worker and the search ends with `--max-trials` trials.
+- one source of truth: workers take the training settings (epochs, batch size, seed,
+  precision) from the chief's parent run, and refuse another space or pipeline.
+
+`run_local` is `nas search --workers N`: a chief and N workers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+from keras_tuner.src import protos
+from keras_tuner.src.distribute import oracle_chief, oracle_client
+from keras_tuner.src.engine import conditions as _conditions
+from keras_tuner.src.engine import trial as trial_module
+
+from nas import tracking
+from nas.search import Prepared, SearchConfig, SearchError
+
+__all__ = ["Chief", "parse_address", "check_address", "free_port",
+           "strategy", "serve", "prepare_worker", "find_search", "run_worker", "worker_command",
+           "run_local"]
+
+HEARTBEAT_SECONDS = 2.0
+# An idle worker asks the chief again after this long (KerasTuner's own client would
+# ask again at once, in a busy loop).
+IDLE_SECONDS = 1.0
+# A trial whose worker is lost this many times fails instead of going back to the queue:
+# it is probably what kills its workers (out of memory, say).
+MAX_LOSSES = 3
+TAG_CHIEF = "nas.chief"
+TAG_SETTINGS = "nas.worker_settings"
+_WORKER_KEY = "nas-worker"  # gRPC metadata: the worker making a call
+_STATUS = trial_module.TrialStatus
+
+# KerasTuner 1.4.8's `Parent.to_proto` prints the first value of every condition, so each
+# trial sent over gRPC would print lines of stray numbers; silence that module's `print`.
+_conditions.print = lambda *args, **kwargs: None
+
+
+def parse_address(address: str, flag: str = "--chief") -> tuple[str, int]:
+    """`HOST:PORT` as (host, port); SearchError when it is not one."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SearchError(f"{flag}: {address!r} is not HOST:PORT (for example 127.0.0.1:8000)")
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str) -> None:
+    """Fail before anything is written when the chief cannot listen on `address`."""
+    host, port = parse_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise SearchError(f"--chief: cannot listen on {address} ({error.strerror})") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def strategy(name: str | None):
+    """The `tf.distribute` strategy for `--distribution`, or None (one device)."""
+    if not name:
+        return None
+    if name != "mirrored":
+        raise ValueError(f"--distribution: {name!r} is not one of ['mirrored']")
+    import tensorflow as tf
+
+    # One trial over every GPU this process sees (the single CPU when there is none).
+    return tf.distribute.MirroredStrategy()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _settings(config: SearchConfig) -> dict:
+    """What every worker must train with; stored on the parent run by the chief."""
+    return {"space": config.space.name, "space_sha": _digest(config.space.text),
+            "pipeline": config.pipeline.name, "pipeline_sha": _digest(config.pipeline.text),
+            "tuner": config.tuner, "max_trials": config.max_trials,
+            "epochs": config.epochs_per_trial,
+            "batch_size": config.batch_size or config.pipeline.batch_size, "seed": config.seed,
+            "mixed_precision": config.mixed_precision, "jit_compile": config.jit_compile}
+
+
+# --- the chief ----------------------------------------------------------------------
+
+
+class _Servicer(oracle_chief.OracleServicer):
+    """KerasTuner's oracle service, plus heartbeats, lost workers and the hold at the end.
+
+    Every call that reads or changes the oracle's trials holds `lock`, so the gRPC
+    threads and the chief's watch loop see one consistent oracle.
+    """
+
+    def __init__(self, oracle, timeout: float, on_lost, echo):
+        super().__init__(oracle)
+        self.lock = threading.RLock()
+        self.timeout = timeout
+        self.on_lost = on_lost  # (trial_id, worker, reason) -> None, outside the lock
+        self.echo = echo
+        self.heard: dict[str, float] = {}  # worker -> when it last called
+        self.losses: collections.Counter = collections.Counter()  # trial id -> lost workers
+        self.fatal: str | None = None
+
+    def _hear(self, context, worker: str | None = None) -> str | None:
+        worker = worker or dict(context.invocation_metadata()).get(_WORKER_KEY)
+        if worker:
+            self.heard[worker] = time.monotonic()
+        return worker
+
+    def GetBestTrials(self, request, context):  # with num_trials=0: a worker's heartbeat
+        self._hear(context)
+        with self.lock:
+            return super().GetBestTrials(request, context)
+
+    def GetTrial(self, request, context):
+        self._hear(context)
+        with self.lock:
+            return super().GetTrial(request, context)
+
+    def CreateTrial(self, request, context):
+        worker, oracle, lost = request.tuner_id, self.oracle, []
+        with self.lock:
+            if worker in oracle.ongoing_trials:
+                lost.append(self._lose(worker, "it restarted"))
+            self._hear(context, worker)
+            if self.fatal:
+                trial = trial_module.Trial(oracle.get_space(), status=_STATUS.STOPPED)
+                oracle.tuner_ids.discard(worker)
+            else:
+                trial = oracle.create_trial(worker)
+            if trial.status == _STATUS.STOPPED:
+                self.stop_triggered = True
+                if oracle.ongoing_trials or oracle._retry_queue:
+                    # Hold: a running trial may still lose its worker and need this one.
+                    oracle.tuner_ids.add(worker)
+                    trial = trial_module.Trial(oracle.get_space(), status=_STATUS.IDLE)
+            elif trial.status == _STATUS.RUNNING:
+                self.echo(f"trial {trial.trial_id} -> {worker}")
+        self._report(lost)
+        return protos.get_service().CreateTrialResponse(trial=trial.to_proto())
+
+    def UpdateTrial(self, request, context):
+        self._hear(context)
+        with self.lock:
+            return super().UpdateTrial(request, context)
+
+    def EndTrial(self, request, context):
+        trial = trial_module.Trial.from_proto(request.trial)
+        trial_id, oracle = trial.trial_id, self.oracle
+        with self.lock:
+            worker = self._hear(context)
+            owner = next((w for w, t in oracle.ongoing_trials.items()
+                          if t.trial_id == trial_id), None)
+            if owner is None and trial_id in oracle._retry_queue:
+                # Its worker was taken for lost, yet it finished: keep the result.
+                oracle._retry_queue.remove(trial_id)
+            elif (owner is None and trial_id in oracle.end_order) or (
+                    owner is not None and worker is not None and owner != worker):
+                self.echo(f"trial {trial_id}: ignored a late result from {worker} "
+                          f"(the trial was given to another worker)")
+                return protos.get_service().EndTrialResponse()
+            try:
+                oracle.end_trial(trial)
+            except RuntimeError as error:  # too many consecutive failed trials
+                self.fatal = str(error)
+                oracle.ongoing_trials.pop(owner, None)
+            ended = oracle.trials[trial_id]
+            score = "" if ended.score is None else f" {oracle.objective.name} {ended.score:.4f}"
+            self.echo(f"trial {trial_id} {ended.status} on {worker or owner}{score} "
+                      f"({len(oracle.end_order)}/{oracle.max_trials} ended)")
+        return protos.get_service().EndTrialResponse()
+
+    def _lose(self, worker: str, reason: str):
+        """Take `worker`'s trial back: to the retry queue, or failed after MAX_LOSSES."""
+        oracle = self.oracle
+        trial = oracle.ongoing_trials.pop(worker)
+        oracle.tuner_ids.discard(worker)
+        self.heard.pop(worker, None)
+        self.losses[trial.trial_id] += 1
+        if self.losses[trial.trial_id] >= MAX_LOSSES:
+            trial.status = _STATUS.FAILED
+            trial.message = f"the workers running it were lost {MAX_LOSSES} times"
+            oracle.end_order.append(trial.trial_id)
+            oracle._save_trial(trial)
+        else:
+            oracle._retry_queue.append(trial.trial_id)
+        oracle.save()
+        return trial.trial_id, worker, reason
+
+    def _report(self, lost) -> None:
+        for trial_id, worker, reason in lost:
+            self.echo(f"worker {worker} lost ({reason}): trial {trial_id} goes back to the "
+                      f"queue")
+            self.on_lost(trial_id, worker, reason)
+
+    def watch(self) -> None:
+        """Take back the trials of workers silent for longer than the timeout."""
+        now, lost = time.monotonic(), []
+        with self.lock:
+            for worker in list(self.oracle.ongoing_trials):
+                silent = now - self.heard.get(worker, now)
+                if silent > self.timeout:
+                    lost.append(self._lose(worker, f"silent for {silent:.0f} s"))
+        self._report(lost)
+
+    def finished(self) -> bool:
+        """Every trial has ended and every worker still alive has been told to stop."""
+        with self.lock:
+            oracle = self.oracle
+            if not self.stop_triggered or oracle.ongoing_trials or oracle._retry_queue:
+                return False
+            now, linger = time.monotonic(), 3 * HEARTBEAT_SECONDS
+            return all(now - self.heard.get(w, 0.0) > linger for w in oracle.tuner_ids)
+
+
+class Chief:
+    """The chief's tuner: `search` serves the oracle to workers instead of training.
+
+    Everything else (`oracle`, `hypermodel`, `get_trial_dir`, ...) is the wrapped tuner's,
+    so `nas.search.run` reads the results of a distributed search as of a local one.
+    """
+
+    def __init__(self, tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
+                 echo):
+        self._tuner = tuner
+        self._serve = lambda: serve(tuner, prepared, experiment_id, search_run_id, echo)
+
+    def search(self, *fit_args, **fit_kwargs) -> None:
+        self._serve()
+
+    def __getattr__(self, name):
+        return getattr(self._tuner, name)
+
+
+def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, echo) -> None:
+    """Run the oracle of `tuner` for remote workers until the search has ended.
+
+    Called by `nas.search.run` in place of `tuner.search` when `config.chief` is set;
+    the parent run stays open around it.
+
+    Raises:
+        RuntimeError: the chief cannot listen, or too many consecutive trials failed.
+    """
+    config, tracker = prepared.config, prepared.tracker
+    host, port = parse_address(config.chief)
+    oracle = tuner.oracle
+    oracle.verbose = 0
+    tuner.save()  # so a restarted chief reloads the oracle and resumes
+
+    def close_lost_run(trial_id: str, worker: str, reason: str) -> None:
+        # FINISHED too: a worker that died after closing its run but before telling the
+        # chief; the trial runs again, so this run must not count as its result.
+        try:
+            for run in tracker.trial_runs(experiment_id, search_run_id):
+                tags = run.data.tags
+                if (run.info.status in ("RUNNING", "FINISHED")
+                        and tags.get(tracking.TAG_TRIAL) == trial_id
+                        and tags.get("nas.worker") == worker):
+                    tracker.set_tags(run.info.run_id,
+                                     {"nas.error": f"worker {worker} was lost ({reason})"})
+                    tracker.end(run.info.run_id, "KILLED")
+        except Exception as error:  # MLflow down: the run is closed at the end instead
+            echo(f"could not close the run of trial {trial_id} ({error.__class__.__name__})")
+
+    servicer = _Servicer(oracle, config.worker_timeout, close_lost_run, echo)
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    if not server.add_insecure_port(f"{host}:{port}"):
+        raise RuntimeError(f"the chief cannot listen on {config.chief}")
+    tracker.set_tags(search_run_id, {TAG_CHIEF: config.chief,
+                                     TAG_SETTINGS: json.dumps(_settings(config))})
+    server.start()
+    echo(f"chief listening on {config.chief}: waiting for workers")
+    try:
+        while not servicer.finished():
+            time.sleep(0.5)
+            servicer.watch()
+    finally:
+        server.stop(grace=2).wait()
+    closed = tracker.close_stale_runs(experiment_id, search_run_id)
+    if closed:
+        echo(f"closed {closed} trial run(s) left running by lost workers")
+    if servicer.fatal:
+        raise RuntimeError(servicer.fatal)
+
+
+# --- the workers --------------------------------------------------------------------
+
+
+class _WorkerClient(oracle_client.OracleClient):
+    """KerasTuner's client of the chief, naming its worker on every call, with a
+    heartbeat thread, and patient when the chief has no trial to hand out yet."""
+
+    def __init__(self, oracle, multi_worker: bool = False, should_report: bool = True):
+        super().__init__(oracle)
+        self.multi_worker = multi_worker
+        self.should_report = should_report
+        self._metadata = ((_WORKER_KEY, self.tuner_id),)
+        self._stopped = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="nas-heartbeat",
+                                           daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_SECONDS):
+            try:
+                self.stub.GetBestTrials(protos.get_service().GetBestTrialsRequest(num_trials=0),
+                                        metadata=self._metadata,
+                                        timeout=HEARTBEAT_SECONDS * 2)
+            except grpc.RpcError:  # the chief is away; KerasTuner's calls wait for it
+                pass
+
+    def close(self) -> None:
+        self._stopped.set()
+
+    def create_trial(self, tuner_id):
+        while True:
+            response = self.stub.CreateTrial(
+                protos.get_service().CreateTrialRequest(tuner_id=tuner_id),
+                metadata=self._metadata, wait_for_ready=True, timeout=oracle_client.TIMEOUT)
+            trial = trial_module.Trial.from_proto(response.trial)
+            if trial.status != _STATUS.IDLE:
+                return trial
+            time.sleep(IDLE_SECONDS)
+
+    def end_trial(self, trial):
+        if self.should_report:
+            self.stub.EndTrial(protos.get_service().EndTrialRequest(trial=trial.to_proto()),
+                               metadata=self._metadata, wait_for_ready=True,
+                               timeout=oracle_client.TIMEOUT)
+
+
+def prepare_worker(config: SearchConfig) -> Prepared:
+    """Check a worker's input; raise before anything is written.
+
+    Raises:
+        SearchError, nas.data.DataError, nas.tracking.TrackingError.
+    """
+    from nas.data import load_arrays
+
+    parse_address(config.chief)
+    if not config.worker_id or "chief" in config.worker_id:
+        raise SearchError(f"--worker-id: {config.worker_id!r} must be non-empty and must not "
+                          f"contain 'chief' (KerasTuner's name for the chief)")
+    arrays = load_arrays(config.pipeline)
+    tracker = tracking.Tracker(config.tracking_uri)
+    tracker.check()
+    return Prepared(config, arrays, tracker, None)
+
+
+def find_search(tracker: tracking.Tracker, experiment: str, chief: str, wait: float, echo):
+    """The running parent run of the search whose chief listens at `chief`.
+
+    Waits up to `wait` seconds for the chief to start it. Among several running searches
+    of the experiment, the one whose chief has the same address wins, then the same port.
+
+    Raises:
+        SearchError: none appeared in time.
+    """
+    _, port = parse_address(chief)
+    deadline = time.monotonic() + wait
+    waiting = False
+    while True:
+        found = tracker.client.get_experiment_by_name(experiment)
+        if found is not None:
+            runs = tracker.client.search_runs(
+                [found.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                order_by=["attributes.start_time DESC"], max_results=1000)
+            runs = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"
+                    and TAG_SETTINGS in r.data.tags]
+            for matches in (lambda a: a == chief, lambda a: a.rpartition(":")[2] == str(port)):
+                chosen = [r for r in runs if matches(r.data.tags.get(TAG_CHIEF, ""))]
+                if chosen:
+                    return chosen[0]
+        if time.monotonic() > deadline:
+            raise SearchError(
+                f"--chief: no search of experiment {experiment!r} with its chief at {chief} "
+                f"is running in {tracker.tracking_uri} (waited {wait:.0f} s); start "
+                f"`nas search --chief {chief}` with the same --experiment and --tracking-uri")
+        if not waiting:
+            echo(f"waiting for the chief's search (experiment {experiment!r}) in "
+                 f"{tracker.tracking_uri}")
+            waiting = True
+        time.sleep(1.0)
+
+
+def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]:
+    """Train the trials the chief at `config.chief` hands out, until the search ends.
+
+    Trials are logged as children of the chief's parent run, tagged `nas.worker`.
+    Returns the ids of the trials this worker trained.
+
+    Raises:
+        SearchError: no such search running, or its space or pipeline differ.
+        nas.tracking.Interrupted / KeyboardInterrupt: stopped by a signal; the chief
+            hands the trial to another worker.
+    """
+    import keras_tuner as kt
+
+    from nas import search, tuning
+    from nas.data import make_datasets
+
+    config, tracker, arrays = prepared.config, prepared.tracker, prepared.arrays
+    host, port = parse_address(config.chief)
+    parent = find_search(tracker, config.experiment_name, config.chief, wait, echo)
+    settings = json.loads(parent.data.tags[TAG_SETTINGS])
+    for kind, spec in (("space", config.space), ("pipeline", config.pipeline)):
+        if settings[f"{kind}_sha"] != _digest(spec.text):
+            raise SearchError(
+                f"--{kind}: {spec.name!r} is not the {kind} of the chief's search "
+                f"({settings[kind]!r}, run {parent.info.run_id}); a worker needs the same "
+                f"space and pipeline files as its chief")
+    config = dataclasses.replace(
+        config, tuner=settings["tuner"], max_trials=settings["max_trials"],
+        epochs=settings["epochs"], batch_size=settings["batch_size"], seed=settings["seed"],
+        mixed_precision=settings["mixed_precision"], jit_compile=settings["jit_compile"])
+    experiment_id, search_run_id = parent.info.experiment_id, parent.info.run_id
+    echo(f"worker {config.worker_id}: search run {search_run_id}, chief {config.chief}")
+
+    search.configure_tensorflow(config)
+    # Read by KerasTuner when the tuner is built: this process is a worker of that chief.
+    os.environ.update(KERASTUNER_TUNER_ID=config.worker_id, KERASTUNER_ORACLE_IP=host,
+                      KERASTUNER_ORACLE_PORT=str(port))
+    pipeline = config.pipeline
+    hypermodel = tuning.CandidateModel(config.space, arrays.input_shape, arrays.num_classes,
+                                       arrays.pixel_scale, jit_compile=config.jit_compile)
+    # Only its objective is used here: the chief's oracle proposes and guards.
+    oracle = tuning.make_oracle(
+        config.tuner, tuning.declare(config.space),
+        kt.Objective(pipeline.objective, pipeline.direction),
+        max_trials=config.max_trials, seed=config.seed, max_epochs=config.epochs_per_trial,
+        max_failures=config.max_failures, check=lambda values: None)
+    hooks = search._TrialRuns(tracker, experiment_id, search_run_id, config, echo,
+                              config.max_trials)
+    previous = signal.signal(signal.SIGTERM, search._terminate)
+    client = None
+    try:
+        # The same folder as the chief's: Hyperband continues trials from the
+        # checkpoints of earlier ones, so its workers need a shared --workdir.
+        tuner = tuning.NasTuner(oracle, hypermodel, hooks, directory=config.workdir,
+                                project_name=config.experiment_name, overwrite=False,
+                                distribution_strategy=strategy(config.distribution))
+        client = _WorkerClient(oracle, tuner.oracle.multi_worker, tuner.oracle.should_report)
+        tuner.oracle = client
+        datasets = make_datasets(arrays, config.batch_size, config.seed)
+        tuner.search(datasets.train, validation_data=datasets.validation,
+                     epochs=config.epochs_per_trial, verbose=0, shuffle=False,
+                     callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
+                                                     pipeline.early_stopping_patience))
+    finally:
+        if client is not None:
+            client.close()
+        signal.signal(signal.SIGTERM, previous)
+        tracker.flush()
+    return sorted(hooks.runs)
+
+
+def worker_command(chief: str, space: str, pipeline: str, experiment: str,
+                   tracking_uri: str, distribution: str | None = None) -> str:
+    """The command line that starts one more worker of this search."""
+    import shlex
+
+    parts = ["nas", "worker", "--chief", chief, "--space", space, "--pipeline", pipeline,
+             "--experiment", experiment, "--tracking-uri", tracking_uri]
+    if distribution:
+        parts += ["--distribution", distribution]
+    return shlex.join(parts)
+
+
+# --- one machine, one command -------------------------------------------------------
+
+
+def run_local(search_args: list[str], worker_args: list[str], workers: int, echo,
+              stop_seconds: float = 60.0) -> int:
+    """`nas search --workers N`: a chief and N workers on 127.0.0.1; the chief's exit code.
+
+    `search_args` and `worker_args` are the command-line options of the chief and of
+    the workers (without `--chief`). Every process started here is stopped before
+    returning.
+    """
+    chief = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    base = [sys.executable, "-m", "nas.cli"]
+    processes: list[subprocess.Popen] = []
+    previous = signal.signal(signal.SIGTERM, _stop_local)
+    try:
+        chief_process = subprocess.Popen(base + ["search", *search_args, "--chief", chief],
+                                         env=env)
+        processes.append(chief_process)
+        for number in range(1, workers + 1):
+            processes.append(subprocess.Popen(
+                base + ["worker", *worker_args, "--chief", chief,
+                        "--worker-id", f"local-{number}"], env=env))
+        while chief_process.poll() is None:
+            codes = [p.poll() for p in processes[1:]]
+            # A worker exits 0 once the chief says the search is over; all gone, none
+            # of them so, and the chief would wait for workers forever.
+            if all(code not in (None, 0) for code in codes):
+                echo("Error: every worker failed before the search ended; stopping the chief")
+                chief_process.terminate()
+                chief_process.wait()
+                return 1
+            time.sleep(0.5)
+        deadline = time.monotonic() + stop_seconds
+        for process in processes[1:]:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return chief_process.returncode
+    except (KeyboardInterrupt, tracking.Interrupted):
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _stop_local(signum, frame):
+    raise tracking.Interrupted(f"signal {signal.Signals(signum).name}")

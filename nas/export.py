@@ -1,0 +1,341 @@
+"""The best trial -> a TensorFlow SavedModel (or TFLite), and the MLflow model of a search.
+
+The exported model takes images as the pipeline reads them (raw float32 pixel values at
+the pipeline's input shape; the Rescaling layer is inside) and returns class
+probabilities. Its weights are the trial's best epoch, taken from KerasTuner's
+checkpoint when this machine holds the search's working folder, else from the MLflow
+model `nas search` logged on the search's run (`runs:/<search run>/model`), so an export
+works anywhere the tracking store is reachable.
+
+TensorFlow is imported inside the functions: the CLI imports this module cheaply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from nas import results, tracking
+
+__all__ = ["ExportError", "Exported", "FORMATS", "MODEL_NAME", "export", "log_model",
+           "log_best_model", "load_trial_model", "logged_model"]
+
+FORMATS = ("savedmodel", "tflite")
+MODEL_NAME = "model"  # the MLflow model on the search's run: runs:/<search run id>/model
+CLASS_NAMES_FILE = "class_names.json"
+_CHECKPOINT = "checkpoint.weights.h5"  # KerasTuner's per-trial best-epoch weights (Keras 3)
+
+
+class ExportError(ValueError):
+    """The export cannot be done as asked; nothing was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """What `export` wrote and where its weights came from."""
+
+    out: Path
+    format: str
+    search: results.Search
+    trial: results.TrialRow
+    source: str  # "the KerasTuner checkpoint <path>" or "the MLflow model <uri>"
+    registered: str | None = None  # "NAME version N"
+
+
+def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str | None = None,
+           run_id: str | None = None, workdir: str | os.PathLike = ".nas", force: bool = False,
+           format: str = "savedmodel", register: str | None = None) -> Exported:
+    """Export the best trial of a search (or the trial of `run_id`) into `out`.
+
+    `run_id` is a search's run (its best trial) or a trial's run (that trial); without
+    it, the latest search of `experiment` (default: the experiment searched last).
+    `out` receives a SavedModel (`saved_model.pb`, `variables/`; signature
+    `serving_default`) or `model.tflite`, and `class_names.json` beside it. The model is
+    built in a temporary folder and moved into place, so a failure leaves `out` as it was.
+
+    Raises:
+        ExportError: `out` is not empty and not `force`, bad `format`, no weights found.
+        nas.results.ResultsError: no such experiment or run, or no finished trial.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"--format: {format!r} is not one of {list(FORMATS)}")
+    out = Path(out)
+    _check_out(out, force)
+    if run_id is not None:
+        search, trial = results.find_run(tracker, run_id)
+    else:
+        search, trial = results.find_search(tracker, experiment), None
+    if trial is None:
+        trial = results.best_trial(results.list_trials(tracker, search), search)
+    elif trial.status != "FINISHED":
+        raise ExportError(f"--run: trial {trial.trial_id} ({run_id}) is {trial.status}, "
+                          f"not FINISHED; it has no trained model to export")
+    classes = _read_json(tracker, search.run_id, "classes.json")
+    model, source = load_trial_model(tracker, search, trial, workdir)
+
+    with tempfile.TemporaryDirectory(prefix="nas-export-") as tmp:
+        staged = Path(tmp) / "out"
+        staged.mkdir()
+        if format == "savedmodel":
+            model.export(str(staged), format="tf_saved_model", verbose=False)
+        else:
+            model.export(str(staged / "model.tflite"), format="litert", verbose=False)
+        (staged / CLASS_NAMES_FILE).write_text(json.dumps({
+            "class_names": classes.get("class_names", []),
+            "input_shape": list(model.input_shape[1:]),
+            "pixel_scale": classes.get("pixel_scale"),
+            "experiment": search.experiment_name,
+            "search_run_id": search.run_id,
+            "trial_id": trial.trial_id,
+            "trial_run_id": trial.run_id,
+            "objective": {"name": search.objective, "value": trial.objective},
+        }, indent=2) + "\n")
+        _move_into_place(staged, out)
+
+    registered = None
+    if register:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            registered = _register(tracker, search, trial, model, register)
+        except MlflowException as error:
+            first = (str(error).strip().splitlines() or [""])[0][:300]
+            raise ExportError(f"--register: {out} was written, but the model was not "
+                              f"registered as {register!r}: {first}") from None
+    return Exported(out, format, search, trial, source, registered)
+
+
+def load_trial_model(tracker: tracking.Tracker, search: results.Search,
+                     trial: results.TrialRow, workdir: str | os.PathLike = ".nas"):
+    """The trained Keras model of `trial` at its best epoch, and where it came from.
+
+    Raises:
+        ExportError: neither the KerasTuner checkpoint nor an MLflow model is found.
+    """
+    checkpoint = _checkpoint(search, trial, workdir)
+    if checkpoint is not None:
+        architecture = _read_json(tracker, trial.run_id, "architecture.json")
+        return (_model_from_checkpoint(architecture, checkpoint),
+                f"the KerasTuner checkpoint {checkpoint}")
+    logged = logged_model(tracker, search)
+    if logged is not None and logged.tags.get(tracking.TAG_TRIAL) == trial.trial_id:
+        import mlflow.tensorflow
+
+        with _store(tracker.tracking_uri), _no_optimizer_warning():
+            model = mlflow.tensorflow.load_model(f"models:/{logged.model_id}")
+        return model, f"the MLflow model runs:/{search.run_id}/{MODEL_NAME}"
+    where = Path(workdir) / search.experiment_name / f"trial_{trial.trial_id}" / _CHECKPOINT
+    raise ExportError(
+        f"trial {trial.trial_id} of experiment {search.experiment_name!r}: no weights found; "
+        f"neither the KerasTuner checkpoint {where} (see --workdir) nor an MLflow model of "
+        f"this trial on run {search.run_id}"
+    )
+
+
+def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
+              trial_run_id: str, register: str | None = None, echo=print) -> str:
+    """Log `model` on `run_id` as the MLflow model `model`; register it as `register`.
+
+    Returns the logged model's `models:/<model id>` URI (`runs:/<run_id>/model` loads it too).
+    """
+    import keras
+    import mlflow.tensorflow
+    import numpy as np
+    import tensorflow as tf
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.input_shape[1:]), "image")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, model.output_shape[-1]),
+                                   "probabilities")]),
+    )
+    with _store(tracker.tracking_uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.tensorflow.log_model(
+            model, name=MODEL_NAME, signature=signature,
+            # Explicit: inferring them costs ~10 s of loading the model in a subprocess.
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+            tags={tracking.TAG_TRIAL: trial_id, "nas.trial_run_id": trial_run_id},
+        )
+    echo(f"model of trial {trial_id} logged to MLflow as runs:/{run_id}/{MODEL_NAME}")
+    if register:
+        echo(f"registered as {_register_uri(tracker, info.model_uri, register)}")
+    return info.model_uri
+
+
+def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
+                   register: str | None = None, echo=print) -> str | None:
+    """At the end of `nas search`: log the best trial's model on the search's run.
+
+    A failure here does not fail the search (its trials are logged): it is printed and
+    kept as the run's `nas.model_error` tag. Returns the model's URI, or None.
+    """
+    best = result.best
+    if best is None:
+        return None
+    try:
+        values = tuner.oracle.trials[best.trial_id].hyperparameters.values
+        checkpoint = Path(tuner.get_trial_dir(best.trial_id)) / _CHECKPOINT
+        architecture = tuner.hypermodel.architecture(values).to_dict()
+        model = _model_from_checkpoint(architecture, checkpoint)
+        return log_model(tracker, search_run_id, model, trial_id=best.trial_id,
+                         trial_run_id=best.run_id or "", register=register, echo=echo)
+    except Exception as error:  # the search's results stand without the model
+        message = f"{error.__class__.__name__}: {error}".strip().splitlines()[0][:500]
+        tracker.set_tags(search_run_id, {"nas.model_error": message})
+        echo(f"warning: the best model was not logged to MLflow ({message})")
+        return None
+
+
+# --- the pieces ---------------------------------------------------------------------------
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out: {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ExportError(f"--out: {out} is not empty; pass --force to replace its "
+                              f"content")
+        here, home = Path.cwd().resolve(), Path.home().resolve()
+        target = out.resolve()
+        if target == home or target == here or target in here.parents:
+            raise ExportError(f"--out: {out} holds the current or home folder; --force will "
+                              f"not empty it, choose a folder of its own")
+
+
+def _move_into_place(staged: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    shutil.move(str(staged), str(out))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint(search: results.Search, trial: results.TrialRow, workdir) -> Path | None:
+    """KerasTuner's checkpoint of `trial`, if this workdir holds this very search."""
+    from nas.search import _STATE_FILE
+
+    project = Path(workdir) / search.experiment_name
+    checkpoint = project / f"trial_{trial.trial_id}" / _CHECKPOINT
+    try:
+        state = json.loads((project / _STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    # The same experiment name in another tracking store is another search.
+    if state.get("search_run_id") != search.run_id or not checkpoint.is_file():
+        return None
+    return checkpoint
+
+
+def _model_from_checkpoint(architecture: dict, checkpoint: Path):
+    """Rebuild the trial's model from its `Architecture.to_dict()` and load its weights."""
+    import keras
+
+    from nas.architecture import Architecture, Layer
+    from nas.models import build_model
+
+    layers = tuple(Layer(d["name"], d["type"], d["config"], tuple(d["output_shape"]),
+                         d["params"], d["flops"]) for d in architecture["layers"])
+    candidate = Architecture(tuple(architecture["input_shape"]), architecture["num_classes"],
+                             architecture["values"], layers, architecture.get("impossible"))
+    policy = keras.mixed_precision.global_policy()
+    # Served in float32 whatever the search trained with; the weights are float32 anyway.
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        model = build_model(candidate, jit_compile=False)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    with _no_optimizer_warning():
+        model.load_weights(str(checkpoint))
+    return model
+
+
+@contextlib.contextmanager
+def _no_optimizer_warning():
+    # Saved weights also hold the optimizer's state, which serving does not need.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        yield
+
+
+def logged_model(tracker: tracking.Tracker, search: results.Search):
+    """The MLflow model `nas search` logged on the search's run, or None."""
+    models = tracker.client.search_logged_models(
+        experiment_ids=[search.experiment_id], filter_string=f"name = '{MODEL_NAME}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+    )
+    return next((m for m in models if m.source_run_id == search.run_id), None)
+
+
+def _register(tracker, search, trial, model, name: str) -> str:
+    logged = logged_model(tracker, search)
+    if logged is not None and logged.tags.get(tracking.TAG_TRIAL) == trial.trial_id:
+        return _register_uri(tracker, f"models:/{logged.model_id}", name)
+    # Not the search's logged model (another trial, or none was logged): log it on the
+    # trial's own run first, so that the registry points at a model MLflow holds.
+    model_uri = log_model(tracker, trial.run_id, model, trial_id=trial.trial_id,
+                          trial_run_id=trial.run_id, echo=lambda line: None)
+    return _register_uri(tracker, model_uri, name)
+
+
+def _register_uri(tracker: tracking.Tracker, model_uri: str, name: str) -> str:
+    import mlflow
+
+    with _store(tracker.tracking_uri), _quiet_mlflow():
+        version = mlflow.register_model(model_uri, name)
+    return f"{name} version {version.version}"
+
+
+def _read_json(tracker: tracking.Tracker, run_id: str, artifact: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = tracker.client.download_artifacts(run_id, artifact, tmp)
+        except Exception:
+            raise ExportError(f"run {run_id} has no {artifact} artifact (was it written by "
+                              f"nas search?)") from None
+        return json.loads(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def _store(tracking_uri: str):
+    """MLflow's fluent API (log_model, register_model) on `tracking_uri`, restored after.
+
+    `mlflow.set_tracking_uri(None)` also clears MLFLOW_TRACKING_URI, so the variable is
+    put back by hand.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+@contextlib.contextmanager
+def _quiet_mlflow():
+    # register_model prints "Successfully registered ..." and "Created version ...": the
+    # caller says it once.
+    import io
+    import logging
+
+    logging.disable(logging.INFO)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)

@@ -1,0 +1,281 @@
+"""Scale-out on loopback: a chief and workers of `nas` over gRPC, one MLflow server.
+
+Every process a test starts is in its own process group and is stopped (SIGTERM, then
+SIGKILL) in a `finally`, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from nas.cli import main
+
+NAS = [sys.executable, "-m", "nas.cli"]
+TINY = ["--space", "tiny", "--pipeline", "digits"]
+DEADLINE = 150  # seconds for one distributed search of a few tiny trials
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Processes:
+    """Processes started by one test, each in its own group, logging to a file."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.started: dict[str, subprocess.Popen] = {}
+        self.env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+
+    def start(self, name: str, args: list[str], cwd=None) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "w")
+        self.started[name] = subprocess.Popen(
+            args, cwd=cwd or self.folder, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        log.close()
+        return self.started[name]
+
+    def output(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text()
+
+    def wait(self, name: str, timeout: float = DEADLINE) -> int:
+        try:
+            return self.started[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} still running after {timeout} s:\n{self.logs()}")
+
+    def kill(self, name: str, signum=signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.started[name].pid, signum)
+        self.started[name].wait(timeout=30)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{self.output(name)[-4000:]}" for name in self.started)
+
+    def stop_all(self, grace: float = 15) -> None:
+        for process in self.started.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.started.values():
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+            # The whole group: children of the process (mlflow server's) go too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """An `mlflow server` on 127.0.0.1 (SQLite backend, artifacts served by it)."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    server = Processes(root)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.start("mlflow", [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"])
+        for _ in range(180):
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            if server.started["mlflow"].poll() is not None:
+                pytest.fail(f"mlflow server exited:\n{server.logs()}")
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"mlflow server did not answer /health:\n{server.logs()}")
+        yield url
+    finally:
+        server.stop_all(grace=3)
+
+
+def search_runs(uri: str, experiment: str):
+    """(parent runs, trial runs) of an experiment, oldest first."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return [], []
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
+    return ([r for r in runs if r.data.tags.get("nas.kind") == "search"],
+            [r for r in runs if r.data.tags.get("nas.kind") == "trial"])
+
+
+def start_search(processes, uri, experiment, chief, *options):
+    return processes.start("chief", NAS + [
+        "search", *TINY, "--max-trials", "4", "--epochs", "2", "--experiment", experiment,
+        "--tracking-uri", uri, "--workdir", str(processes.folder / "chief"),
+        "--chief", chief, *options])
+
+
+def start_worker(processes, uri, experiment, chief, worker_id):
+    # Each worker in its own folder: it shares no file with the chief, only MLflow.
+    folder = processes.folder / worker_id
+    folder.mkdir()
+    return processes.start(worker_id, NAS + [
+        "worker", *TINY, "--experiment", experiment, "--tracking-uri", uri,
+        "--workdir", str(folder / ".nas"), "--chief", chief, "--worker-id", worker_id],
+        cwd=folder)
+
+
+def test_a_chief_and_two_workers_run_one_search(processes, mlflow_server):
+    chief = f"127.0.0.1:{free_port()}"
+    start_search(processes, mlflow_server, "two-workers", chief)
+    start_worker(processes, mlflow_server, "two-workers", chief, "w1")
+    start_worker(processes, mlflow_server, "two-workers", chief, "w2")
+
+    assert processes.wait("chief") == 0, processes.logs()
+    assert processes.wait("w1", 60) == 0, processes.logs()
+    assert processes.wait("w2", 60) == 0, processes.logs()
+
+    out = processes.output("chief")
+    assert (f"nas worker --chief {chief} --space tiny --pipeline digits "
+            f"--experiment two-workers --tracking-uri {mlflow_server}") in out
+    assert "4 trials finished, 0 failed" in out
+    parents, trials = search_runs(mlflow_server, "two-workers")
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["nas.chief"] == chief
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["nas.trial_id"] for r in finished) == ["0", "1", "2", "3"]
+    assert len(trials) == 4
+    assert {r.data.tags["nas.worker"] for r in finished} == {"w1", "w2"}
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["nas.search_run_id"] == parent.info.run_id
+        assert run.data.metrics["epochs_trained"] == 2  # the chief's --epochs
+    assert "[w1] the search has ended; this worker trained" in processes.output("w1")
+
+
+def test_a_killed_worker_loses_only_its_trial(processes, mlflow_server):
+    chief = f"127.0.0.1:{free_port()}"
+    start_search(processes, mlflow_server, "killed-worker", chief, "--worker-timeout", "8")
+    start_worker(processes, mlflow_server, "killed-worker", chief, "w1")
+    start_worker(processes, mlflow_server, "killed-worker", chief, "w2")
+
+    victim = None
+    deadline = time.monotonic() + DEADLINE
+    while victim is None:
+        assert time.monotonic() < deadline, processes.logs()
+        assert processes.started["chief"].poll() is None, processes.logs()
+        _, trials = search_runs(mlflow_server, "killed-worker")
+        running = [r for r in trials if r.info.status == "RUNNING"
+                   and r.data.tags.get("nas.worker") == "w1"]
+        if running:
+            victim = running[0]
+            processes.kill("w1")
+        else:
+            time.sleep(0.2)
+
+    assert processes.wait("chief") == 0, processes.logs()
+    assert processes.wait("w2", 60) == 0, processes.logs()
+    trial_id = victim.data.tags["nas.trial_id"]
+    assert "worker w1 lost (silent for" in processes.output("chief")
+    assert "4 trials finished, 0 failed" in processes.output("chief")
+
+    parents, trials = search_runs(mlflow_server, "killed-worker")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["nas.trial_id"] for r in finished) == ["0", "1", "2", "3"]
+    first = MlflowClient(mlflow_server).get_run(victim.info.run_id)
+    assert first.info.status in ("FAILED", "KILLED")
+    assert "worker w1 was lost" in first.data.tags["nas.error"]
+    (retried,) = [r for r in finished if r.data.tags["nas.trial_id"] == trial_id]
+    assert retried.data.tags["nas.worker"] == "w2"
+    assert not [r for r in trials if r.info.status == "RUNNING"]
+
+
+def test_workers_option_starts_chief_and_local_workers(processes, tmp_path):
+    uri = f"sqlite:///{tmp_path}/local.db"
+    processes.start("search", NAS + [
+        "search", *TINY, "--max-trials", "2", "--epochs", "2", "--experiment", "local",
+        "--tracking-uri", uri, "--workdir", str(tmp_path / ".nas"), "--workers", "2"])
+    assert processes.wait("search") == 0, processes.logs()
+    out = processes.output("search")
+    assert "2 trials finished, 0 failed" in out
+    assert "[local-1] the search has ended" in out
+    assert "[local-2] the search has ended" in out
+    parents, trials = search_runs(uri, "local")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert sorted(r.data.tags["nas.trial_id"] for r in trials
+                  if r.info.status == "FINISHED") == ["0", "1"]
+    assert {r.data.tags["nas.worker"] for r in trials} <= {"local-1", "local-2"}
+
+
+def test_mirrored_distribution_trains_on_the_cpu(tmp_path, monkeypatch):
+    from nas import distributed
+
+    made = []
+    original = distributed.strategy
+    monkeypatch.setattr(distributed, "strategy",
+                        lambda name: made.append(original(name)) or made[-1])
+    uri = f"sqlite:///{tmp_path}/mirrored.db"
+    result = CliRunner().invoke(main, [
+        "search", *TINY, "--max-trials", "1", "--epochs", "1", "--experiment", "mirrored",
+        "--tracking-uri", uri, "--distribution", "mirrored"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "1 trials finished, 0 failed" in result.output
+    (strategy,) = made
+    assert type(strategy).__name__ == "MirroredStrategy"
+    assert strategy.num_replicas_in_sync >= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["worker", "--chief", "nowhere"],
+     "Error: --chief: 'nowhere' is not HOST:PORT (for example 127.0.0.1:8000)"),
+    (["worker", "--chief", "127.0.0.1:1", "--worker-id", "chief-2"],
+     "Error: --worker-id: 'chief-2' must be non-empty and must not contain 'chief'"),
+    (["search", "--workers", "2", "--chief", "127.0.0.1:1"],
+     "Error: --workers and --chief exclude each other"),
+])
+def test_scale_out_input_errors(args, message):
+    result = CliRunner().invoke(main, args + TINY)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_a_worker_refuses_another_space(tmp_path, monkeypatch):
+    from nas import distributed, search
+    from nas.specs import load_pipeline, load_space
+    from nas.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/refuse.db"
+    tracker = Tracker(uri)
+    experiment_id = tracker.experiment_id("refuse")
+    chief_config = search.SearchConfig(space=load_space("tiny"), pipeline=load_pipeline("digits"))
+    run_id = tracker.start_run(experiment_id, "search", tags={
+        "nas.kind": "search", distributed.TAG_CHIEF: "127.0.0.1:9",
+        distributed.TAG_SETTINGS: json.dumps(distributed._settings(chief_config))})
+    config = search.SearchConfig(space=load_space("lenet"), pipeline=load_pipeline("digits"),
+                                 experiment="refuse", tracking_uri=uri, chief="127.0.0.1:9",
+                                 worker_id="w")
+    with pytest.raises(search.SearchError, match=r"--space: 'lenet' is not the space of the "
+                       rf"chief's search \('tiny', run {run_id}\)"):
+        distributed.run_worker(distributed.prepare_worker(config), echo=lambda line: None,
+                               wait=0)

@@ -1,0 +1,264 @@
+"""Failed trials, interrupted searches and bad input: no trial's failure costs another's work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from nas.cli import main
+from shapes import make_shapes
+
+SEARCH = ["search", "--space", "tiny", "--epochs", "2", "--experiment", "rel"]
+
+
+def runs_of(experiment="rel", kind="trial"):
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], f"tags.`nas.kind` = '{kind}'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+# --- failed trials --------------------------------------------------------------------------
+
+
+def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(monkeypatch):
+    import nas.tuning
+
+    real_build = nas.tuning.build_model
+    calls = []
+
+    def flaky_build(architecture, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("simulated build error")
+        return real_build(architecture, **kwargs)
+
+    monkeypatch.setattr(nas.tuning, "build_model", flaky_build)
+    result = invoke(SEARCH + ["--max-trials", "3"])
+    assert result.exit_code == 0, result.output
+    assert "trial 1 (2/3): val_accuracy FAILED" in result.output
+    assert "2 trials finished, 1 failed" in result.output
+    runs = {r.data.tags["nas.trial_id"]: r for r in runs_of()}
+    assert runs["1"].info.status == "FAILED"
+    assert runs["1"].data.tags["nas.error"] == "ValueError: simulated build error"
+    assert runs["0"].info.status == runs["2"].info.status == "FINISHED"
+
+
+def test_out_of_memory_fails_only_that_trial(monkeypatch):
+    import tensorflow as tf
+
+    import nas.tuning
+
+    real_fit = nas.tuning.CandidateModel.fit
+    calls = []
+
+    def fit(self, hp, model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+        return real_fit(self, hp, model, *args, **kwargs)
+
+    monkeypatch.setattr(nas.tuning.CandidateModel, "fit", fit)
+    result = invoke(SEARCH + ["--max-trials", "2"])
+    assert result.exit_code == 0, result.output
+    runs = {r.data.tags["nas.trial_id"]: r for r in runs_of()}
+    assert runs["0"].info.status == "FAILED"
+    assert "ResourceExhaustedError: OOM when allocating tensor" in runs["0"].data.tags["nas.error"]
+    assert runs["1"].info.status == "FINISHED"
+
+
+def nan_pipeline(tmp_path):
+    """Pixels near float32's limit: activations overflow, and the loss is NaN at once."""
+    rng = np.random.default_rng(0)
+    x = rng.choice([-3e38, 3e38], (64, 8, 8)).astype("float32")
+    np.savez(tmp_path / "huge.npz", x_train=x, y_train=rng.integers(0, 2, 64))
+    path = tmp_path / "huge.yaml"
+    path.write_text("data: {source: npz, path: huge.npz, pixel_scale: 1}\n")
+    return str(path)
+
+
+def test_nan_loss_stops_the_trial_at_once_and_max_failures_ends_the_search(tmp_path):
+    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--pipeline",
+                                       nan_pipeline(tmp_path), "--epochs", "5",
+                                       "--max-trials", "5", "--max-failures", "2",
+                                       "--experiment", "rel"])
+    assert result.exit_code == 1, result.output
+    assert "Error: the search failed: 2 trials in a row failed (--max-failures)" in result.output
+    assert "  trial 0: " in result.output and "the loss became" in result.output
+    trials = runs_of()
+    assert [r.info.status for r in trials] == ["FAILED", "FAILED"]
+    client = MlflowClient()
+    for run in trials:
+        assert run.data.tags["nas.error"].startswith("FailedTrialError: the loss became")
+        assert "at epoch 1, batch" in run.data.tags["nas.error"]
+        # stopped inside the first epoch: no epoch ever ended
+        assert client.get_metric_history(run.info.run_id, "val_loss") == []
+    (parent,) = runs_of(kind="search")
+    assert parent.info.status == "FAILED"
+
+
+# --- interrupted searches ---------------------------------------------------------------------
+
+
+LONG = ["--pipeline", "long.yaml", "--epochs", "40"]
+
+
+def start_search(tmp_path, *extra):
+    """`nas search` in a subprocess, on digits with trials long enough to interrupt."""
+    (tmp_path / "long.yaml").write_text(
+        "data: {source: digits}\ntrain: {batch_size: 16, early_stopping_patience: null}\n")
+    # Create the store first: two processes creating one SQLite store's tables race.
+    MlflowClient().search_experiments()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    args = [sys.executable, "-m", "nas.cli", *SEARCH, "--max-trials", "3", "--seed", "2", *LONG,
+            *extra]
+    return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_training(trial_id: str, process, timeout=180):
+    """Block until trial `trial_id` has been training for a second."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        for run in runs_of():
+            if run.data.tags.get("nas.trial_id") == trial_id and run.info.status == "RUNNING":
+                time.sleep(1.5)  # into model.fit (a 40-epoch trial takes several seconds)
+                assert process.poll() is None, process.stdout.read()
+                return run
+        time.sleep(0.2)
+    raise AssertionError(f"trial {trial_id} never started training")
+
+
+def test_sigkill_mid_trial_then_resume(tmp_path):
+    process = start_search(tmp_path)
+    try:
+        wait_for_training("1", process)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    before = {r.info.run_id: r.info.status for r in runs_of()}
+    assert sorted(before.values()) == ["FINISHED", "RUNNING"]  # trial 0 done, trial 1 dead
+
+    result = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", *LONG])
+    assert result.exit_code == 0, result.output
+    assert "resuming the search" in result.output
+    assert "closed 1 trial run(s) left running by an earlier process" in result.output
+
+    trials = runs_of()
+    finished = [r.data.tags["nas.trial_id"] for r in trials if r.info.status == "FINISHED"]
+    assert sorted(finished) == ["0", "1", "2"]  # each trial id exactly once
+    killed = [r for r in trials if r.info.status == "KILLED"]
+    assert [r.data.tags["nas.trial_id"] for r in killed] == ["1"]
+    first_trial_runs = [r for r in trials if r.data.tags["nas.trial_id"] == "0"]
+    assert len(first_trial_runs) == 1  # the finished trial was not trained again
+    (parent,) = runs_of(kind="search")
+    assert parent.info.status == "FINISHED"
+
+
+def test_sigterm_closes_runs_as_killed_and_says_how_to_resume(tmp_path):
+    process = start_search(tmp_path)
+    try:
+        wait_for_training("0", process)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, output
+    assert "run the same command to resume" in output
+    assert [r.info.status for r in runs_of()] == ["KILLED"]
+    assert [r.info.status for r in runs_of(kind="search")] == ["KILLED"]
+
+    result = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", *LONG[:2], "--epochs", "1"])
+    assert result.exit_code == 2  # other settings than the interrupted search
+    assert "already holds a search with other settings" in result.output
+
+
+def test_overwrite_starts_afresh(tmp_path):
+    assert invoke(SEARCH + ["--max-trials", "1"]).exit_code == 0
+    result = invoke(SEARCH + ["--max-trials", "1", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "resuming" not in result.output
+    assert len(runs_of(kind="search")) == 2 and len(runs_of()) == 2
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def bad_inputs(tmp):
+    """(arguments, the one line expected on stderr) for each kind of bad input."""
+    yield ["--space", "missing.yaml"], "Error: missing.yaml: no such file"
+    yield (["--space", write(tmp / "s.yaml", "stages: [1,\n")],
+           f"Error: {tmp / 's.yaml'}: line 2: not valid YAML")
+    yield (["--space", write(tmp / "k.yaml", "name: x\nstages: {}\nhead: {}\noptimizer: {}\n"
+                                              "extra: 1\n")],
+           f"Error: {tmp / 'k.yaml'}: extra: unknown key; allowed keys are "
+           f"['constraints', 'head', 'name', 'optimizer', 'stages']")
+    yield ["--tuner", "annealing"], "Error: Invalid value for '--tuner'"
+    yield ["--max-trials", "0"], "Error: --max-trials: 0 must be at least 1"
+    d = tmp / "nothing"
+    d.mkdir()
+    yield (["--pipeline", write(tmp / "p1.yaml", f"data: {{source: directory, path: {tmp}/no}}")],
+           f"Error: {tmp / 'p1.yaml'}: data.path: {tmp}/no is not a folder")
+    yield (["--pipeline", write(tmp / "p2.yaml", f"data: {{source: directory, path: {d}}}")],
+           f"Error: {tmp / 'p2.yaml'}: data.path: {d} holds no class folders")
+    write(tmp / "one" / "cats" / "a.png", "x")
+    yield (["--pipeline", write(tmp / "p3.yaml", f"data: {{source: directory, path: {tmp}/one}}")],
+           f"Error: {tmp / 'p3.yaml'}: data.path: {tmp}/one holds only one class folder (cats)")
+    make_shapes(tmp / "two", per_class=2, size=8)
+    write(tmp / "two" / "square" / "broken.png", "not an image")
+    yield (["--pipeline", write(tmp / "p4.yaml", f"data: {{source: directory, path: {tmp}/two}}")],
+           f"Error: {tmp / 'p4.yaml'}: data.path: {tmp}/two/square/broken.png is not a readable "
+           f"image")
+    np.savez(tmp / "nox.npz", y_train=np.zeros(3))
+    yield (["--pipeline", write(tmp / "p5.yaml", f"data: {{source: npz, path: {tmp}/nox.npz}}")],
+           f"Error: {tmp / 'p5.yaml'}: data.path: {tmp}/nox.npz has no x_train array")
+    np.savez(tmp / "mismatch.npz", x_train=np.zeros((4, 8, 8)), y_train=np.zeros(3))
+    yield (["--pipeline", write(tmp / "p6.yaml",
+                                f"data: {{source: npz, path: {tmp}/mismatch.npz}}")],
+           f"Error: {tmp / 'p6.yaml'}: data.path: {tmp}/mismatch.npz: x_train has 4 samples "
+           f"but y_train has 3")
+    yield (["--pipeline", "mnist"],
+           "Error: pipelines/mnist.yaml: data.source: 'mnist' could not be downloaded")
+    yield (["--tracking-uri", "http://127.0.0.1:9"],
+           "Error: --tracking-uri: http://127.0.0.1:9 cannot be reached")
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))  # no cached mnist
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
+    monkeypatch.setenv("NAS_WORKDIR", str(work / ".nas"))
+    for args, expected in bad_inputs(inputs):
+        result = CliRunner().invoke(main, ["search", *args])
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert lines[-1].startswith(expected), (args, result.output)
+        assert "Traceback" not in result.output
+        assert sorted(os.listdir(work)) == [], (args, os.listdir(work))  # nothing written

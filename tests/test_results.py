@@ -1,0 +1,208 @@
+"""Reading searches back from MLflow: `nas trials`, `nas best`, `nas ui`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import pytest
+from click.testing import CliRunner
+
+from nas.cli import main
+from nas.tracking import TAG_KIND, TAG_SEARCH, TAG_TRIAL, Tracker
+
+
+def nas(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def lines(output: str) -> list[str]:
+    return output.strip().splitlines()
+
+
+@pytest.mark.parametrize("command", ["trials", "best", "ui", "export"])
+def test_help(command):
+    result = nas(command, "--help")
+    assert result.exit_code == 0
+    assert f" {command} [OPTIONS]" in result.output.splitlines()[0]
+
+
+def test_trials_lists_every_trial_best_first(digits_search):
+    result = nas("trials", "--tracking-uri", digits_search.tracking_uri)  # the latest search
+
+    assert result.exit_code == 0, result.output
+    header, columns, *rows = lines(result.output)
+    search = digits_search.result
+    assert header == (f"experiment 'shared', search run {search.search_run_id} (FINISHED): "
+                      f"3 of 3 trials; val_accuracy, higher is better")
+    assert columns.split() == ["trial", "status", "val_accuracy", "params", "FLOPs", "fit",
+                               "s", "epochs", "depth", "filters", "kernels", "strides", "pool",
+                               "1x1"]
+    assert [row.split()[0] for row in rows] == [t.trial_id for t in search.finished]
+    for row, trial in zip(rows, search.finished):
+        cells = row.split()
+        assert cells[1:5] == ["FINISHED", f"{trial.objective:.4f}", f"{trial.params:,}",
+                              f"{trial.flops:,}"]
+        a = trial.architecture
+        assert cells[7:] == [str(a["depth"]), ",".join(map(str, a["filters"])),
+                             ",".join(map(str, a["kernels"])), ",".join(map(str, a["strides"])),
+                             ",".join(a["pooling"]),
+                             ",".join("y" if p else "n" for p in a["pointwise"])]
+
+
+def test_trials_sort_limit_and_status(digits_search):
+    uri = digits_search.tracking_uri
+    result = nas("trials", "--experiment", "shared", "--sort", "params", "--limit", "2",
+                 "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    rows = lines(result.output)[2:]
+    by_size = sorted(digits_search.result.trials, key=lambda t: (t.params, t.trial_id))
+    assert [r.split()[0] for r in rows] == [t.trial_id for t in by_size[:2]]
+
+    result = nas("trials", "--status", "failed", "--tracking-uri", uri)
+    assert result.exit_code == 0
+    assert lines(result.output)[1:] == ["no trial is FAILED"]
+
+    result = nas("trials", "--sort", "speed", "--tracking-uri", uri)
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: --sort: 'speed' is not one of ['accuracy', ")
+
+
+def test_best_shows_scores_layer_table_and_where_it_is(digits_search):
+    result = nas("best", "--experiment", "shared", "--tracking-uri", digits_search.tracking_uri)
+
+    assert result.exit_code == 0, result.output
+    best = digits_search.result.best
+    out = lines(result.output)
+    assert out[0] == (f"best trial {best.trial_id} of experiment 'shared': val_accuracy "
+                      f"{best.objective:.4f} (3 finished trials)")
+    assert out[1].startswith(f"{best.params:,} parameters, {best.flops:,} FLOPs, fit ")
+    assert out[2].startswith(f"hyperparameters: depth={best.architecture['depth']}  ")
+    table = out[out.index("") + 1:]
+    assert table[0].split() == ["layer", "type", "output", "shape", "params", "FLOPs"]
+    assert table[2].split()[:3] == ["rescaling", "Rescaling", "x"]
+    total = next(line for line in table if line.startswith("total"))
+    assert total.split() == ["total", f"{best.params:,}", f"{best.flops:,}"]
+    assert f"MLflow: trial run {best.run_id}, search run {digits_search.result.search_run_id}" \
+        in result.output
+    assert f"  model:     runs:/{digits_search.result.search_run_id}/model" in out
+    assert any(line.startswith("  UI:        http://127.0.0.1:5000/#/experiments/") and
+               line.split()[1].endswith(f"/runs/{best.run_id}") for line in out)
+
+
+def test_trials_and_best_do_not_import_tensorflow(digits_search):
+    script = textwrap.dedent(f"""
+        import sys
+        from click.testing import CliRunner
+        from nas.cli import main
+        for command in ("trials", "best"):
+            result = CliRunner().invoke(main, [command, "--tracking-uri",
+                                               {digits_search.tracking_uri!r}])
+            assert result.exit_code == 0, result.output
+        print(sorted(m for m in ("tensorflow", "keras", "keras_tuner") if m in sys.modules))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_unknown_experiment_is_one_line_exit_2(digits_search):
+    for command in ("trials", "best"):
+        result = nas(command, "--experiment", "nope", "--tracking-uri",
+                     digits_search.tracking_uri)
+        assert result.exit_code == 2
+        assert result.output == (f"Error: --experiment: no experiment 'nope' in "
+                                 f"{digits_search.tracking_uri} (it holds: 'shared')\n")
+
+
+def test_an_empty_store_says_to_search_first(tmp_path):
+    result = nas("trials")
+    assert result.exit_code == 2
+    assert result.output == (f"Error: --tracking-uri: sqlite:///{tmp_path}/mlflow.db does not "
+                             f"exist (no search was logged there); run `nas search` first, or "
+                             f"give --tracking-uri / MLFLOW_TRACKING_URI\n")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def _search_without_finished_trial(name: str) -> str:
+    """A search whose only trial failed, written as `nas search` writes it."""
+    tracker = Tracker()
+    experiment_id = tracker.experiment_id(name)
+    search_run = tracker.start_run(experiment_id, "search", tags={TAG_KIND: "search"})
+    tracker.log_params(search_run, {"objective": "val_accuracy", "max_trials": 2})
+    trial_run = tracker.start_run(experiment_id, "trial-0", parent_run_id=search_run,
+                                  tags={TAG_KIND: "trial", TAG_TRIAL: "0",
+                                        TAG_SEARCH: search_run,
+                                        "nas.error": "ValueError: the loss became nan"})
+    tracker.log_params(trial_run, {"depth": 1})
+    tracker.end(trial_run, "FAILED")
+    tracker.end(search_run, "FAILED")
+    return search_run
+
+
+def test_no_finished_trial(tmp_path):
+    search_run = _search_without_finished_trial("broken")
+
+    result = nas("best", "--experiment", "broken")
+    assert result.exit_code == 2
+    assert result.output == (f"Error: experiment 'broken': the search {search_run} has no "
+                             f"finished trial yet\n")
+
+    result = nas("trials", "--experiment", "broken")
+    assert result.exit_code == 0
+    assert lines(result.output)[-1] == "trial 0 FAILED: ValueError: the loss became nan"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_store_on_localhost(digits_search, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "ui.log", "w+")
+    # Its own process group, so that the server's workers stop with it.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nas.cli", "ui", "--port", str(port),
+         "--tracking-uri", digits_search.tracking_uri],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = (f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
+               f"?experiment_name=shared")
+        deadline, body = time.monotonic() + 90, None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    body = response.read().decode()
+                    break
+            except OSError:
+                time.sleep(0.5)
+        log.seek(0)
+        output = log.read()
+        assert body is not None, output
+        assert '"name": "shared"' in body or '"name":"shared"' in body
+        assert output.startswith(f"MLflow UI of {digits_search.tracking_uri} on "
+                                 f"http://127.0.0.1:{port} (Ctrl-C stops it)")
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def test_ui_refuses_a_server_store():
+    result = nas("ui", "--tracking-uri", "http://127.0.0.1:5000")
+    assert result.exit_code == 2
+    assert result.output == ("Error: --tracking-uri: http://127.0.0.1:5000 is an MLflow server "
+                             "already; open it in a browser\n")

@@ -1,0 +1,329 @@
+"""Looking at a space before searching it: exact counts, costs, samples and budgets."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from nas.architecture import Architecture, hyperparameter_specs
+from nas.cli import main
+from nas.space import analyse, budget_problem, sample
+from nas.specs import Constraints, load_space
+
+SMALL_SPACES = {
+    # Three stages; pool size is chosen only when a stage pools: a conditional knob.
+    "pools": """
+        stages:
+          depth: {min: 1, max: 3}
+          conv: {filters: 2, kernel_size: [1, 3], padding: valid, stride: [1, 2]}
+          pool: {type: [max, none], size: [2, 3], stride: 2}
+        head: {reduce: [flatten, global_max]}
+        optimizer: {name: [adam, sgd], learning_rate: 0.01}
+    """,
+    # Pool strides chosen apart from pool sizes, both padding modes.
+    "strides": """
+        stages:
+          depth: 2
+          conv: {filters: [2, 3], kernel_size: [1, 3], padding: [same, valid]}
+          pool: {type: [avg, none], size: 2, stride: [1, 2]}
+        head: {reduce: [flatten, global_avg]}
+        optimizer: {name: adam, learning_rate: 0.01}
+    """,
+    # Dense layers 0..2, each with its own units and a stepped dropout; batch norm and
+    # pointwise convs change the costs, not the shapes.
+    "dense": """
+        stages:
+          depth: [1, 2]
+          conv: {filters: [4], kernel_size: [3, 5], padding: valid, batch_norm: [false, true]}
+          pointwise: [false, true]
+          pool: {type: none}
+        head:
+          reduce: [flatten, global_avg]
+          dense:
+            layers: {min: 0, max: 2}
+            units: [8, 16]
+            dropout: {min: 0.0, max: 0.5, step: 0.5}
+        optimizer: {name: adam, learning_rate: {min: 0.0001, max: 0.01, sampling: log}}
+    """,
+    # A continuous dropout range cannot be counted: it is left out, counted once.
+    "continuous": """
+        stages:
+          depth: 2
+          conv: {filters: [2, 4], kernel_size: [3, 7], padding: [same, valid], stride: [1, 3]}
+        head:
+          dense: {layers: [0, 1], units: [5], dropout: {min: 0.1, max: 0.4}}
+        optimizer: {name: [sgd, rmsprop, adam], learning_rate: [0.1, 0.01]}
+    """,
+}
+
+
+def write_space(folder, name: str, text: str):
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def brute_force(space, input_shape, num_classes=10):
+    """Build every architecture of `space` one by one: the reference `analyse` must match."""
+    specs = [s for s in hyperparameter_specs(space) if s.name not in ("optimizer", "learning_rate")]
+
+    def assignments(index, chosen):
+        if index == len(specs):
+            yield dict(chosen)
+            return
+        spec = specs[index]
+        if not all(chosen.get(parent) in allowed for parent, allowed in spec.conditions):
+            yield from assignments(index + 1, chosen)
+            return
+        for value in spec.knob.values() or [spec.knob.min]:
+            chosen[spec.name] = value
+            yield from assignments(index + 1, chosen)
+        del chosen[spec.name]
+
+    training = {"optimizer": space.optimizer.lowest(),
+                "learning_rate": space.learning_rate.lowest()}
+    return [Architecture.from_values(space, {**values, **training}, input_shape, num_classes)
+            for values in assignments(0, {})]
+
+
+def pareto_of(points):
+    return sorted(p for p in set(points)
+                  if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SPACES))
+@pytest.mark.parametrize("input_shape", [(8, 8, 1), (5, 7, 3), (3, 3, 1)])
+def test_counts_and_costs_match_brute_force_enumeration(tmp_path, name, input_shape):
+    space = load_space(str(write_space(tmp_path, name, SMALL_SPACES[name])))
+    every = brute_force(space, input_shape)
+    possible = [a for a in every if not a.impossible]
+
+    report = analyse(space, input_shape, 10)
+
+    assert report.architectures == len(every)
+    assert report.impossible == len(every) - len(possible)
+    assert dict(report.impossible_reasons) == collections.Counter(
+        a.impossible for a in every if a.impossible)
+    assert report.possible == len(possible)
+    if possible:
+        assert report.min_params == min(a.params for a in possible)
+        assert report.max_params == max(a.params for a in possible)
+        assert report.min_flops == min(a.flops for a in possible)
+        assert report.max_flops == max(a.flops for a in possible)
+        assert list(report.front) == pareto_of([(a.params, a.flops) for a in possible])
+    else:
+        assert report.front == () and report.max_params is None
+
+
+def test_the_small_spaces_really_exercise_impossible_candidates(tmp_path):
+    space = load_space(str(write_space(tmp_path, "pools", SMALL_SPACES["pools"])))
+    report = analyse(space, (8, 8, 1), 10)
+    assert 0 < report.impossible < report.architectures
+    assert sum(report.impossible_by_stage().values()) == report.impossible
+    assert all(why.startswith("stage ") for why, _ in report.impossible_reasons)
+
+
+def test_continuous_knobs_are_named_and_left_out_of_the_count(tmp_path):
+    report = analyse(load_space(str(write_space(tmp_path, "c", SMALL_SPACES["continuous"]))),
+                     (8, 8, 1), 10)
+    assert report.left_out == ("dropout: continuous, linear from 0.1 to 0.4",)
+    assert report.training_settings == 6
+    assert report.candidates == report.architectures * 6
+
+    lenet = analyse(load_space("lenet"), (8, 8, 1), 10)
+    assert lenet.left_out == ("learning_rate: continuous, log from 0.0005 to 0.005",)
+    assert lenet.architectures == 3 * 3 * 2 * 2 * 2 * 2 * 2 * 2 * 2 * 2  # 2 stages, 2 dense
+
+
+@pytest.mark.parametrize("name", ["cnn", "lenet", "tiny"])
+def test_every_builtin_space_is_counted_fast(name):
+    import time
+
+    started = time.perf_counter()
+    report = analyse(load_space(name), (32, 32, 3), 10)
+    assert time.perf_counter() - started < 5
+    assert report.possible > 0 and report.min_params <= report.max_params
+
+
+def test_cnn_is_counted_exactly_by_structure():
+    report = analyse(load_space("cnn"), (8, 8, 1), 10)
+    per_stage = 3 * 2 * 2 * 2 * 2 * 2 * 3  # filters, kernel, stride, padding, bn, pointwise, pool
+    head = 3 * (1 + 3 * 3 + (3 * 3) ** 2)  # reduce x (0, 1 or 2 dense layers of units x dropout)
+    assert report.architectures == head * sum(per_stage ** d for d in (1, 2, 3))
+    assert report.training_settings == 2
+    # On 8x8 inputs, a stride-2 conv and a pool each halve the map: deep stacks collapse.
+    assert report.impossible_by_stage()[2] > 0 and report.impossible_by_stage()[3] > 0
+
+
+def test_samples_are_drawn_like_a_random_search_and_skip_what_cannot_be_trained():
+    space = load_space("tiny")
+    found, rejected = sample(space, (8, 8, 1), 10, 20, seed=3,
+                             constraints=Constraints(max_params=1500))
+    assert len(found) == 20 and rejected > 0
+    assert all(not a.impossible and a.params <= 1500 for a in found)
+    again, _ = sample(space, (8, 8, 1), 10, 20, seed=3, constraints=Constraints(max_params=1500))
+    assert [a.values for a in again] == [a.values for a in found]
+
+
+def test_budget_problem_names_the_budget_and_the_smallest_reachable():
+    space = load_space("tiny")
+    assert budget_problem(space, (8, 8, 1), 10, Constraints(max_params=90)) is None
+    assert budget_problem(space, (8, 8, 1), 10, Constraints(max_params=89),
+                          {"max_params": "--max-params"}) == (
+        "--max-params 89: no candidate of search_spaces/tiny.yaml fits on 8x8x1 inputs; "
+        "the smallest the space reaches is 90 parameters and 2,960 FLOPs")
+
+
+def test_budget_problem_when_every_candidate_is_impossible(tmp_path):
+    path = write_space(tmp_path, "big", """
+        stages: {depth: 1, conv: {filters: 4, kernel_size: [9, 11], padding: valid}}
+        head: {reduce: flatten}
+        optimizer: {name: adam, learning_rate: 0.01}
+    """)
+    problem = budget_problem(load_space(str(path)), (8, 8, 1), 10, Constraints())
+    assert problem == (f"{path}: every one of the 2 architectures is impossible on 8x8x1 "
+                       f"inputs (e.g. stage 1: a 11x11 conv with valid padding and stride 1 does "
+                       f"not fit the 8x8 feature map)")
+
+
+# --- the command line ----------------------------------------------------------------
+
+
+def test_space_show_prints_counts_reasons_costs_and_sampled_tables():
+    result = CliRunner().invoke(main, ["space", "show", "tiny", "--samples", "2", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.startswith("space tiny (search_spaces/tiny.yaml) on pipeline digits: "
+                          "8x8x1 inputs, 10 classes\n")
+    assert "architectures      1,088 " in out
+    assert "impossible         208 (19.1%) on 8x8x1 inputs" in out
+    assert "stage 2 collapses in 208" in out
+    assert "a 5x5 conv with valid padding and stride 1 does not fit the 4x4 feature map" in out
+    assert "parameters         90 to 10,194" in out
+    assert "FLOPs              2,960 to 248,128" in out
+    assert out.count("\ncandidate ") == 2 and out.count("layer         type") == 2
+
+
+def test_space_show_with_a_budget_nothing_fits():
+    result = CliRunner().invoke(main, ["space", "show", "tiny", "--max-params", "50"])
+    assert result.exit_code == 0
+    assert "budget             max_params 50: no candidate fits" in result.output
+    assert "candidate 1" not in result.output
+
+
+def test_space_show_works_on_a_directory_pipeline_without_reading_images(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    (tmp_path / "p.yaml").write_text("data: {source: directory, path: data, "
+                                     "image_size: [20, 24], color_mode: rgb}\n")
+    result = CliRunner().invoke(main, ["space", "show", "cnn", "--pipeline",
+                                       str(tmp_path / "p.yaml"), "--samples", "1"])
+    assert result.exit_code == 0, result.output
+    assert "20x24x3 inputs, 3 classes" in result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stages: {depth: 1, conv: {filters: 4, kernel_size: 3, padding: full}}\n"
+     "head: {}\noptimizer: {name: adam, learning_rate: 0.01}\n",
+     "stages.conv.padding: 'full' is not one of ['same', 'valid']"),
+    ("stages: {depth: 1}\nhead: {}\noptimizer: {name: adam, learning_rate: 0.01}\n",
+     "stages.conv: is required"),
+    ("stages: [1\n", "not valid YAML"),
+])
+def test_space_show_reports_the_same_spec_errors_as_search(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    runner = CliRunner()
+    shown = runner.invoke(main, ["space", "show", str(path)])
+    searched = runner.invoke(main, ["search", "--space", str(path)])
+    assert shown.exit_code == searched.exit_code == 2
+    assert shown.output == searched.output
+    assert shown.output.startswith(f"Error: {path}: ") and message in shown.output
+    assert shown.output.count("\n") == 1
+
+
+def test_space_show_imports_no_tensorflow():
+    code = ("import sys\nfrom nas.cli import main\n"
+            "try:\n    main(['space', 'show', 'cnn', '--samples', '1'])\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "architectures      6,544,111,392" in done.stdout
+
+
+# --- budgets in a search ---------------------------------------------------------------
+
+
+def test_a_budget_nothing_fits_is_refused_before_anything_is_written(tmp_path):
+    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-params", "60",
+                                       "--max-trials", "2", "--epochs", "2"])
+    assert result.exit_code == 2
+    assert result.output == (
+        "Error: --max-params 60: no candidate of search_spaces/tiny.yaml fits on 8x8x1 "
+        "inputs; the smallest the space reaches is 90 parameters and 2,960 FLOPs\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no mlflow.db, mlruns, .nas
+
+
+def test_budgets_from_the_space_are_named_when_refused(tmp_path):
+    text = (load_space("tiny").text + "constraints: {max_params: 5000, max_flops: 1000}\n")
+    path = tmp_path / "budget.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["search", "--space", str(path), "--max-params", "8000"])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"Error: {path}: constraints.max_params 5,000 and {path}: constraints.max_flops 1,000: "
+        f"no candidate of {path} fits on 8x8x1 inputs; the smallest the space reaches is "
+        f"90 parameters and 2,960 FLOPs\n")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_a_space_of_impossible_candidates_is_refused_before_anything_is_written(tmp_path):
+    path = write_space(tmp_path, "big", """
+        stages: {depth: 1, conv: {filters: 4, kernel_size: 9, padding: valid}}
+        head: {reduce: flatten}
+        optimizer: {name: adam, learning_rate: 0.01}
+    """)
+    result = CliRunner().invoke(main, ["search", "--space", str(path)])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Error: {path}: every one of the 1 architectures is "
+                                    f"impossible on 8x8x1 inputs (e.g. stage 1: a 9x9 conv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.yaml"]
+
+
+def test_a_budget_below_one_is_refused(tmp_path):
+    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-flops", "0"])
+    assert result.exit_code == 2
+    assert result.output == "Error: --max-flops: 0 must be at least 1\n"
+
+
+def test_a_search_under_a_tight_budget_trains_only_candidates_within_it(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = CliRunner().invoke(main, [
+        "search", "--space", "tiny", "--max-trials", "2", "--epochs", "2",
+        "--max-params", "800", "--max-flops", "20000", "--tracking-uri", uri, "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    assert "2 trials finished, 0 failed" in result.output
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny-digits")
+    runs = client.search_runs([experiment.experiment_id])
+    trials = [r for r in runs if r.data.tags.get("nas.kind") == "trial"]
+    (search,) = [r for r in runs if r.data.tags.get("nas.kind") == "search"]
+    assert len(trials) == 2
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["params"] <= 800 and run.data.metrics["flops"] <= 20000
+    rejected = search.data.metrics["rejected_candidates"]
+    assert rejected > 0  # most of tiny is over this budget: rejected, never trials
+    assert f"{int(rejected)} candidates rejected before training" in result.output
+    # The trade-off plot rides on the search's run.
+    artifacts = [a.path for a in client.list_artifacts(search.info.run_id)]
+    assert "pareto.png" in artifacts
