@@ -70,16 +70,19 @@ def user_errors(func):
     return wrapper
 
 
-def _quiet_tensorflow() -> None:
-    # Before TensorFlow is imported: its C++ start-up chatter is not for our users.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def _tensorflow_environment() -> None:
+    """Settings TensorFlow reads once, when it starts: set before it is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # its C++ chatter is not for users
+    # Take GPU memory as trials need it, not all of it up front (and let several
+    # workers share one GPU); nas.search.configure_tensorflow sets it per device too.
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nas")
 def main():
     """Neural architecture search for Keras: CNN spaces, KerasTuner, MLflow."""
-    _quiet_tensorflow()
+    _tensorflow_environment()
 
 
 @main.command()

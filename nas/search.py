@@ -185,10 +185,15 @@ def prepare(config: SearchConfig) -> Prepared:
     return Prepared(config, arrays, tracker, state)
 
 
-def configure_tensorflow(config: SearchConfig) -> None:
-    """GPU memory growth, mixed precision and seeds; before any model is built."""
+def configure_tensorflow(config: SearchConfig) -> str:
+    """GPU memory growth, mixed precision and seeds; before any model is built.
+
+    Returns the name of the dtype policy in force before, for the caller to restore.
+    """
     import keras
     import tensorflow as tf
+
+    previous = keras.mixed_precision.global_policy().name
 
     for gpu in tf.config.list_physical_devices("GPU"):
         try:
@@ -198,6 +203,7 @@ def configure_tensorflow(config: SearchConfig) -> None:
     keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision
                                             else "float32")
     keras.utils.set_random_seed(config.seed)
+    return previous
 
 
 def device_name() -> str:
@@ -294,7 +300,7 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
     Raises:
         nas.tracking.Interrupted / KeyboardInterrupt: stopped by a signal; the state is
             saved and running the same command resumes.
-        RuntimeError: too many consecutive trials failed.
+        SearchFailed: too many consecutive trials failed; finished trials are kept.
     """
     from nas.data import make_datasets
     import keras_tuner as kt
@@ -303,7 +309,7 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
 
     config, tracker, arrays = prepared.config, prepared.tracker, prepared.arrays
     pipeline = config.pipeline
-    configure_tensorflow(config)
+    policy = configure_tensorflow(config)
     project_dir = config.project_dir
     if config.overwrite and project_dir.exists():
         shutil.rmtree(project_dir)
@@ -354,9 +360,9 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
             gc.collect()
             gc.freeze()
             _search(tuner, datasets.train, validation_data=datasets.validation,
-                         epochs=config.epochs_per_trial, verbose=0, shuffle=False,
-                         callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
-                                                         pipeline.early_stopping_patience))
+                    epochs=config.epochs_per_trial, verbose=0, shuffle=False,
+                    callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
+                                                    pipeline.early_stopping_patience))
             result = _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
             _log_outcome(tracker, search_run_id, result)
             export.log_best_model(tracker, search_run_id, tuner, result,
@@ -364,8 +370,12 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
             pareto.log_plot(tracker, search_run_id, result.finished, result.objective,
                             result.direction, title=f"search {config.experiment_name}")
         finally:
+            gc.unfreeze()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            import keras
+
+            keras.mixed_precision.set_global_policy(policy)
     return result
 
 
