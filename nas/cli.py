@@ -54,20 +54,26 @@ def user_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from nas.data import DataError
-        from nas.export import ExportError
-        from nas.results import ResultsError
-        from nas.search import SearchError
-        from nas.specs import SpecError
-        from nas.tracking import TrackingError
-
         try:
             return func(*args, **kwargs)
-        except (SpecError, DataError, SearchError, TrackingError, ResultsError,
-                ExportError) as error:
-            raise UserError(str(error)) from None
+        except Exception as error:
+            if isinstance(error, _user_error_types()):
+                raise UserError(str(error)) from None
+            raise
 
     return wrapper
+
+
+# module -> its input error. Looked up only in modules already imported (an error can only
+# come from one that is), so that catching them imports neither MLflow nor TensorFlow.
+_USER_ERRORS = {"nas.specs": "SpecError", "nas.data": "DataError", "nas.search": "SearchError",
+                "nas.tracking": "TrackingError", "nas.results": "ResultsError",
+                "nas.export": "ExportError"}
+
+
+def _user_error_types() -> tuple[type, ...]:
+    found = (getattr(sys.modules.get(name), error, None) for name, error in _USER_ERRORS.items())
+    return tuple(kind for kind in found if kind is not None)
 
 
 def _tensorflow_environment() -> None:
@@ -269,9 +275,10 @@ def trials(experiment, sort, limit, status, pareto, tracking_uri):
     """The trials of a search, one row each, read back from MLflow."""
     from nas import results
 
-    tracker = results.open_store(tracking_uri)
-    found = results.find_search(tracker, experiment)
-    rows = results.list_trials(tracker, found)
+    # A local SQLite store is read with sqlite3, without importing MLflow (seconds).
+    reader = results.open_reader(tracking_uri)
+    found = results.find_search(reader, experiment)
+    rows = results.list_trials(reader, found)
     total = len(rows)
     if status:
         rows = [r for r in rows if r.status == status.upper()]

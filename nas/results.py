@@ -1,28 +1,39 @@
-"""Read searches back from MLflow: the trials of a search, the best one, its layer table.
+"""Read searches back from a tracking store: the trials of a search, the best one, its layer table.
 
-MLflow only, never TensorFlow, so `nas trials` and `nas best` answer without loading it.
-Everything comes from what `nas search` logged (see `nas.tracking`): the search's parent
-run (tag `nas.kind=search`) and one child run per trial (tag `nas.kind=trial`) with the
-trial's hyperparameters as params, `objective`, `params`, `flops`, `fit_time_s` as metrics
-and the layer table as the `architecture.txt` artifact.
+Never TensorFlow, so `nas trials` and `nas best` answer without loading it. Everything
+comes from what `nas search` logged (see `nas.tracking`): the search's parent run (tag
+`nas.kind=search`) and one child run per trial (tag `nas.kind=trial`) with the trial's
+hyperparameters as params, `objective`, `params`, `flops`, `fit_time_s` as metrics and the
+layer table as the `architecture.txt` artifact.
+
+The functions read through a `Reader`. `open_reader` gives the fast one on a local SQLite
+store: it reads MLflow's tables with the standard library's `sqlite3`, read-only, without
+importing MLflow (which costs seconds); any other store, or any SQLite error, is read with
+`MlflowClient`. Both give the same answers; artifacts always come through MLflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import importlib.util
 import json
 import math
 import os
+import re
+import sqlite3
 import sys
 import tempfile
 import urllib.parse
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from nas import tracking
+if TYPE_CHECKING:  # importing nas.tracking imports MLflow: only where MLflow is used
+    from nas import tracking
 
-__all__ = ["ResultsError", "Search", "TrialRow", "SORT_KEYS", "STATUSES", "open_store",
-           "find_search", "find_run", "list_trials", "best_trial", "sort_trials",
-           "layer_table", "ui_command", "ui_link"]
+__all__ = ["ResultsError", "Search", "TrialRow", "Reader", "SORT_KEYS", "STATUSES",
+           "open_store", "open_reader", "find_search", "find_run", "list_trials", "best_trial",
+           "sort_trials", "layer_table", "ui_command", "ui_link"]
 
 # MLflow run statuses a trial's run can end with (RUNNING: still training, or its process died).
 STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING")
@@ -30,6 +41,10 @@ STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING")
 SORT_KEYS = {"objective": "objective", "trial": None, "params": "params", "flops": "flops",
              "fit_time": "fit_time_s", "epochs": "epochs_trained"}
 _SMALLEST_FIRST = ("params", "flops", "fit_time_s", "epochs_trained")
+# The tags `nas.tracking` writes, spelled here too so that reading needs no MLflow
+# (tests/test_fast_reader.py pins them equal).
+_TAG_KIND, _TAG_TRIAL, _TAG_SEARCH, _TAG_ERROR = (
+    "nas.kind", "nas.trial_id", "nas.search_run_id", "nas.error")
 
 
 class ResultsError(LookupError):
@@ -105,86 +120,90 @@ class TrialRow:
 def open_store(tracking_uri: str | None) -> tracking.Tracker:
     """A `Tracker` on an existing store; None means MLflow's default rule, as `nas search`.
 
-    Reading must not create a store (MLflow creates an SQLite database on first touch),
-    so a local store that does not exist yet is refused.
+    For the commands that need MLflow itself (artifacts, models, the UI); `open_reader`
+    is the faster way to only read runs. Reading must not create a store (MLflow creates
+    an SQLite database on first touch, and its tables in any SQLite file it opens), so a
+    local store that does not exist yet, or an SQLite file without MLflow's tables, is
+    refused.
 
     Raises:
-        ResultsError: the local store does not exist.
+        ResultsError: the local store does not exist, or is no MLflow store.
     """
-    import mlflow
-
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    path = None
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):].split("?")[0]
-    elif uri.startswith("file:"):
-        path = urllib.parse.urlparse(uri).path
-    elif "://" not in uri and uri not in ("databricks",):
-        path = uri
-    if path and path != ":memory:" and not os.path.exists(path):
-        raise ResultsError(f"--tracking-uri: {uri} does not exist (no search was logged there); "
-                           f"run `nas search` first, or give --tracking-uri / "
-                           f"MLFLOW_TRACKING_URI")
-    return tracking.Tracker(uri)
+    uri, path = _existing_store(tracking_uri)
+    if path is not None:
+        _sqlite_is_current(uri, path)  # for its refusals
+    return _tracker(uri)
 
 
-def find_search(tracker: tracking.Tracker, experiment: str | None = None) -> Search:
+def open_reader(tracking_uri: str | None) -> Reader:
+    """A `Reader` on an existing store, as `open_store` finds and checks it.
+
+    A local SQLite store at MLflow's current schema is read with `sqlite3`, without
+    importing MLflow; any other store with `MlflowClient`.
+
+    Raises:
+        ResultsError: the local store does not exist, or is no MLflow store.
+    """
+    uri, path = _existing_store(tracking_uri)
+    if path is not None and _sqlite_is_current(uri, path):
+        return _SqliteReader(uri, path)
+    return _MlflowReader(_tracker(uri))
+
+
+def find_search(store: Reader | tracking.Tracker, experiment: str | None = None) -> Search:
     """The latest search of `experiment`, or of the experiment searched most recently.
 
     Raises:
         ResultsError: no such experiment, or no search in it (or in the store).
     """
-    client = tracker.client
+    reader = _reader(store)
     if experiment is None:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
-        where = f"the tracking store {tracker.tracking_uri}"
+        experiment_ids = [e.experiment_id for e in reader.experiments()]
+        where = f"the tracking store {reader.tracking_uri}"
     else:
-        found = client.get_experiment_by_name(experiment)
+        found = reader.experiment_by_name(experiment)
         if found is None or found.lifecycle_stage == "deleted":
-            names = sorted(e.name for e in client.search_experiments()
-                           if e.name != "Default")
+            names = sorted(e.name for e in reader.experiments() if e.name != "Default")
             raise ResultsError(f"--experiment: no experiment {experiment!r} in "
-                               f"{tracker.tracking_uri} (it holds: {_listing(names)})")
+                               f"{reader.tracking_uri} (it holds: {_listing(names)})")
         experiment_ids = [found.experiment_id]
         where = f"experiment {experiment!r}"
-    runs = []
-    if experiment_ids:
-        runs = client.search_runs(experiment_ids,
-                                  filter_string=f"tags.`{tracking.TAG_KIND}` = 'search'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    run = reader.latest_search(experiment_ids) if experiment_ids else None
+    if run is None:
         raise ResultsError(f"no nas search in {where}; run `nas search` first")
-    return _search(tracker, runs[0])
+    return _search(reader, run)
 
 
-def find_run(tracker: tracking.Tracker, run_id: str) -> tuple[Search, TrialRow | None]:
+def find_run(store: Reader | tracking.Tracker,
+             run_id: str) -> tuple[Search, TrialRow | None]:
     """The search a run belongs to, and the trial when `run_id` is a trial's run.
 
     Raises:
         ResultsError: no such run, or a run `nas search` did not write.
     """
-    run = _get_run(tracker, run_id)
-    kind = run.data.tags.get(tracking.TAG_KIND)
+    reader = _reader(store)
+    run = _get_run(reader, run_id)
+    kind = run.tags.get(_TAG_KIND)
     if kind == "search":
-        return _search(tracker, run), None
+        return _search(reader, run), None
     if kind == "trial":
-        search = _search(tracker, _get_run(tracker, run.data.tags[tracking.TAG_SEARCH]))
+        search = _search(reader, _get_run(reader, run.tags[_TAG_SEARCH]))
         return search, _trial_row(run, search.objective)
     raise ResultsError(f"--run: {run_id} is not the run of a nas search or trial "
-                       f"(its tag {tracking.TAG_KIND} is {kind!r})")
+                       f"(its tag {_TAG_KIND} is {kind!r})")
 
 
-def list_trials(tracker: tracking.Tracker, search: Search) -> list[TrialRow]:
+def list_trials(store: Reader | tracking.Tracker, search: Search) -> list[TrialRow]:
     """One row per trial of `search`, in trial order.
 
     A trial run more than once (a search resumed after a crash) shows its finished run,
     else its latest one.
     """
-    latest: dict[str, object] = {}
-    for run in tracker.trial_runs(search.experiment_id, search.run_id):
-        trial_id = run.data.tags.get(tracking.TAG_TRIAL, "?")
-        if trial_id not in latest or run.info.status == "FINISHED" or \
-                latest[trial_id].info.status != "FINISHED":
+    latest: dict[str, _Run] = {}
+    for run in _reader(store).trial_runs(search.experiment_id, search.run_id):
+        trial_id = run.tags.get(_TAG_TRIAL, "?")
+        if trial_id not in latest or run.status == "FINISHED" or \
+                latest[trial_id].status != "FINISHED":
             latest[trial_id] = run
     return [_trial_row(run, search.objective) for _, run in sorted(latest.items())]
 
@@ -229,8 +248,9 @@ def sort_trials(rows: Iterable[TrialRow], key: str, search: Search) -> list[Tria
     return sorted(present, key=lambda r: r.metrics[metric], reverse=descending) + missing
 
 
-def layer_table(tracker: tracking.Tracker, row: TrialRow) -> str:
+def layer_table(store: Reader | tracking.Tracker, row: TrialRow) -> str:
     """The trial's layer table: each layer's type, output shape, parameters and FLOPs."""
+    tracker = store.tracker if isinstance(store, Reader) else store
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = tracker.client.download_artifacts(row.run_id, "architecture.txt", tmp)
@@ -265,39 +285,405 @@ def ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
 # --- reading runs --------------------------------------------------------------
 
 
-def _get_run(tracker: tracking.Tracker, run_id: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return tracker.client.get_run(run_id)
-    except MlflowException:
-        raise ResultsError(f"--run: no run {run_id!r} in {tracker.tracking_uri}") from None
+@dataclasses.dataclass(frozen=True)
+class _Experiment:
+    experiment_id: str
+    name: str
+    lifecycle_stage: str
 
 
-def _search(tracker: tracking.Tracker, run) -> Search:
-    experiment = tracker.client.get_experiment(run.info.experiment_id)
-    return Search(experiment_id=run.info.experiment_id, experiment_name=experiment.name,
-                  run_id=run.info.run_id, status=run.info.status, params=dict(run.data.params),
-                  metrics=dict(run.data.metrics), tags=dict(run.data.tags),
-                  tracking_uri=tracker.tracking_uri)
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What results needs of an MLflow run, whichever reader read it."""
+
+    run_id: str
+    experiment_id: str
+    status: str
+    artifact_uri: str
+    tags: dict
+    params: dict
+    metrics: dict
 
 
-def _trial_row(run, objective: str) -> TrialRow:
-    metrics = dict(run.data.metrics)
+class Reader:
+    """Reads experiments and runs from one tracking store, as `MlflowClient` would.
+
+    Made by `open_reader`. `tracker` is a `nas.tracking.Tracker` on the same store, for
+    what only MLflow does (artifacts, models); reading never needs it.
+    """
+
+    tracking_uri: str
+
+    @property
+    def tracker(self) -> tracking.Tracker:
+        raise NotImplementedError
+
+    def experiments(self) -> list[_Experiment]:
+        """The active experiments, newest first (MLflow's default page: the first 1000)."""
+        raise NotImplementedError
+
+    def experiment(self, experiment_id: str) -> _Experiment:
+        raise NotImplementedError
+
+    def experiment_by_name(self, name: str) -> _Experiment | None:
+        """The experiment called `name`, deleted or not; None if there is none."""
+        raise NotImplementedError
+
+    def latest_search(self, experiment_ids: list[str]) -> _Run | None:
+        """The active search run started last in any of `experiment_ids`."""
+        raise NotImplementedError
+
+    def run(self, run_id: str) -> _Run | None:
+        """The run `run_id`, deleted or not; None if there is none."""
+        raise NotImplementedError
+
+    def trial_runs(self, experiment_id: str, search_run_id: str) -> list[_Run]:
+        """The active trial runs of one search, oldest first."""
+        raise NotImplementedError
+
+
+class _MlflowReader(Reader):
+    """Any store, through `MlflowClient`; its errors become one `ResultsError` line."""
+
+    def __init__(self, tracker: tracking.Tracker):
+        self._tracker = tracker
+        self.tracking_uri = tracker.tracking_uri
+
+    @property
+    def tracker(self) -> tracking.Tracker:
+        return self._tracker
+
+    def experiments(self) -> list[_Experiment]:
+        with _mlflow_errors(self.tracking_uri):
+            return [_experiment(e) for e in self._tracker.client.search_experiments()]
+
+    def experiment(self, experiment_id: str) -> _Experiment:
+        with _mlflow_errors(self.tracking_uri):
+            return _experiment(self._tracker.client.get_experiment(experiment_id))
+
+    def experiment_by_name(self, name: str) -> _Experiment | None:
+        with _mlflow_errors(self.tracking_uri):
+            found = self._tracker.client.get_experiment_by_name(name)
+        return None if found is None else _experiment(found)
+
+    def latest_search(self, experiment_ids: list[str]) -> _Run | None:
+        with _mlflow_errors(self.tracking_uri):
+            runs = self._tracker.client.search_runs(
+                experiment_ids, filter_string=f"tags.`{_TAG_KIND}` = 'search'",
+                order_by=["attributes.start_time DESC"], max_results=1)
+        return _run(runs[0]) if runs else None
+
+    def run(self, run_id: str) -> _Run | None:
+        from mlflow.exceptions import MlflowException
+
+        with _mlflow_errors(self.tracking_uri):
+            try:
+                return _run(self._tracker.client.get_run(run_id))
+            except MlflowException as error:
+                if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    return None
+                raise
+
+    def trial_runs(self, experiment_id: str, search_run_id: str) -> list[_Run]:
+        with _mlflow_errors(self.tracking_uri):
+            return [_run(r) for r in self._tracker.trial_runs(experiment_id, search_run_id)]
+
+
+def _or_mlflow(method):
+    """Answer from SQLite; after any sqlite3.Error, from MLflow (this call and the next)."""
+
+    @functools.wraps(method)
+    def answer(self, *args):
+        if self._fallback is None:
+            try:
+                with contextlib.closing(_connect(self._path)) as db:
+                    return method(self, db, *args)
+            except sqlite3.Error:
+                self._fallback = _MlflowReader(self.tracker)
+        return getattr(self._fallback, method.__name__)(*args)
+
+    return answer
+
+
+class _SqliteReader(Reader):
+    """A local SQLite store at MLflow's current schema, read with sqlite3 (read-only).
+
+    Each query is the one MLflow's SQLAlchemy store runs for the same call (filters,
+    order and tie-breaks, limits), so the answers are the same, in the same order.
+    """
+
+    _RUN_COLUMNS = "r.run_uuid, r.experiment_id, r.status, r.artifact_uri"
+    # MLflow's order: runs without a start time last, then start time, then run id.
+    _ORDER = "r.start_time IS NULL, r.start_time {}, r.run_uuid"
+
+    def __init__(self, tracking_uri: str, path: str):
+        self.tracking_uri = tracking_uri
+        self._path = path
+        self._tracker = None
+        self._fallback = None
+
+    @property
+    def tracker(self) -> tracking.Tracker:
+        if self._tracker is None:
+            self._tracker = _tracker(self.tracking_uri)
+        return self._tracker
+
+    @_or_mlflow
+    def experiments(self, db) -> list[_Experiment]:
+        return [_Experiment(str(i), name, stage) for i, name, stage in db.execute(
+            "SELECT experiment_id, name, lifecycle_stage FROM experiments "
+            "WHERE lifecycle_stage = 'active' "
+            "ORDER BY creation_time DESC, experiment_id ASC LIMIT 1000")]
+
+    @_or_mlflow
+    def experiment(self, db, experiment_id: str) -> _Experiment:
+        found = self._experiments(db, "experiment_id = ?", int(experiment_id))
+        if not found:
+            raise sqlite3.DatabaseError(f"no experiment {experiment_id}")  # MLflow says why
+        return found[0]
+
+    @_or_mlflow
+    def experiment_by_name(self, db, name: str) -> _Experiment | None:
+        found = self._experiments(db, "name = ?", name)
+        return found[0] if found else None
+
+    @_or_mlflow
+    def latest_search(self, db, experiment_ids: list[str]) -> _Run | None:
+        marks = ", ".join("?" * len(experiment_ids))
+        runs = self._runs(db, (
+            f"SELECT {self._RUN_COLUMNS} FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            f"WHERE t.key = ? AND t.value = 'search' AND r.experiment_id IN ({marks}) "
+            f"AND r.lifecycle_stage = 'active' ORDER BY {self._ORDER.format('DESC')} LIMIT 1"),
+            (_TAG_KIND, *map(int, experiment_ids)))
+        return runs[0] if runs else None
+
+    @_or_mlflow
+    def run(self, db, run_id: str) -> _Run | None:
+        runs = self._runs(db, f"SELECT {self._RUN_COLUMNS} FROM runs r WHERE r.run_uuid = ?",
+                          (run_id,))
+        return runs[0] if runs else None
+
+    @_or_mlflow
+    def trial_runs(self, db, experiment_id: str, search_run_id: str) -> list[_Run]:
+        return self._runs(db, (
+            f"SELECT {self._RUN_COLUMNS} FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            f"WHERE t.key = ? AND t.value = ? AND r.experiment_id = ? "
+            f"AND r.lifecycle_stage = 'active' ORDER BY {self._ORDER.format('ASC')} "
+            f"LIMIT 50000"), (_TAG_SEARCH, search_run_id, int(experiment_id)))
+
+    @staticmethod
+    def _experiments(db, where: str, value) -> list[_Experiment]:
+        return [_Experiment(str(i), name, stage) for i, name, stage in db.execute(
+            f"SELECT experiment_id, name, lifecycle_stage FROM experiments WHERE {where}",
+            (value,))]
+
+    @staticmethod
+    def _runs(db, query: str, args: tuple) -> list[_Run]:
+        """The runs `query` selects, each with its tags, params and latest metrics."""
+        found = db.execute(query, args).fetchall()
+        ids = [row[0] for row in found]
+        tags, params, metrics = ({run_id: {} for run_id in ids} for _ in range(3))
+        for start in range(0, len(ids), 500):  # within SQLite's limit on bound values
+            chunk = ids[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            # Per run in the order rows were written, as MLflow's eager load reads them.
+            for table, into in (("tags", tags), ("params", params)):
+                for run_id, key, value in db.execute(
+                        f"SELECT run_uuid, key, value FROM {table} WHERE run_uuid IN ({marks}) "
+                        f"ORDER BY run_uuid, rowid", chunk):
+                    into[run_id][key] = value
+            for run_id, key, value, is_nan in db.execute(
+                    f"SELECT run_uuid, key, value, is_nan FROM latest_metrics "
+                    f"WHERE run_uuid IN ({marks}) ORDER BY run_uuid, rowid", chunk):
+                metrics[run_id][key] = math.nan if is_nan else float(value)
+        return [_Run(run_id=run_id, experiment_id=str(experiment_id), status=status,
+                     artifact_uri=artifact_uri, tags=tags[run_id], params=params[run_id],
+                     metrics=metrics[run_id])
+                for run_id, experiment_id, status, artifact_uri in found]
+
+
+def _reader(store: Reader | tracking.Tracker) -> Reader:
+    return store if isinstance(store, Reader) else _MlflowReader(store)
+
+
+def _experiment(experiment) -> _Experiment:
+    return _Experiment(experiment.experiment_id, experiment.name, experiment.lifecycle_stage)
+
+
+def _run(run) -> _Run:
+    return _Run(run_id=run.info.run_id, experiment_id=run.info.experiment_id,
+                status=run.info.status, artifact_uri=run.info.artifact_uri,
+                tags=dict(run.data.tags), params=dict(run.data.params),
+                metrics=dict(run.data.metrics))
+
+
+def _get_run(reader: Reader, run_id: str) -> _Run:
+    run = reader.run(run_id)
+    if run is None:
+        raise ResultsError(f"--run: no run {run_id!r} in {reader.tracking_uri}")
+    return run
+
+
+def _search(reader: Reader, run: _Run) -> Search:
+    experiment = reader.experiment(run.experiment_id)
+    return Search(experiment_id=run.experiment_id, experiment_name=experiment.name,
+                  run_id=run.run_id, status=run.status, params=dict(run.params),
+                  metrics=dict(run.metrics), tags=dict(run.tags),
+                  tracking_uri=reader.tracking_uri)
+
+
+def _trial_row(run: _Run, objective: str) -> TrialRow:
+    metrics = dict(run.metrics)
 
     def number(name, kind=float):
         value = metrics.get(name)
         return kind(value) if _number(value) else None
 
     return TrialRow(
-        trial_id=run.data.tags.get(tracking.TAG_TRIAL, "?"), run_id=run.info.run_id,
-        status=run.info.status, objective=number("objective"), params=number("params", int),
+        trial_id=run.tags.get(_TAG_TRIAL, "?"), run_id=run.run_id,
+        status=run.status, objective=number("objective"), params=number("params", int),
         flops=number("flops", int), fit_seconds=number("fit_time_s"),
         epochs=number("epochs_trained", int),
-        values={name: _decode(value) for name, value in run.data.params.items()},
-        metrics=metrics, error=run.data.tags.get("nas.error"),
-        artifact_uri=run.info.artifact_uri,
+        values={name: _decode(value) for name, value in run.params.items()},
+        metrics=metrics, error=run.tags.get(_TAG_ERROR),
+        artifact_uri=run.artifact_uri,
     )
+
+
+# --- finding and checking the store ------------------------------------------------
+
+
+def _existing_store(tracking_uri: str | None) -> tuple[str, str | None]:
+    """The store's URI and, for a local SQLite store, its file; a missing local store refused."""
+    uri = tracking_uri or _default_tracking_uri()
+    path = None
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?")[0]
+    elif uri.startswith("file:"):
+        path = urllib.parse.urlparse(uri).path
+    elif "://" not in uri and uri not in ("databricks",):
+        path = uri
+    if path and path != ":memory:" and not os.path.exists(path):
+        raise ResultsError(f"--tracking-uri: {uri} does not exist (no search was logged there); "
+                           f"run `nas search` first, or give --tracking-uri / "
+                           f"MLFLOW_TRACKING_URI")
+    sqlite_file = uri.startswith("sqlite:///") and path not in ("", ":memory:")
+    return uri, path if sqlite_file else None
+
+
+def _default_tracking_uri() -> str:
+    """`mlflow.get_tracking_uri()`, without importing MLflow when the answer is plain."""
+    if "mlflow" in sys.modules:  # it may have been set in this process
+        return sys.modules["mlflow"].get_tracking_uri()
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if os.name != "posix" or _has_mlruns_data():
+        import mlflow  # its older default, ./mlruns, or Windows paths: MLflow's own rule
+
+        return mlflow.get_tracking_uri()
+    return "sqlite:///" + urllib.parse.quote(os.path.abspath("mlflow.db"))
+
+
+def _has_mlruns_data() -> bool:
+    # MLflow keeps ./mlruns as the default store when it holds experiments (meta.yaml).
+    try:
+        with os.scandir("mlruns") as entries:
+            return any(e.is_dir() and e.name.isdigit() and
+                       os.path.lexists(os.path.join(e.path, "meta.yaml")) for e in entries)
+    except OSError:
+        return False
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro",
+                           uri=True)
+
+
+def _sqlite_is_current(uri: str, path: str) -> bool:
+    """Whether the SQLite store at `path` is one the fast reader reads as MLflow would.
+
+    That is, MLflow's tables at the schema version of the installed MLflow (MLflow refuses
+    any other), every experiment in the default workspace and MLflow's workspaces off.
+
+    Raises:
+        ResultsError: the file is no SQLite database, or holds none of MLflow's tables
+            (MLflow would write its own into it).
+    """
+    try:
+        with contextlib.closing(_connect(path)) as db:
+            tables = {name for (name,) in
+                      db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"experiments", "runs"} & tables:
+                raise ResultsError(
+                    f"--tracking-uri: {uri} is not an MLflow tracking store (an SQLite "
+                    f"database without MLflow's tables); give the store `nas search` logged "
+                    f"to, with --tracking-uri / MLFLOW_TRACKING_URI")
+            if not {"alembic_version", "experiments", "runs", "tags", "params",
+                    "latest_metrics"} <= tables:
+                return False
+            head = _mlflow_schema_head()
+            if head is None or \
+                    db.execute("SELECT version_num FROM alembic_version").fetchall() != [(head,)]:
+                return False
+            elsewhere = db.execute("SELECT 1 FROM experiments WHERE workspace IS NOT NULL "
+                                   "AND workspace != 'default' LIMIT 1").fetchone()
+    except sqlite3.DatabaseError as error:
+        if error.sqlite_errorname in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+            raise ResultsError(f"--tracking-uri: {uri} cannot be read ({error})") from None
+        return False  # locked, say: MLflow waits and retries
+    workspaces = os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("true", "1")
+    return elsewhere is None and not workspaces
+
+
+@functools.lru_cache(maxsize=None)
+def _mlflow_schema_head() -> str | None:
+    """The schema revision the installed MLflow expects, read from its migration scripts.
+
+    None when they cannot be read: then MLflow itself is asked.
+    """
+    spec = importlib.util.find_spec("mlflow")  # finds, without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = os.path.join(spec.submodule_search_locations[0], "store", "db_migrations",
+                          "versions")
+    revisions, parents = set(), set()
+    try:
+        for entry in os.scandir(folder):
+            if entry.name.endswith(".py"):
+                with open(entry.path, encoding="utf-8") as f:
+                    text = f.read()
+                revision = re.search(r"^revision\s*=\s*['\"](\w+)['\"]", text, re.M)
+                down = re.search(r"^down_revision\s*=\s*(.+)$", text, re.M)
+                if revision:
+                    revisions.add(revision.group(1))
+                if down:
+                    parents.update(re.findall(r"['\"](\w+)['\"]", down.group(1)))
+    except OSError:
+        return None
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _tracker(uri: str) -> tracking.Tracker:
+    from nas import tracking
+
+    with _mlflow_errors(uri):
+        return tracking.Tracker(uri)
+
+
+@contextlib.contextmanager
+def _mlflow_errors(uri: str):
+    """MLflow's errors on a store it cannot read, as one `ResultsError` line."""
+    try:
+        yield
+    except ResultsError:
+        raise
+    except Exception as error:  # MLflow, SQLAlchemy or HTTP: the store is unusable
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else error.__class__.__name__
+        if len(first) > 200:
+            first = first[:197] + "..."
+        raise ResultsError(f"--tracking-uri: {uri} cannot be read ({first})") from None
 
 
 def _decode(text: str):

@@ -96,3 +96,17 @@ def test_same_seed_same_candidates(tmp_path):
         return sorted((r.data.tags["nas.trial_id"], sorted(r.data.params.items())) for r in runs)
 
     assert candidates("first") == candidates("second")
+
+
+@pytest.mark.parametrize("tuner", ["bayesian", "hyperband", "grid"])
+def test_every_tuner_runs_a_search_to_its_end(tuner):
+    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--tuner", tuner,
+                                       "--max-trials", "3", "--epochs", "3",
+                                       "--experiment", tuner])
+    assert result.exit_code == 0, result.output
+    assert "3 trials finished, 0 failed" in result.output
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(tuner)
+    parent = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'search'")[0]
+    assert parent.data.params["tuner"] == tuner
+    assert parent.data.metrics["finished_trials"] == 3

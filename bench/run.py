@@ -1,0 +1,653 @@
+"""Benchmarks of issue 5: what a search costs beyond its training, and how well it searches.
+
+    python bench/run.py                  # every figure (about 15 minutes on 2 cores)
+    python bench/run.py --quick          # smaller sizes: a smoke run of every figure
+    python bench/run.py --only memory    # one figure (repeatable: --only data --only startup)
+    python bench/run.py --only quality --tuners random,bayesian,hyperband
+
+Prints one table (figure, nas, baseline, ratio, target, ok) and exits 1 when a target is
+missed. Every baseline is measured by this same run. Each measurement runs in a fresh
+Python process (this script with `--worker`), so TensorFlow start-up, MLflow autolog's
+patches and the memory of one measurement never leak into another. Every tracking store
+and working folder lives in a temporary folder, never in the repository.
+
+The parent process imports neither TensorFlow nor Keras; progress goes to stderr and the
+table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FIGURES = ("overhead", "startup", "memory", "rejection", "data", "quality")
+_RESULT = "BENCH_RESULT "
+_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
+_ENV.pop("MLFLOW_TRACKING_URI", None)
+
+
+# --- sizes ---------------------------------------------------------------------------
+
+FULL = dict(trials=10, epochs=10, seeds=(0, 1, 2), mem_trials=35, mem_epochs=2, mem_early=5,
+            mem_late=30, decisions=5000, builds=30, data_epochs=5, data_rounds=5,
+            startup_repeats=3)
+QUICK = dict(trials=3, epochs=3, seeds=(0,), mem_trials=8, mem_epochs=1, mem_early=2,
+             mem_late=8, decisions=500, builds=5, data_epochs=2, data_rounds=2,
+             startup_repeats=2)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- running workers -----------------------------------------------------------------
+
+
+def run_worker(name: str, cwd: Path, **kwargs) -> tuple[dict, float]:
+    """Run `name` in a fresh Python; return its result and the process's wall time."""
+    command = [sys.executable, os.path.abspath(__file__), "--worker", name, json.dumps(kwargs)]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=_ENV, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {name} failed (exit {done.returncode}):\n"
+                           f"{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len(_RESULT):]), wall
+
+
+def nas_executable() -> str:
+    beside = Path(sys.executable).with_name("nas")
+    return str(beside) if beside.exists() else (shutil.which("nas") or "nas")
+
+
+def default_tuner() -> str:
+    """The `--tuner` default of `nas search` (read from the CLI, so it follows changes)."""
+    from nas import cli  # click only: no TensorFlow
+
+    return next(p.default for p in cli.search.params if p.name == "tuner")
+
+
+class NasSearches:
+    """`nas search` runs as a user starts them (the CLI, as a subprocess), cached by settings."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.done: dict[tuple, dict] = {}
+
+    def get(self, seed: int, trials: int, epochs: int, tuner: str | None = None) -> dict:
+        key = (seed, trials, epochs, tuner)
+        if key not in self.done:
+            self.done[key] = self._run(seed, trials, epochs, tuner)
+        return self.done[key]
+
+    def _run(self, seed, trials, epochs, tuner) -> dict:
+        folder = Path(tempfile.mkdtemp(prefix=f"search-s{seed}-", dir=self.root))
+        uri = f"sqlite:///{folder}/mlflow.db"
+        command = [nas_executable(), "search", "--max-trials", str(trials), "--epochs",
+                   str(epochs), "--seed", str(seed), "--tracking-uri", uri, "--workdir",
+                   str(folder / "work"), "--experiment", "bench"]
+        if tuner:
+            command += ["--tuner", tuner]
+        log(f"nas search: seed {seed}, {trials} trials x {epochs} epochs, "
+            f"tuner {tuner or default_tuner()} (default space)")
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=folder, env=_ENV, capture_output=True, text=True)
+        process_wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"nas search failed (exit {done.returncode}):\n"
+                               f"{done.stderr[-3000:]}")
+        found = read_store(uri)
+        found.update(process_wall=process_wall, uri=uri, folder=str(folder))
+        log(f"  best val_accuracy {found['best']:.4f}; parent run {found['search_wall']:.1f} s, "
+            f"fits {found['fit_sum']:.1f} s, process {process_wall:.1f} s")
+        return found
+
+
+def read_store(uri: str) -> dict:
+    """A finished search's parent run (wall, best) and its trials' fit times."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("bench")
+    parent = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'search'")[0]
+    trials = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'trial'",
+                                max_results=10000)
+    fits = [r.data.metrics.get("fit_time_s", 0.0) for r in trials]
+    return {
+        "search_wall": (parent.info.end_time - parent.info.start_time) / 1000.0,
+        "fit_sum": sum(fits),
+        "trials": len(trials),
+        "best": parent.data.metrics.get("best_objective", float("nan")),
+    }
+
+
+# --- the table -----------------------------------------------------------------------
+
+
+class Table:
+    def __init__(self):
+        self.rows: list[tuple[str, str, str, str, str, str]] = []
+        self.notes: list[str] = []
+
+    def add(self, figure, nas, baseline, ratio, target, ok: bool | None) -> None:
+        self.rows.append((figure, nas, baseline, ratio, target,
+                          "info" if ok is None else ("yes" if ok else "NO")))
+
+    def missed(self) -> list[str]:
+        return [row[0] for row in self.rows if row[5] == "NO"]
+
+    def render(self) -> str:
+        rows = [("figure", "nas", "baseline", "ratio", "target", "ok")] + self.rows
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines + [""] + [f"- {note}" for note in self.notes])
+
+
+# --- figures (parent side) -----------------------------------------------------------
+
+
+def figure_overhead(table: Table, sizes: dict, searches: NasSearches, root: Path) -> None:
+    trials, epochs = sizes["trials"], sizes["epochs"]
+    nas = searches.get(0, trials, epochs)
+    log(f"baseline: KerasTuner RandomSearch + mlflow.tensorflow.autolog, {trials} x {epochs}")
+    folder = Path(tempfile.mkdtemp(prefix="baseline-", dir=root))
+    base, base_process = run_worker("baseline", folder, build="same_knobs", autolog=True,
+                                    trials=trials, epochs=epochs, seed=0, folder=str(folder))
+    log(f"  search() {base['search_wall']:.1f} s, fits {base['fit_sum']:.1f} s, "
+        f"process {base_process:.1f} s")
+    nas_ratio = nas["search_wall"] / nas["fit_sum"]
+    # The baseline's fits are timed inside model.fit (on_train_begin to on_train_end):
+    # timed around model.fit they would also hold autolog's own run and model logging,
+    # hiding the cost the baseline is there to show.
+    base_ratio = base["search_wall"] / base["train_sum"]
+    table.add(f"overhead: search wall / sum of fits ({trials}x{epochs})", f"{nas_ratio:.3f}",
+              f"{base_ratio:.3f}", f"{nas_ratio / base_ratio:.2f}", "nas <= 1.05",
+              nas_ratio <= 1.05)
+    nas_e2e = nas["process_wall"] / nas["fit_sum"]
+    base_e2e = base_process / base["train_sum"]
+    table.add("overhead end to end: process / sum of fits", f"{nas_e2e:.3f}", f"{base_e2e:.3f}",
+              f"{nas_e2e / base_e2e:.2f}", "(informational)", None)
+    table.notes.append(
+        f"overhead: nas = parent run {nas['search_wall']:.1f} s over {nas['trials']} trial "
+        f"runs' fit_time_s {nas['fit_sum']:.1f} s (process {nas['process_wall']:.1f} s); "
+        f"baseline = KerasTuner search() {base['search_wall']:.1f} s over the training "
+        f"inside its {base['trials']} model.fit calls {base['train_sum']:.1f} s (process "
+        f"{base_process:.1f} s); timed around model.fit, autolog's run and model logging "
+        f"included, its fits took {base['fit_sum']:.1f} s (ratio "
+        f"{base['search_wall'] / base['fit_sum']:.3f})")
+
+
+def figure_startup(table: Table, sizes: dict, searches: NasSearches, root: Path) -> None:
+    repeats = sizes["startup_repeats"]
+    if searches.done:
+        uri = next(iter(searches.done.values()))["uri"]
+    else:  # a small finished search to list
+        folder = Path(tempfile.mkdtemp(prefix="startup-", dir=root))
+        uri = f"sqlite:///{folder}/mlflow.db"
+        log("start-up: a small search to list")
+        subprocess.run([nas_executable(), "search", "--space", "tiny", "--max-trials", "2",
+                        "--epochs", "1", "--tracking-uri", uri, "--workdir",
+                        str(folder / "work"), "--experiment", "bench"],
+                       cwd=folder, env=_ENV, check=True, capture_output=True)
+
+    def best_of(command) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run(command, cwd=root, env=_ENV, check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    log(f"start-up: best of {repeats}")
+    tf_import = best_of([sys.executable, "-c", "import tensorflow"])
+    bare = best_of([sys.executable, "-c", "pass"])
+    for label, command in (("nas --help", [nas_executable(), "--help"]),
+                           ("nas trials", [nas_executable(), "trials", "--tracking-uri", uri])):
+        seconds = best_of(command)
+        table.add(f"start-up: {label} (s)", f"{seconds:.2f}", f"{tf_import:.2f}",
+                  f"{seconds / tf_import:.2f}", "nas < 0.5 s", seconds < 0.5)
+    table.notes.append(f"start-up: baseline = python -c 'import tensorflow'; best of {repeats} "
+                       f"subprocess runs each; a bare `python -c pass` takes {bare:.2f} s")
+
+
+def figure_memory(table: Table, sizes: dict, root: Path) -> None:
+    early, late = sizes["mem_early"], sizes["mem_late"]
+    log(f"memory: {sizes['mem_trials']} trials x {sizes['mem_epochs']} epochs, cnn space")
+    folder = Path(tempfile.mkdtemp(prefix="memory-", dir=root))
+    mem, _ = run_worker("memory", folder, trials=sizes["mem_trials"],
+                        epochs=sizes["mem_epochs"], folder=str(folder))
+    samples = {int(k): v for k, v in mem["samples"].items()}
+    if late not in samples or early not in samples:
+        raise RuntimeError(f"memory: the search finished only {sorted(samples)} trials")
+    rss_early, peak_early = samples[early]
+    rss_late, peak_late = samples[late]
+    ratio = peak_late / rss_early
+    table.add(f"memory: peak RSS after trial {late} / RSS after {early} (MB)",
+              f"{peak_late:.0f}", f"{rss_early:.0f}", f"{ratio:.3f}", "ratio <= 1.10",
+              ratio <= 1.10)
+    table.add(f"memory: RSS after trial {late} / RSS after {early} (MB)", f"{rss_late:.0f}",
+              f"{rss_early:.0f}", f"{rss_late / rss_early:.3f}", "(informational)", None)
+    curve = ", ".join(f"{n}: {samples[n][0]:.0f}" for n in sorted(samples)
+                      if n in (1, 2, early, 10, 15, 20, 25, late, max(samples)))
+    table.notes.append(f"memory: one search of {len(samples)} trials (cnn space, "
+                       f"{sizes['mem_epochs']} epochs each); RSS (MB) after trial {curve}; peak "
+                       f"after trial {early} was {peak_early:.0f} MB")
+
+
+def figure_rejection(table: Table, sizes: dict, root: Path) -> None:
+    log(f"rejection: {sizes['decisions']} sampled candidates of the cnn space on 8x8x1")
+    decide, _ = run_worker("decide", root, count=sizes["decisions"])
+    build, _ = run_worker("build", root, count=sizes["builds"])
+    mean_ms = decide["mean_s"] * 1000
+    build_ms = build["mean_s"] * 1000
+    table.add("rejection: ms per decision (vs building the model)", f"{mean_ms:.4f}",
+              f"{build_ms:.1f}", f"{mean_ms / build_ms:.5f}", "nas < 1 ms", mean_ms < 1.0)
+    loaded = decide["loaded"]
+    table.add("rejection: TensorFlow/Keras imported to decide", ", ".join(loaded) or "none",
+              "-", "-", "none", not loaded)
+    table.notes.append(
+        f"rejection: {decide['count']} candidates, {decide['impossible']} impossible, "
+        f"{decide['over_budget']} over budget ({decide['constraints']}); per rejected "
+        f"candidate {decide['mean_rejected_s'] * 1000:.4f} ms, slowest decision "
+        f"{decide['max_s'] * 1000:.3f} ms; baseline = build_model (layers + compile) of "
+        f"{build['count']} possible candidates, median {build['median_s'] * 1000:.1f} ms")
+
+
+def figure_data(table: Table, sizes: dict, root: Path) -> None:
+    log("data: model.fit on make_datasets(...) vs on numpy arrays")
+    result, _ = run_worker("data", root, epochs=sizes["data_epochs"],
+                           rounds=sizes["data_rounds"])
+    ratio = result["tfdata"] / result["numpy"]
+    table.add("data: training steps per second", f"{result['tfdata']:.0f}",
+              f"{result['numpy']:.0f}", f"{ratio:.2f}", "ratio >= 0.9", ratio >= 0.9)
+    table.notes.append(
+        f"data: one model ({result['params']:,} parameters), batch 32, {result['steps']} steps "
+        f"x {sizes['data_epochs']} epochs with validation, median of {sizes['data_rounds']} "
+        f"alternating rounds after a warm-up; baseline = the same fit on the numpy arrays")
+
+
+def figure_quality(table: Table, sizes: dict, searches: NasSearches, root: Path,
+                   tuners: list[str]) -> None:
+    trials, epochs, seeds = sizes["trials"], sizes["epochs"], sizes["seeds"]
+    default = default_tuner()
+    base_scores = []
+    for seed in seeds:
+        log(f"quality baseline: hand-written KerasTuner RandomSearch, seed {seed}")
+        folder = Path(tempfile.mkdtemp(prefix="quality-", dir=root))
+        base, _ = run_worker("baseline", folder, build="small_cnn", autolog=False,
+                             trials=trials, epochs=epochs, seed=seed, folder=str(folder))
+        log(f"  best val_accuracy {base['best']:.4f}")
+        base_scores.append(base["best"])
+    base_mean = statistics.mean(base_scores)
+    for tuner in [default] + [t for t in tuners if t != default]:
+        scores = [searches.get(seed, trials, epochs, None if tuner == default else tuner)["best"]
+                  for seed in seeds]
+        mean = statistics.mean(scores)
+        label = "default, " + tuner if tuner == default else tuner
+        ok = mean >= base_mean - 0.005 if tuner == default else None
+        table.add(f"quality: best val_accuracy, mean of {len(seeds)} seeds ({label})",
+                  f"{mean:.4f}", f"{base_mean:.4f}", f"{mean / base_mean:.4f}",
+                  "nas >= baseline - 0.005" if tuner == default else "(informational)", ok)
+        table.notes.append(f"quality ({tuner}): per seed " +
+                           ", ".join(f"{s:.4f}" for s in scores))
+    table.notes.append(f"quality baseline (small CNN build function, random search): per seed "
+                       + ", ".join(f"{s:.4f}" for s in base_scores))
+
+
+# --- workers (each in its own process) -----------------------------------------------
+
+
+def _same_knobs_build(space, input_shape, num_classes, pixel_scale):
+    """A hand-written build function over the cnn space's knobs, as a KerasTuner user
+    would write it: a layer that cannot apply (a feature map too small) is skipped."""
+    import keras
+
+    def build(hp):
+        inputs = keras.Input(input_shape)
+        x = keras.layers.Rescaling(1.0 / pixel_scale)(inputs)
+        for stage in range(hp.Int("depth", space.depth.lowest(), space.depth.highest())):
+            size = x.shape[1]
+            kernel = hp.Choice(f"kernel_{stage}", space.kernel_size.values())
+            padding = hp.Choice(f"padding_{stage}", space.padding.values())
+            stride = hp.Choice(f"stride_{stage}", space.stride.values())
+            if padding == "valid" and kernel > size:
+                padding = "same"
+            x = keras.layers.Conv2D(hp.Choice(f"filters_{stage}", space.filters.values()),
+                                    kernel, strides=stride, padding=padding)(x)
+            if hp.Boolean(f"batch_norm_{stage}"):
+                x = keras.layers.BatchNormalization()(x)
+            x = keras.layers.Activation("relu")(x)
+            if hp.Boolean(f"pointwise_{stage}"):
+                x = keras.layers.Conv2D(x.shape[-1], 1, activation="relu")(x)
+            pool = hp.Choice(f"pool_{stage}", space.pool_type.values())
+            if pool != "none" and x.shape[1] >= 2:
+                layer = keras.layers.MaxPooling2D if pool == "max" else keras.layers.AveragePooling2D
+                x = layer(2)(x)
+        reduce = hp.Choice("reduce", space.reduce.values())
+        x = {"flatten": keras.layers.Flatten, "global_avg": keras.layers.GlobalAveragePooling2D,
+             "global_max": keras.layers.GlobalMaxPooling2D}[reduce]()(x)
+        for layer in range(hp.Int("dense_layers", space.dense_layers.lowest(),
+                                  space.dense_layers.highest())):
+            x = keras.layers.Dense(hp.Choice(f"units_{layer}", space.dense_units.values()),
+                                   activation="relu")(x)
+            x = keras.layers.Dropout(hp.Choice(f"dropout_{layer}", space.dropout.values()))(x)
+        outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+        model = keras.Model(inputs, outputs)
+        lr = space.learning_rate
+        learning_rate = hp.Float("learning_rate", lr.min, lr.max, sampling=lr.sampling)
+        optimizer = (keras.optimizers.Adam(learning_rate)
+                     if hp.Choice("optimizer", space.optimizer.values()) == "adam"
+                     else keras.optimizers.SGD(learning_rate, momentum=0.9))
+        model.compile(optimizer, "sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    return build
+
+
+def _small_cnn_build(input_shape, num_classes, pixel_scale):
+    """The KerasTuner tutorial's kind of build function: a small CNN and a few knobs."""
+    import keras
+
+    def build(hp):
+        inputs = keras.Input(input_shape)
+        x = keras.layers.Rescaling(1.0 / pixel_scale)(inputs)
+        for layer in range(hp.Int("conv_layers", 1, 2)):
+            x = keras.layers.Conv2D(hp.Choice(f"filters_{layer}", [16, 32, 64]), 3,
+                                    padding="same", activation="relu")(x)
+            x = keras.layers.MaxPooling2D(2)(x)
+        x = keras.layers.Flatten()(x)
+        x = keras.layers.Dense(hp.Choice("units", [32, 64, 128]), activation="relu")(x)
+        x = keras.layers.Dropout(hp.Float("dropout", 0.0, 0.5, step=0.1))(x)
+        outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+        model = keras.Model(inputs, outputs)
+        model.compile(keras.optimizers.Adam(hp.Float("learning_rate", 1e-4, 1e-2,
+                                                     sampling="log")),
+                      "sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    return build
+
+
+def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: int,
+                    folder: str) -> dict:
+    """A plain KerasTuner RandomSearch on digits; model.fit wrapped to time it."""
+    import keras
+    import keras_tuner as kt
+
+    from nas.data import load_arrays
+    from nas.specs import load_pipeline, load_space
+
+    pipeline = load_pipeline("digits")
+    arrays = load_arrays(pipeline)
+    keras.utils.set_random_seed(seed)
+    if build == "same_knobs":
+        build_fn = _same_knobs_build(load_space("cnn"), arrays.input_shape, arrays.num_classes,
+                                     arrays.pixel_scale)
+    else:
+        build_fn = _small_cnn_build(arrays.input_shape, arrays.num_classes, arrays.pixel_scale)
+    if autolog:
+        import mlflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
+        mlflow.set_experiment("baseline")  # creates the store before the timed search
+        mlflow.tensorflow.autolog()
+    fits, trains = [], []
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, logs=None):
+            trains.append(time.perf_counter() - self.start)
+
+    class HyperModel(kt.HyperModel):
+        def build(self, hp):
+            return build_fn(hp)
+
+        def fit(self, hp, model, *args, **kwargs):
+            kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [Timer()]
+            start = time.perf_counter()
+            try:
+                return model.fit(*args, **kwargs)
+            finally:
+                fits.append(time.perf_counter() - start)
+
+    tuner = kt.RandomSearch(HyperModel(), objective="val_accuracy", max_trials=trials,
+                            seed=seed, directory=os.path.join(folder, "kt"),
+                            project_name="baseline", overwrite=True)
+    start = time.perf_counter()
+    tuner.search(arrays.x_train, arrays.y_train, validation_data=(arrays.x_val, arrays.y_val),
+                 epochs=epochs, batch_size=pipeline.batch_size, verbose=0,
+                 callbacks=[keras.callbacks.EarlyStopping(
+                     monitor=pipeline.objective, mode="max",
+                     patience=pipeline.early_stopping_patience)])
+    search_wall = time.perf_counter() - start
+    best = tuner.oracle.get_best_trials(1)[0].score
+    return {"search_wall": search_wall, "fit_sum": sum(fits), "train_sum": sum(trains),
+            "trials": len(fits), "best": float(best)}
+
+
+def worker_memory(trials: int, epochs: int, folder: str) -> dict:
+    """One nas search; RSS and peak RSS sampled as each trial's line is echoed."""
+    import resource
+
+    from nas.search import SearchConfig, prepare, run
+    from nas.specs import load_pipeline, load_space
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    samples = {}
+
+    def echo(line: str) -> None:
+        match = re.match(r"trial \S+ \((\d+)/", line)
+        if match:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            samples[int(match.group(1))] = (rss_mb(), peak)
+
+    config = SearchConfig(space=load_space("cnn"), pipeline=load_pipeline("digits"),
+                          tuner="random", max_trials=trials, epochs=epochs, seed=0,
+                          experiment="memory", tracking_uri=f"sqlite:///{folder}/mlflow.db",
+                          workdir=os.path.join(folder, "work"), max_failures=10)
+    run(prepare(config), echo=echo)
+    return {"samples": samples}
+
+
+def _sample_values(space, rng: random.Random) -> dict:
+    """One proposal as a random oracle draws it: every active knob, parents first."""
+    from nas.architecture import hyperparameter_specs
+
+    values: dict = {}
+    for spec in hyperparameter_specs(space):
+        if all(values.get(parent) in allowed for parent, allowed in spec.conditions):
+            knob = spec.knob
+            choices = knob.values()
+            if choices is not None:
+                values[spec.name] = rng.choice(choices)
+            elif knob.sampling == "log":
+                values[spec.name] = math.exp(rng.uniform(math.log(knob.min), math.log(knob.max)))
+            else:
+                values[spec.name] = rng.uniform(knob.min, knob.max)
+    return values
+
+
+_SHAPE, _CLASSES, _SCALE = (8, 8, 1), 10, 16.0  # digits
+
+
+def worker_decide(count: int) -> dict:
+    """Time `Architecture.from_values(...).rejection(...)`; TensorFlow must stay unloaded."""
+    from nas.architecture import Architecture
+    from nas.specs import Constraints, load_space
+
+    space = load_space("cnn")
+    rng = random.Random(0)
+    proposals = [_sample_values(space, rng) for _ in range(count)]
+    constraints = Constraints(max_params=50_000, max_flops=2_000_000)
+    for values in proposals[:50]:  # warm-up
+        Architecture.from_values(space, values, _SHAPE, _CLASSES, _SCALE).rejection(constraints)
+    times, reasons = [], []
+    for values in proposals:
+        start = time.perf_counter()
+        reason = Architecture.from_values(space, values, _SHAPE, _CLASSES,
+                                          _SCALE).rejection(constraints)
+        times.append(time.perf_counter() - start)
+        reasons.append(reason)
+    rejected = [t for t, r in zip(times, reasons) if r]
+    loaded = sorted({name.split(".")[0] for name in sys.modules
+                     if name.split(".")[0] in ("tensorflow", "keras", "tf_keras")})
+    return {"count": count, "mean_s": statistics.mean(times), "max_s": max(times),
+            "mean_rejected_s": statistics.mean(rejected) if rejected else 0.0,
+            "impossible": sum(bool(r) and "max_" not in r for r in reasons),
+            "over_budget": sum(bool(r) and "max_" in r for r in reasons),
+            "constraints": f"max_params {constraints.max_params:,}, "
+                           f"max_flops {constraints.max_flops:,}",
+            "loaded": loaded}
+
+
+def worker_build(count: int) -> dict:
+    """Time building (and compiling) the Keras model of possible candidates."""
+    from nas.architecture import Architecture
+    from nas.models import build_model
+    from nas.specs import load_space
+
+    space = load_space("cnn")
+    rng = random.Random(0)
+    candidates = []
+    while len(candidates) < count + 1:
+        architecture = Architecture.from_values(space, _sample_values(space, rng), _SHAPE,
+                                                _CLASSES, _SCALE)
+        if not architecture.impossible:
+            candidates.append(architecture)
+    build_model(candidates[0])  # warm-up: Keras's first model pays for its imports
+    times = []
+    for architecture in candidates[1:]:
+        start = time.perf_counter()
+        build_model(architecture)
+        times.append(time.perf_counter() - start)
+    return {"count": count, "mean_s": statistics.mean(times),
+            "median_s": statistics.median(times)}
+
+
+def worker_data(epochs: int, rounds: int) -> dict:
+    """Steps per second of one model's fit: nas's tf.data pipeline vs the numpy arrays."""
+    import keras
+
+    from nas.architecture import Architecture
+    from nas.data import load_arrays, make_datasets
+    from nas.models import build_model
+    from nas.specs import load_pipeline, load_space
+
+    pipeline = load_pipeline("digits")
+    arrays = load_arrays(pipeline)
+    batch = pipeline.batch_size
+    datasets = make_datasets(arrays, batch, seed=0)
+    keras.utils.set_random_seed(0)
+    space = load_space("cnn")
+    values = {"depth": 2, "reduce": "flatten", "dense_layers": 1, "dense_1/units": 128,
+              "dense_1/dropout": 0.25, "optimizer": "adam", "learning_rate": 0.003}
+    for stage, filters in ((1, 32), (2, 64)):
+        values.update({f"stage_{stage}/filters": filters, f"stage_{stage}/kernel_size": 3,
+                       f"stage_{stage}/stride": 1, f"stage_{stage}/padding": "same",
+                       f"stage_{stage}/batch_norm": True, f"stage_{stage}/pointwise": False,
+                       f"stage_{stage}/pool": "max", f"stage_{stage}/pool_size": 2})
+    architecture = Architecture.from_values(space, values, arrays.input_shape,
+                                            arrays.num_classes, arrays.pixel_scale)
+    model = build_model(architecture)
+    steps = math.ceil(len(arrays.x_train) / batch)
+
+    def fit_tfdata(n):
+        model.fit(datasets.train, validation_data=datasets.validation, epochs=n, verbose=0,
+                  shuffle=False)
+
+    def fit_numpy(n):
+        model.fit(arrays.x_train, arrays.y_train, batch_size=batch,
+                  validation_data=(arrays.x_val, arrays.y_val), epochs=n, verbose=0,
+                  shuffle=True)
+
+    fit_tfdata(1)
+    fit_numpy(1)
+    rates = {"tfdata": [], "numpy": []}
+    for _ in range(rounds):
+        for name, fit in (("tfdata", fit_tfdata), ("numpy", fit_numpy)):
+            start = time.perf_counter()
+            fit(epochs)
+            rates[name].append(steps * epochs / (time.perf_counter() - start))
+    return {"tfdata": statistics.median(rates["tfdata"]),
+            "numpy": statistics.median(rates["numpy"]), "steps": steps,
+            "params": architecture.params, "all": rates}
+
+
+WORKERS = {"baseline": worker_baseline, "memory": worker_memory, "decide": worker_decide,
+           "build": worker_build, "data": worker_data}
+
+
+# --- main ----------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--only", action="append", choices=FIGURES, metavar="FIGURE",
+                        help=f"measure only this figure (repeatable): {', '.join(FIGURES)}")
+    parser.add_argument("--tuners", default="", metavar="LIST",
+                        help="quality: also compare these tuners (comma-separated), "
+                             "informational rows beside the default")
+    parser.add_argument("--worker", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        name, kwargs = args.worker
+        print(_RESULT + json.dumps(WORKERS[name](**json.loads(kwargs))), flush=True)
+        return 0
+
+    sizes = QUICK if args.quick else FULL
+    figures = args.only or list(FIGURES)
+    tuners = [t for t in args.tuners.split(",") if t]
+    table = Table()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="nas-bench-") as tmp:
+        root = Path(tmp)
+        searches = NasSearches(root)
+        for figure in FIGURES:
+            if figure not in figures:
+                continue
+            if figure == "overhead":
+                figure_overhead(table, sizes, searches, root)
+            elif figure == "startup":
+                figure_startup(table, sizes, searches, root)
+            elif figure == "memory":
+                figure_memory(table, sizes, root)
+            elif figure == "rejection":
+                figure_rejection(table, sizes, root)
+            elif figure == "data":
+                figure_data(table, sizes, root)
+            elif figure == "quality":
+                figure_quality(table, sizes, searches, root, tuners)
+    if args.quick:
+        table.notes.append("--quick: smaller sizes than the targets are defined for")
+    print(table.render())
+    missed = table.missed()
+    print(f"\n{len(table.rows) - len(missed)} of {len(table.rows)} rows ok"
+          + (f"; missed: {'; '.join(missed)}" if missed else "")
+          + f"  ({time.perf_counter() - started:.0f} s)")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
