@@ -601,6 +601,30 @@ WORKERS = {"baseline": worker_baseline, "memory": worker_memory, "decide": worke
 # --- main ----------------------------------------------------------------------------
 
 
+def machine() -> str:
+    """The machine and versions this run measured, for bench/README.md."""
+    from importlib.metadata import version
+
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        with open("/proc/meminfo") as info:
+            ram = f"{int(info.readline().split()[1]) / 1024 ** 2:.0f} GB RAM"
+    except (OSError, ValueError, IndexError):
+        ram = "RAM unknown"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    versions = ", ".join(f"{name} {version(name)}" for name in
+                         ("tensorflow", "keras", "keras-tuner", "mlflow"))
+    return (f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} cores ({cpu}), {ram}; "
+            f"Python {sys.version.split()[0]}, {versions}; load average at start {load}")
+
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -621,6 +645,7 @@ def main(argv=None) -> int:
     tuners = [t for t in args.tuners.split(",") if t]
     table = Table()
     started = time.perf_counter()
+    header = machine()
     with tempfile.TemporaryDirectory(prefix="nas-bench-") as tmp:
         root = Path(tmp)
         searches = NasSearches(root)
@@ -641,6 +666,7 @@ def main(argv=None) -> int:
                 figure_quality(table, sizes, searches, root, tuners)
     if args.quick:
         table.notes.append("--quick: smaller sizes than the targets are defined for")
+    print(header + "\n")
     print(table.render())
     missed = table.missed()
     print(f"\n{len(table.rows) - len(missed)} of {len(table.rows)} rows ok"

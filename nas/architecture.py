@@ -16,7 +16,8 @@ from typing import Any
 
 from nas.specs import Constraints, Knob, SearchSpace
 
-__all__ = ["Architecture", "Layer", "HyperparameterSpec", "hyperparameter_specs"]
+__all__ = ["Architecture", "Builder", "Impossible", "Layer", "HyperparameterSpec",
+           "hyperparameter_specs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +173,14 @@ class Architecture:
             ],
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Architecture":
+        """The architecture `to_dict` wrote (e.g. a trial run's `architecture.json`)."""
+        layers = tuple(Layer(d["name"], d["type"], d["config"], tuple(d["output_shape"]),
+                             d["params"], d["flops"]) for d in data["layers"])
+        return cls(tuple(data["input_shape"]), data["num_classes"], data["values"], layers,
+                   data.get("impossible"))
+
     def table(self) -> str:
         """The layer table as text: name, type, output shape, parameters, FLOPs."""
         rows = [("layer", "type", "output shape", "params", "FLOPs")]
@@ -205,19 +214,21 @@ class Architecture:
         Missing values of fixed knobs are filled in; inactive values are ignored.
         """
         chosen = _active_values(space, values)
-        builder = _Builder(tuple(input_shape))
+        builder = Builder(tuple(input_shape))
         builder.add("rescaling", "Rescaling", {"scale": 1.0 / pixel_scale, "offset": 0.0},
                     builder.shape, 0, 0)
         try:
             for stage in range(1, chosen["depth"] + 1):
                 builder.stage(stage, chosen)
             builder.head(chosen, num_classes)
-        except _Impossible as why:
+        except Impossible as why:
             return cls(tuple(input_shape), num_classes, chosen, tuple(builder.layers), str(why))
         return cls(tuple(input_shape), num_classes, chosen, tuple(builder.layers))
 
 
-class _Impossible(Exception):
+class Impossible(Exception):
+    """Raised while building layers: the candidate cannot exist (the message says why)."""
+
     pass
 
 
@@ -241,7 +252,10 @@ def _conv_out(size: int, kernel: int, stride: int, padding: str) -> int:
     return (size - kernel) // stride + 1 if size >= kernel else 0
 
 
-class _Builder:
+class Builder:
+    """Adds layers one at a time, tracking the feature map's shape; `stage` and `head`
+    raise `Impossible` when a layer does not fit."""
+
     def __init__(self, input_shape: tuple[int, int, int]):
         self.shape = input_shape
         self.layers: list[Layer] = []
@@ -258,7 +272,7 @@ class _Builder:
         batch_norm, activation = v[p + "batch_norm"], v[p + "activation"]
         oh, ow = _conv_out(h, kernel, stride, padding), _conv_out(w, kernel, stride, padding)
         if oh < 1 or ow < 1:
-            raise _Impossible(
+            raise Impossible(
                 f"stage {stage}: a {kernel}x{kernel} conv with {padding} padding and stride "
                 f"{stride} does not fit the {h}x{w} feature map"
             )
@@ -287,7 +301,7 @@ class _Builder:
             ph = (oh - size) // pool_stride + 1 if oh >= size else 0
             pw = (ow - size) // pool_stride + 1 if ow >= size else 0
             if ph < 1 or pw < 1:
-                raise _Impossible(
+                raise Impossible(
                     f"stage {stage}: a {size}x{size} {pool} pool does not fit the "
                     f"{oh}x{ow} feature map"
                 )

@@ -8,6 +8,7 @@ on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 
@@ -78,13 +79,57 @@ def _user_error_types() -> tuple[type, ...]:
 
 def _tensorflow_environment() -> None:
     """Settings TensorFlow reads once, when it starts: set before it is imported."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # its C++ chatter is not for users
     # Take GPU memory as trials need it, not all of it up front (and let several
     # workers share one GPU); nas.search.configure_tensorflow sets it per device too.
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating tables..." etc.
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def start_tensorflow() -> None:
+    """Import TensorFlow and find its devices, without its C++ start-up lines on stderr.
+
+    TensorFlow 2.21 prints them (oneDNN, CUDA drivers) whatever TF_CPP_MIN_LOG_LEVEL says.
+    A user who sets TF_CPP_MIN_LOG_LEVEL themselves sees everything TensorFlow prints.
+    """
+    if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _Group(click.Group):
+    """A group whose usage errors are one line (`Error: ...`) with exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
+            click.echo(f"Error: {error.format_message()}{hint}", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nas")
 def main():
     """Neural architecture search for Keras: CNN spaces, KerasTuner, MLflow."""
@@ -96,20 +141,24 @@ def main():
 @PIPELINE
 @click.option("--tuner", type=click.Choice(["random", "bayesian", "hyperband", "grid"]),
               default="random", show_default=True, help="KerasTuner's search algorithm.")
-@click.option("--max-trials", type=int, default=10, show_default=True,
+@click.option("--max-trials", type=click.IntRange(min=1), default=10, show_default=True,
               help="Trials to train (rejected candidates do not count).")
-@click.option("--epochs", type=int, default=None, help="Epochs per trial.  [default: the pipeline's]")
-@click.option("--batch-size", type=int, default=None, help="[default: the pipeline's]")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs per trial.  [default: the pipeline's]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="[default: the pipeline's]")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="The same seed gives the same sequence of candidates.")
 @EXPERIMENT
 @TRACKING_URI
 @WORKDIR
 @click.option("--overwrite", is_flag=True, help="Start afresh instead of resuming.")
-@click.option("--max-failures", type=int, default=3, show_default=True,
+@click.option("--max-failures", type=click.IntRange(min=1), default=3, show_default=True,
               help="Consecutive failed trials that end the search.")
-@click.option("--max-params", type=int, default=None, help="Parameter budget per candidate.")
-@click.option("--max-flops", type=int, default=None, help="FLOPs budget per candidate.")
+@click.option("--max-params", type=click.IntRange(min=1), default=None,
+              help="Parameter budget per candidate.")
+@click.option("--max-flops", type=click.IntRange(min=1), default=None,
+              help="FLOPs budget per candidate.")
 @click.option("--mixed-precision", is_flag=True, help="float16 compute, float32 output.")
 @click.option("--jit-compile", is_flag=True, help="Compile training steps with XLA.")
 @click.option("--register", default=None, metavar="NAME",
@@ -154,11 +203,13 @@ def search(space, pipeline, tuner, max_trials, epochs, batch_size, seed, experim
         click.echo(f"resuming the search in {config.project_dir} (--overwrite starts afresh)")
     if chief:
         _print_worker_command(prepared, space, pipeline)
+    start_tensorflow()
     try:
         result = search_module.run(prepared, echo=click.echo)
     except (KeyboardInterrupt, _interrupted()) as error:
-        click.echo(f"Interrupted ({error or 'Ctrl-C'}): the trial and the search were closed "
-                   f"as KILLED and the state saved; run the same command to resume.", err=True)
+        click.echo(f"Interrupted ({str(error) or 'Ctrl-C'}): the trial and the search were "
+                   f"closed as KILLED and the state saved; run the same command to resume.",
+                   err=True)
         sys.exit(130)
     except search_module.SearchFailed as error:
         click.echo(f"Error: the search failed: {error}", err=True)
@@ -227,7 +278,7 @@ def space_show(space_ref, pipeline, samples, seed, max_params, max_flops):
 
     chosen, pipe = load_space(space_ref), load_pipeline(pipeline)
     input_shape, num_classes, pixel_scale = space_module.input_signature(pipe)
-    budget = space_module.tightest(Constraints(max_params, max_flops), pipe.constraints,
+    budget = Constraints.tightest(Constraints(max_params, max_flops), pipe.constraints,
                                    chosen.constraints)
     report = space_module.analyse(chosen, input_shape, num_classes)
     shape = "x".join(map(str, input_shape))
@@ -394,6 +445,7 @@ def export_model(experiment, run_id, out, force, fmt, register, tracking_uri, wo
 
     tracker = results.open_store(tracking_uri)
     tracker.check()
+    start_tensorflow()
     done = export_module.export(tracker, out, experiment=experiment, run_id=run_id,
                                 workdir=workdir, force=force, format=fmt, register=register)
     what = "a SavedModel" if fmt == "savedmodel" else "TFLite (model.tflite)"
@@ -490,10 +542,11 @@ def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id,
     def echo(line):
         click.echo(f"[{worker_id}] {line}")
 
+    start_tensorflow()
     try:
         trained = distributed.run_worker(prepared, echo=echo, wait=wait)
     except (KeyboardInterrupt, _interrupted()) as error:
-        click.echo(f"Interrupted ({error or 'Ctrl-C'}): the trial was closed as KILLED; the "
+        click.echo(f"Interrupted ({str(error) or 'Ctrl-C'}): the trial was closed as KILLED; the "
                    f"chief hands it to another worker.", err=True)
         sys.exit(130)
     echo(f"the search has ended; this worker trained {len(trained)} trial(s)"

@@ -9,7 +9,9 @@ so an exported model takes images exactly as the pipeline reads them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from nas.specs import Pipeline
 
-__all__ = ["DataError", "Arrays", "Datasets", "load_arrays", "make_datasets"]
+__all__ = ["DataError", "Arrays", "Datasets", "class_folders", "load_arrays", "make_datasets"]
 
 _KERAS_FILES = {  # where keras.datasets looks, under $KERAS_HOME (default ~/.keras)
     "mnist": "datasets/mnist.npz",
@@ -153,7 +155,8 @@ def _keras_dataset(source: str, where: str):
 
     loader = getattr(keras.datasets, source)
     try:
-        return loader.load_data()
+        with contextlib.redirect_stdout(io.StringIO()):  # keras' "Downloading data from ..."
+            return loader.load_data()
     except Exception as error:  # keras raises a bare Exception on a failed download
         reason = str(error).split(" -- ")[-1].strip() or error.__class__.__name__
         home = os.environ.get("KERAS_HOME", os.path.join("~", ".keras"))
@@ -186,16 +189,28 @@ def _npz(path: str, where: str):
             names)
 
 
-def _directory(pipeline: Pipeline, where: str):
+def class_folders(pipeline: Pipeline) -> list[str]:
+    """The class names of a `directory` source: its sub-folders, sorted.
+
+    Raises:
+        DataError: the folder is missing, or holds fewer than two class folders.
+    """
+    where = f"{pipeline.source_file}: data.path"
     root = Path(pipeline.path)
     if not root.is_dir():
-        raise DataError(f"{where}.path: {root} is not a folder")
+        raise DataError(f"{where}: {root} is not a folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"{where}.path: {root} holds no class folders (one sub-folder per class)")
+        raise DataError(f"{where}: {root} holds no class folders (one sub-folder per class)")
     if len(classes) < 2:
-        raise DataError(f"{where}.path: {root} holds only one class folder ({classes[0]}); "
+        raise DataError(f"{where}: {root} holds only one class folder ({classes[0]}); "
                         f"a classifier needs two or more")
+    return classes
+
+
+def _directory(pipeline: Pipeline, where: str):
+    root = Path(pipeline.path)
+    classes = class_folders(pipeline)
     import tensorflow as tf
 
     channels = 1 if pipeline.color_mode == "grayscale" else 3

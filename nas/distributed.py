@@ -465,15 +465,15 @@ def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]
         kt.Objective(pipeline.objective, pipeline.direction),
         max_trials=config.max_trials, seed=config.seed, max_epochs=config.epochs_per_trial,
         max_failures=config.max_failures, check=lambda values: None)
-    hooks = search._TrialRuns(tracker, experiment_id, search_run_id, config, echo,
+    hooks = search.TrialRuns(tracker, experiment_id, search_run_id, config, echo,
                               config.max_trials)
-    previous = signal.signal(signal.SIGTERM, search._terminate)
+    previous = signal.signal(signal.SIGTERM, search.raise_interrupted)
     client = None
     try:
         # The same folder as the chief's: Hyperband continues trials from the
         # checkpoints of earlier ones, so its workers need a shared --workdir.
         tuner = tuning.NasTuner(oracle, hypermodel, hooks, directory=config.workdir,
-                                project_name=config.experiment_name, overwrite=False,
+                                project_name=config.project_name, overwrite=False,
                                 distribution_strategy=strategy(config.distribution))
         client = _WorkerClient(oracle, tuner.oracle.multi_worker, tuner.oracle.should_report)
         tuner.oracle = client

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from nas import results, tracking
+from nas.search import STATE_FILE, project_folder
 
 __all__ = ["ExportError", "Exported", "FORMATS", "MODEL_NAME", "export", "log_model",
            "log_best_model", "load_trial_model", "logged_model"]
@@ -130,7 +131,8 @@ def load_trial_model(tracker: tracking.Tracker, search: results.Search,
         with _store(tracker.tracking_uri), _no_optimizer_warning():
             model = mlflow.tensorflow.load_model(f"models:/{logged.model_id}")
         return model, f"the MLflow model runs:/{search.run_id}/{MODEL_NAME}"
-    where = Path(workdir) / search.experiment_name / f"trial_{trial.trial_id}" / _CHECKPOINT
+    where = (Path(workdir) / project_folder(search.experiment_name) / f"trial_{trial.trial_id}"
+             / _CHECKPOINT)
     raise ExportError(
         f"trial {trial.trial_id} of experiment {search.experiment_name!r}: no weights found; "
         f"neither the KerasTuner checkpoint {where} (see --workdir) nor an MLflow model of "
@@ -196,6 +198,9 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
 # --- the pieces ---------------------------------------------------------------------------
 
 
+_EXPORT_MARKERS = ("class_names.json", "saved_model.pb", "model.tflite")
+
+
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out: {out} is a file, not a folder")
@@ -203,11 +208,10 @@ def _check_out(out: Path, force: bool) -> None:
         if not force:
             raise ExportError(f"--out: {out} is not empty; pass --force to replace its "
                               f"content")
-        here, home = Path.cwd().resolve(), Path.home().resolve()
-        target = out.resolve()
-        if target == home or target == here or target in here.parents:
-            raise ExportError(f"--out: {out} holds the current or home folder; --force will "
-                              f"not empty it, choose a folder of its own")
+        # --force replaces an earlier export, never a folder of other files.
+        if not any((out / name).exists() for name in _EXPORT_MARKERS):
+            raise ExportError(f"--out: {out} holds files that are not a nas export; --force "
+                              f"only replaces an earlier export, choose a folder of its own")
 
 
 def _move_into_place(staged: Path, out: Path) -> None:
@@ -223,12 +227,10 @@ def _move_into_place(staged: Path, out: Path) -> None:
 
 def _checkpoint(search: results.Search, trial: results.TrialRow, workdir) -> Path | None:
     """KerasTuner's checkpoint of `trial`, if this workdir holds this very search."""
-    from nas.search import _STATE_FILE
-
-    project = Path(workdir) / search.experiment_name
+    project = Path(workdir) / project_folder(search.experiment_name)
     checkpoint = project / f"trial_{trial.trial_id}" / _CHECKPOINT
     try:
-        state = json.loads((project / _STATE_FILE).read_text())
+        state = json.loads((project / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None
     # The same experiment name in another tracking store is another search.
@@ -241,13 +243,10 @@ def _model_from_checkpoint(architecture: dict, checkpoint: Path):
     """Rebuild the trial's model from its `Architecture.to_dict()` and load its weights."""
     import keras
 
-    from nas.architecture import Architecture, Layer
+    from nas.architecture import Architecture
     from nas.models import build_model
 
-    layers = tuple(Layer(d["name"], d["type"], d["config"], tuple(d["output_shape"]),
-                         d["params"], d["flops"]) for d in architecture["layers"])
-    candidate = Architecture(tuple(architecture["input_shape"]), architecture["num_classes"],
-                             architecture["values"], layers, architecture.get("impossible"))
+    candidate = Architecture.from_dict(architecture)
     policy = keras.mixed_precision.global_policy()
     # Served in float32 whatever the search trained with; the weights are float32 anyway.
     keras.mixed_precision.set_global_policy("float32")

@@ -70,8 +70,9 @@ class Search:
 
     @property
     def direction(self) -> str:
-        # The rule of `nas.specs.Pipeline.direction`.
-        return "min" if self.objective.endswith("loss") else "max"
+        from nas.specs import direction_of
+
+        return direction_of(self.objective)
 
     @property
     def max_trials(self) -> int | None:

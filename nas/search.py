@@ -6,11 +6,14 @@ tracking store, resume state) and writes nothing; `run` trains and logs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import io
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -24,7 +27,7 @@ from nas.specs import Constraints, Pipeline, SearchSpace
 __all__ = ["SearchConfig", "SearchError", "SearchFailed", "SearchResult", "TrialSummary", "prepare",
            "run"]
 
-_STATE_FILE = "nas_search.json"
+STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
 FLUSH_SECONDS = 10.0  # longest a trial's epoch metrics wait before they reach MLflow
 
 
@@ -79,21 +82,16 @@ class SearchConfig:
     @property
     def constraints(self) -> Constraints:
         """The tightest of the budgets given by flags, the pipeline and the space."""
+        return Constraints.tightest(Constraints(self.max_params, self.max_flops),
+                                    self.pipeline.constraints, self.space.constraints)
 
-        def tightest(*limits):
-            given = [limit for limit in limits if limit is not None]
-            return min(given) if given else None
-
-        return Constraints(
-            max_params=tightest(self.max_params, self.pipeline.constraints.max_params,
-                                self.space.constraints.max_params),
-            max_flops=tightest(self.max_flops, self.pipeline.constraints.max_flops,
-                               self.space.constraints.max_flops),
-        )
+    @property
+    def project_name(self) -> str:
+        return project_folder(self.experiment_name)
 
     @property
     def project_dir(self) -> Path:
-        return Path(self.workdir) / self.experiment_name
+        return Path(self.workdir) / self.project_name
 
     def fingerprint(self) -> str:
         """What must match for a search to resume: the specs and the tuner settings."""
@@ -101,6 +99,15 @@ class SearchConfig:
                  str(self.epochs_per_trial), str(self.batch_size), str(self.seed),
                  str(self.constraints)]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def project_folder(experiment_name: str) -> str:
+    """The folder, inside the working folder, that holds a search's KerasTuner state.
+
+    Only word characters, dots and dashes, and no leading dot: an experiment name can
+    never point outside the working folder (`--overwrite` deletes this folder).
+    """
+    return re.sub(r"[^\w.-]+", "_", experiment_name).lstrip(".") or "search"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +161,8 @@ def prepare(config: SearchConfig) -> Prepared:
         raise SearchError(f"--max-trials: {config.max_trials} must be at least 1")
     if config.epochs is not None and config.epochs < 1:
         raise SearchError(f"--epochs: {config.epochs} must be at least 1")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise SearchError(f"--batch-size: {config.batch_size} must be at least 1")
     if config.max_failures < 1:
         raise SearchError(f"--max-failures: {config.max_failures} must be at least 1")
     for flag, budget in (("--max-params", config.max_params), ("--max-flops", config.max_flops)):
@@ -165,13 +174,15 @@ def prepare(config: SearchConfig) -> Prepared:
     if problem:
         raise SearchError(problem)
     state = None
-    state_file = config.project_dir / _STATE_FILE
+    state_file = config.project_dir / STATE_FILE
     if state_file.exists():
         try:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):
-            raise SearchError(f"--workdir: {state_file} is not readable; pass --overwrite to "
-                              f"start afresh") from None
+            if not config.overwrite:
+                raise SearchError(f"--workdir: {state_file} is not readable; pass --overwrite "
+                                  f"to start afresh") from None
+            state = {}
         if not config.overwrite and state.get("fingerprint") != config.fingerprint():
             raise SearchError(
                 f"--experiment: {config.experiment_name!r} already holds a search with other "
@@ -181,7 +192,7 @@ def prepare(config: SearchConfig) -> Prepared:
     tracker = tracking.Tracker(config.tracking_uri)
     tracker.check()
     if config.overwrite:
-        return Prepared(config, arrays, tracker, None, previous=state)
+        return Prepared(config, arrays, tracker, None, previous=state or None)
     return Prepared(config, arrays, tracker, state)
 
 
@@ -213,7 +224,7 @@ def device_name() -> str:
     return gpus[0].name if gpus else tf.config.list_logical_devices("CPU")[0].name
 
 
-class _TrialRuns:
+class TrialRuns:
     """Tuner hooks: one nested MLflow run per trial, per-epoch metrics, a progress line."""
 
     def __init__(self, tracker: tracking.Tracker, experiment_id: str, search_run_id: str,
@@ -228,7 +239,19 @@ class _TrialRuns:
         self.runs: dict[str, str] = {}
         self.fit_seconds: dict[str, float] = {}
         self.best: float | None = None
+        self.earlier = 0  # trials ended by earlier processes of a resumed search
         self.device = device_name()
+        self._pending: list = []
+        self._started = self._flushed = time.perf_counter()
+
+    def resume_from(self, oracle) -> None:
+        """Count and rank what an earlier process of this search already finished."""
+        ended = [t for t in oracle.trials.values() if t.status in ("COMPLETED", "FAILED")]
+        self.earlier = len(ended)
+        scores = [t.score for t in ended if t.status == "COMPLETED" and t.score == t.score
+                  and t.score is not None]
+        if scores:
+            self.best = max(scores) if self.direction == "max" else min(scores)
 
     def trial_started(self, trial, architecture) -> None:
         tracker = self.tracker
@@ -240,13 +263,17 @@ class _TrialRuns:
             parent_run_id=self.search_run_id,
         )
         self.runs[trial.trial_id] = run_id
-        tracker.log_batch(run_id, params=trial.hyperparameters.values,
-                          metrics=tracker.metrics({"params": architecture.params,
-                                                   "flops": architecture.flops}))
-        tracker.log_text(run_id, architecture.table() + "\n", "architecture.txt")
-        tracker.log_dict(run_id, architecture.to_dict(), "architecture.json")
         self._pending = []
         self._started = self._flushed = time.perf_counter()
+        try:
+            tracker.log_batch(run_id, params=trial.hyperparameters.values,
+                              metrics=tracker.metrics({"params": architecture.params,
+                                                       "flops": architecture.flops}))
+            tracker.log_text(run_id, architecture.table() + "\n", "architecture.txt")
+            tracker.log_dict(run_id, architecture.to_dict(), "architecture.json")
+        except BaseException:
+            tracker.end(run_id, "FAILED")  # a trial's run is always closed
+            raise
 
     def epoch_ended(self, trial, epoch: int, logs: dict) -> None:
         # Batched: one store write per trial, plus one every FLUSH_SECONDS so a long
@@ -277,12 +304,13 @@ class _TrialRuns:
             if error is not None:
                 status = ("KILLED" if isinstance(error, (KeyboardInterrupt, tracking.Interrupted))
                           else "FAILED")
-                tags["nas.error"] = f"{error.__class__.__name__}: {error}".strip()[:5000]
+                tags["nas.error"] = (f"{error.__class__.__name__}: "
+                                     f"{str(error) or 'interrupted'}")[:5000]
             self.tracker.log_batch(run_id, self._pending + self.tracker.metrics(metrics),
                                    tags=tags)
         finally:
             self.tracker.end(run_id, status)
-        done = len(self.runs)
+        done = self.earlier + len(self.runs)
         shown = f"{metrics.get('objective', float('nan')):.4f}" if error is None else status
         best = f"{self.best:.4f}" if self.best is not None else "-"
         self.echo(f"trial {trial.trial_id} ({done}/{self.total}): {self.objective} {shown}  "
@@ -290,7 +318,8 @@ class _TrialRuns:
                   f"{time.perf_counter() - self._started:.1f} s")
 
 
-def _terminate(signum, frame):
+def raise_interrupted(signum, frame):
+    """A signal handler: stop what runs as an `Interrupted`, so runs close as KILLED."""
     raise tracking.Interrupted(f"signal {signal.Signals(signum).name}")
 
 
@@ -311,8 +340,8 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
     pipeline = config.pipeline
     policy = configure_tensorflow(config)
     project_dir = config.project_dir
-    if config.overwrite and project_dir.exists():
-        shutil.rmtree(project_dir)
+    if config.overwrite and any((project_dir / f).exists() for f in (STATE_FILE, "oracle.json")):
+        shutil.rmtree(project_dir)  # only ever a search's own state folder
     project_dir.mkdir(parents=True, exist_ok=True)
 
     experiment_id = tracker.experiment_id(config.experiment_name)
@@ -330,7 +359,7 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
         _log_search(tracker, search_run_id, config, arrays)
         state = {"search_run_id": search_run_id, "experiment_id": experiment_id,
                  "fingerprint": config.fingerprint()}
-        (project_dir / _STATE_FILE).write_text(json.dumps(state))
+        (project_dir / STATE_FILE).write_text(json.dumps(state))
 
     hypermodel = tuning.CandidateModel(config.space, arrays.input_shape, arrays.num_classes,
                                        arrays.pixel_scale, jit_compile=config.jit_compile)
@@ -342,14 +371,20 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
         max_failures=config.max_failures,
         check=lambda values: hypermodel.check(values, constraints),
     )
-    hooks = _TrialRuns(tracker, experiment_id, search_run_id, config, echo, config.max_trials)
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+    hooks = TrialRuns(tracker, experiment_id, search_run_id, config, echo, config.max_trials)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, raise_interrupted)}
     with tracker.run(experiment_id, "", run_id=search_run_id):
         try:
-            tuner = tuning.NasTuner(
-                oracle, hypermodel, hooks, directory=config.workdir,
-                project_name=config.experiment_name, overwrite=False,
-                distribution_strategy=distributed.strategy(config.distribution))
+            with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading ..."
+                tuner = tuning.NasTuner(
+                    oracle, hypermodel, hooks, directory=config.workdir,
+                    project_name=config.project_name, overwrite=False,
+                    distribution_strategy=distributed.strategy(config.distribution))
+            hooks.resume_from(tuner.oracle)
+            if resumed and _finished(tuner.oracle, config.max_trials):
+                echo("the search had already finished; its results as logged (--overwrite "
+                     "starts afresh)")
+                return _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
             if config.chief:  # workers train the trials; this process serves the oracle
                 tuner = distributed.Chief(tuner, prepared, experiment_id, search_run_id, echo)
             datasets = make_datasets(arrays, config.batch_size or pipeline.batch_size,
@@ -377,6 +412,13 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
 
             keras.mixed_precision.set_global_policy(policy)
     return result
+
+
+def _finished(oracle, max_trials: int) -> bool:
+    """Whether every trial of the search was trained (no trial is left to run)."""
+    trials = oracle.trials.values()
+    return len(trials) >= max_trials and all(t.status in ("COMPLETED", "FAILED")
+                                             for t in trials)
 
 
 def _search(tuner, *args, **kwargs) -> None:
@@ -434,8 +476,8 @@ def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> Se
     runs = {}
     for run in tracker.trial_runs(experiment_id, search_run_id):
         trial_id = run.data.tags.get(tracking.TAG_TRIAL)
-        if run.info.status == "FINISHED" or trial_id not in runs:
-            runs[trial_id] = run
+        if trial_id not in runs or runs[trial_id].info.status != "FINISHED":
+            runs[trial_id] = run  # its finished run, else its latest
     trials = []
     for trial in tuner.oracle.trials.values():
         run = runs.get(trial.trial_id)

@@ -18,15 +18,14 @@ import collections
 import dataclasses
 import math
 import random
-from pathlib import Path
 from typing import Iterable, Iterator
 
-from nas.architecture import (Architecture, HyperparameterSpec, _Builder, _Impossible,
+from nas.architecture import (Architecture, HyperparameterSpec, Builder, Impossible,
                               hyperparameter_specs)
 from nas.specs import Constraints, Knob, Pipeline, SearchSpace
 
 __all__ = ["SpaceReport", "analyse", "input_signature", "sample", "budget_problem",
-           "search_problem", "tightest", "describe", "describe_candidate"]
+           "search_problem", "describe", "describe_candidate"]
 
 # Knobs that shape the training, not the network: counted apart from the architectures.
 _TRAINING_KNOBS = ("optimizer", "learning_rate")
@@ -110,7 +109,7 @@ def input_signature(pipeline: Pipeline) -> tuple[tuple[int, int, int], int, floa
     Raises:
         nas.data.DataError: the data is missing or malformed.
     """
-    from nas.data import DataError, load_arrays
+    from nas.data import class_folders, load_arrays
 
     if pipeline.data_source in ("digits", "npz"):
         arrays = load_arrays(pipeline)
@@ -118,14 +117,7 @@ def input_signature(pipeline: Pipeline) -> tuple[tuple[int, int, int], int, floa
     scale = float(pipeline.pixel_scale or 255.0)
     if pipeline.data_source in _KERAS_SHAPES:
         return _KERAS_SHAPES[pipeline.data_source], 10, scale
-    where = f"{pipeline.source_file}: data.path"
-    root = Path(pipeline.path)
-    if not root.is_dir():
-        raise DataError(f"{where}: {root} is not a folder")
-    classes = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if len(classes) < 2:
-        raise DataError(f"{where}: {root} holds {len(classes)} class folder(s); a classifier "
-                        f"needs two or more (one sub-folder per class)")
+    classes = class_folders(pipeline)
     channels = 1 if pipeline.color_mode == "grayscale" else 3
     height, width = pipeline.image_size
     return (height, width, channels), len(classes), scale
@@ -218,10 +210,10 @@ def _stage_moves(stage: int, shape: tuple, options: list[dict]):
     prefix = f"stage_{stage}/"
     for option in options:
         values = {prefix + name: value for name, value in option.items()}
-        builder = _Builder(shape)
+        builder = Builder(shape)
         try:
             builder.stage(stage, values)
-        except _Impossible as why:
+        except Impossible as why:
             dead[str(why)] += 1
             continue
         params = sum(layer.params for layer in builder.layers)
@@ -238,7 +230,7 @@ def _head_costs(specs: list[HyperparameterSpec], shape: tuple,
     cost_specs = [dataclasses.replace(s, knob=Knob(s.knob.type, choices=(s.knob.lowest(),)))
                   if s.name.endswith("/dropout") else s for s in specs]
     for values in _assignments(cost_specs):
-        builder = _Builder(shape)
+        builder = Builder(shape)
         builder.head(values, num_classes)
         costs.add((sum(layer.params for layer in builder.layers),
                    sum(layer.flops for layer in builder.layers)))
@@ -376,16 +368,6 @@ def budget_problem(space: SearchSpace, input_shape, num_classes: int,
     return (f"{' and '.join(limits)}: no candidate of {space.source} fits on {inputs}"
             f"{both}; the smallest the space reaches is {report.min_params:,} parameters "
             f"and {report.min_flops:,} FLOPs")
-
-
-def tightest(*budgets: Constraints) -> Constraints:
-    """The tightest of several budgets (None where none sets a limit)."""
-
-    def low(key):
-        given = [getattr(b, key) for b in budgets if getattr(b, key) is not None]
-        return min(given) if given else None
-
-    return Constraints(max_params=low("max_params"), max_flops=low("max_flops"))
 
 
 def search_problem(config, input_shape, num_classes: int) -> str | None:

@@ -25,6 +25,8 @@ __all__ = [
     "load_pipeline",
     "builtin_spaces",
     "builtin_pipelines",
+    "direction_of",
+    "Constraints",
 ]
 
 PADDINGS = ("same", "valid")
@@ -77,12 +79,21 @@ class Knob:
         """Every value the knob can take, or None for a continuous range."""
         if self.choices is not None:
             return list(self.choices)
+        cast = int if self.type == "int" else (lambda v: round(v, 10))
+        if self.sampling != "linear" and self.step:
+            # KerasTuner's rule: on a log scale the step multiplies.
+            values, value = [], self.min
+            while value <= self.max * (1 + 1e-9):
+                values.append(value)
+                value *= self.step
+            if self.sampling == "reverse_log":
+                values = [self.min + self.max - v for v in values]
+            return [cast(v) for v in values]
         if self.type == "int":
-            step = int(self.step or 1)
-            return list(range(int(self.min), int(self.max) + 1, step))
+            return list(range(int(self.min), int(self.max) + 1, int(self.step or 1)))
         if self.step:
             count = int(math.floor((self.max - self.min) / self.step + 1e-9)) + 1
-            return [round(self.min + i * self.step, 10) for i in range(count)]
+            return [cast(self.min + i * self.step) for i in range(count)]
         return None
 
     def lowest(self) -> Any:
@@ -98,6 +109,16 @@ class Constraints:
 
     max_params: int | None = None
     max_flops: int | None = None
+
+    @classmethod
+    def tightest(cls, *budgets: "Constraints") -> "Constraints":
+        """The tightest of several budgets (None where none sets a limit)."""
+
+        def low(key):
+            given = [getattr(b, key) for b in budgets if getattr(b, key) is not None]
+            return min(given) if given else None
+
+        return cls(max_params=low("max_params"), max_flops=low("max_flops"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +170,12 @@ class Pipeline:
 
     @property
     def direction(self) -> str:
-        return "min" if self.objective.endswith("loss") else "max"
+        return direction_of(self.objective)
+
+
+def direction_of(objective: str) -> str:
+    """Whether the tuner minimizes ("min": a loss) or maximizes ("max") `objective`."""
+    return "min" if objective.endswith("loss") else "max"
 
 
 # --- reading --------------------------------------------------------------

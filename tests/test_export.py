@@ -154,6 +154,18 @@ def test_non_empty_out_needs_force(digits_search, tmp_path):
                               f"content\n")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
+    # --force replaces an earlier export only, never a folder of other files
+    forced = nas("export", *common, "--force")
+    assert forced.exit_code == 2
+    assert forced.output == (f"Error: --out: {out} holds files that are not a nas export; "
+                             f"--force only replaces an earlier export, choose a folder of "
+                             f"its own\n")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+    (out / "notes.txt").unlink()
+    assert nas("export", *common).exit_code == 0
+    (out / "stale.txt").write_text("from the earlier export")
+    assert nas("export", *common).exit_code == 2  # not empty
     forced = nas("export", *common, "--force")
     assert forced.exit_code == 0, forced.output
     assert sorted(p.name for p in out.iterdir()) == ["assets", "class_names.json",
@@ -175,8 +187,8 @@ def test_unknown_experiment_or_run(digits_search, tmp_path):
 
     result = nas("export", "--run", "0123abcd", "--experiment", "shared", "--out", tmp_path / "x")
     assert result.exit_code == 2
-    assert result.output.splitlines()[-1] == ("Error: --experiment and --run exclude each "
-                                              "other; give one")
+    assert result.output == ("Error: --experiment and --run exclude each other; give one "
+                             "(see 'main export --help')\n")
 
 
 def test_no_finished_trial_exports_nothing(tmp_path):

@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -167,27 +169,67 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     assert [r.data.tags["nas.trial_id"] for r in killed] == ["1"]
     first_trial_runs = [r for r in trials if r.data.tags["nas.trial_id"] == "0"]
     assert len(first_trial_runs) == 1  # the finished trial was not trained again
+    assert "trial 1 (2/3)" in result.output and "trial 2 (3/3)" in result.output
     (parent,) = runs_of(kind="search")
     assert parent.info.status == "FINISHED"
 
+    again = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", *LONG])
+    assert again.exit_code == 0, again.output
+    assert "the search had already finished" in again.output
+    assert len(runs_of()) == len(trials)  # nothing trained again
 
-def test_sigterm_closes_runs_as_killed_and_says_how_to_resume(tmp_path):
-    process = start_search(tmp_path)
+
+@pytest.mark.parametrize("signum, shown", [(signal.SIGTERM, "signal SIGTERM"),
+                                           (signal.SIGINT, "Ctrl-C")])
+def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum, shown):
+    process = start_search(tmp_path, "--max-trials", "2")
     try:
         wait_for_training("0", process)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         output, _ = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130, output
-    assert "run the same command to resume" in output
+    assert (f"Interrupted ({shown}): the trial and the search were closed as KILLED and the "
+            f"state saved; run the same command to resume.") in output
+    assert "Traceback" not in output
     assert [r.info.status for r in runs_of()] == ["KILLED"]
     assert [r.info.status for r in runs_of(kind="search")] == ["KILLED"]
+    if signum == signal.SIGINT:
+        return
 
-    result = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", *LONG[:2], "--epochs", "1"])
+    result = invoke(SEARCH + ["--max-trials", "2", "--seed", "2", *LONG[:2], "--epochs", "1"])
     assert result.exit_code == 2  # other settings than the interrupted search
     assert "already holds a search with other settings" in result.output
+
+    result = invoke(SEARCH + ["--max-trials", "2", "--seed", "2", *LONG])
+    assert result.exit_code == 0, result.output
+    statuses = sorted((r.data.tags["nas.trial_id"], r.info.status) for r in runs_of())
+    assert statuses == [("0", "FINISHED"), ("0", "KILLED"), ("1", "FINISHED")]
+    assert [r.info.status for r in runs_of(kind="search")] == ["FINISHED"]
+
+
+def test_overwrite_never_leaves_the_working_folder(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "important.txt").write_text("keep me")
+    for name in ("../victim", str(victim), ".."):
+        result = invoke(["search", "--space", "tiny", "--epochs", "1", "--max-trials", "1",
+                         "--experiment", name, "--overwrite"])
+        assert result.exit_code == 0, result.output
+    assert (victim / "important.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path / ".nas")) == sorted(
+        ["_victim", str(victim).replace("/", "_"), "search"])
+
+
+def test_overwrite_recovers_from_a_damaged_state_file(tmp_path):
+    assert invoke(SEARCH + ["--max-trials", "1"]).exit_code == 0
+    (tmp_path / ".nas" / "rel" / "nas_search.json").write_text("{not json")
+    refused = CliRunner().invoke(main, SEARCH + ["--max-trials", "1"])
+    assert refused.exit_code == 2
+    assert "is not readable; pass --overwrite to start afresh" in refused.output
+    assert invoke(SEARCH + ["--max-trials", "1", "--overwrite"]).exit_code == 0
 
 
 def test_overwrite_starts_afresh(tmp_path):
@@ -216,8 +258,35 @@ def bad_inputs(tmp):
                                               "extra: 1\n")],
            f"Error: {tmp / 'k.yaml'}: extra: unknown key; allowed keys are "
            f"['constraints', 'head', 'name', 'optimizer', 'stages']")
-    yield ["--tuner", "annealing"], "Error: Invalid value for '--tuner'"
-    yield ["--max-trials", "0"], "Error: --max-trials: 0 must be at least 1"
+    yield (["--tuner", "annealing"],
+           "Error: Invalid value for '--tuner': 'annealing' is not one of 'random', 'bayesian', "
+           "'hyperband', 'grid'. (see 'nas search --help')")
+    yield (["--max-trials", "0"],
+           "Error: Invalid value for '--max-trials': 0 is not in the range x>=1.")
+    yield ["--batch-size", "0"], "Error: Invalid value for '--batch-size': 0 is not in the range"
+    yield ["--epochs", "-1"], "Error: Invalid value for '--epochs': -1 is not in the range"
+    base = (Path(__file__).parent.parent / "search_spaces" / "tiny.yaml").read_text()
+    for name, old, new, message in [
+        ("type", "filters: [4, 8]", "filters: four", "stages.conv.filters: 'four' is not a number"),
+        ("minmax", "depth: {min: 1, max: 2}", "depth: {min: 3, max: 2}",
+         "stages.depth: min 3 is greater than max 2"),
+        ("empty", "filters: [4, 8]", "filters: []", "stages.conv.filters: the list of choices "
+                                                    "is empty"),
+        ("kernel", "kernel_size: [3, 5]", "kernel_size: [0, 3]",
+         "stages.conv.kernel_size: 0 is below the minimum 1"),
+        ("stride", "stride: 1", "stride: 0", "stages.conv.stride: 0 is below the minimum 1"),
+        ("pool", "size: 2", "size: 0", "stages.pool.size: 0 is below the minimum 1"),
+        ("dropout", "dropout: 0.0", "dropout: 1.0", "head.dense.dropout: 1.0 is not in [0.0, 1.0)"),
+        ("padding", "padding: [same, valid]", "padding: [same, full]",
+         "stages.conv.padding: 'full' is not one of ['same', 'valid']"),
+        ("pooling", "type: [max, none]", "type: [max, median]",
+         "stages.pool.type: 'median' is not one of ['max', 'avg', 'none']"),
+        ("optimizer", "name: adam", "name: adagrad",
+         "optimizer.name: 'adagrad' is not one of ['adam', 'adamw', 'sgd', 'rmsprop', 'nadam']"),
+    ]:
+        assert old in base, old
+        path = write(tmp / f"space_{name}.yaml", base.replace(old, new))
+        yield ["--space", path], f"Error: {path}: {message}"
     d = tmp / "nothing"
     d.mkdir()
     yield (["--pipeline", write(tmp / "p1.yaml", f"data: {{source: directory, path: {tmp}/no}}")],
@@ -256,9 +325,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
     monkeypatch.setenv("NAS_WORKDIR", str(work / ".nas"))
     for args, expected in bad_inputs(inputs):
-        result = CliRunner().invoke(main, ["search", *args])
+        result = CliRunner().invoke(main, ["search", *args], prog_name="nas")
         assert result.exit_code == 2, (args, result.output)
         lines = result.output.strip().splitlines()
-        assert lines[-1].startswith(expected), (args, result.output)
+        assert len(lines) == 1 and lines[0].startswith(expected), (args, result.output)
         assert "Traceback" not in result.output
         assert sorted(os.listdir(work)) == [], (args, os.listdir(work))  # nothing written

@@ -298,9 +298,12 @@ def test_a_space_of_impossible_candidates_is_refused_before_anything_is_written(
 
 
 def test_a_budget_below_one_is_refused(tmp_path):
-    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-flops", "0"])
+    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-flops", "0"],
+                                prog_name="nas")
     assert result.exit_code == 2
-    assert result.output == "Error: --max-flops: 0 must be at least 1\n"
+    assert result.output == ("Error: Invalid value for '--max-flops': 0 is not in the range "
+                             "x>=1. (see 'nas search --help')\n")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_search_under_a_tight_budget_trains_only_candidates_within_it(tmp_path):
