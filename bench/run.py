@@ -1,6 +1,6 @@
 """Benchmarks of issue 5: what a search costs beyond its training, and how well it searches.
 
-    python bench/run.py                  # every figure (about 15 minutes on 2 cores)
+    python bench/run.py                  # every figure (about 10 minutes on 2 cores)
     python bench/run.py --quick          # smaller sizes: a smoke run of every figure
     python bench/run.py --only memory    # one figure (repeatable: --only data --only startup)
     python bench/run.py --only quality --tuners random,bayesian,hyperband

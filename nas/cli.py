@@ -290,7 +290,8 @@ def space_show(space_ref, pipeline, samples, seed, max_params, max_flops):
     found, rejected = space_module.sample(chosen, input_shape, num_classes, samples, seed,
                                           pixel_scale, budget)
     skipped = f"; {rejected} drawn and skipped as impossible or over budget" if rejected else ""
-    click.echo(f"\n{len(found)} sampled candidates (seed {seed}{skipped})")
+    noun = "candidate" if len(found) == 1 else "candidates"
+    click.echo(f"\n{len(found)} sampled {noun} (seed {seed}{skipped})")
     for number, architecture in enumerate(found, 1):
         click.echo(f"\ncandidate {number}: {architecture.params:,} parameters, "
                    f"{architecture.flops:,} FLOPs")

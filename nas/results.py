@@ -669,7 +669,13 @@ def _tracker(uri: str) -> tracking.Tracker:
     from nas import tracking
 
     with _mlflow_errors(uri):
-        return tracking.Tracker(uri)
+        tracker = tracking.Tracker(uri)
+    if uri.startswith(("http://", "https://")):
+        try:
+            tracker.check()  # MLflow would retry an unreachable server for minutes
+        except tracking.TrackingError as error:
+            raise ResultsError(str(error)) from None
+    return tracker
 
 
 @contextlib.contextmanager

@@ -206,3 +206,11 @@ def test_ui_refuses_a_server_store():
     assert result.exit_code == 2
     assert result.output == ("Error: --tracking-uri: http://127.0.0.1:5000 is an MLflow server "
                              "already; open it in a browser\n")
+
+
+@pytest.mark.parametrize("command", [["trials"], ["best"], ["report", "--out", "p.png"]])
+def test_an_unreachable_server_is_one_line_at_once(command):
+    result = CliRunner().invoke(main, [*command, "--tracking-uri", "http://127.0.0.1:9"])
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: --tracking-uri: http://127.0.0.1:9 cannot be reached")
+    assert len(result.output.splitlines()) == 1

@@ -179,3 +179,19 @@ def test_pipeline_errors(tmp_path, text, message):
     with pytest.raises(SpecError) as caught:
         load_pipeline(str(path))
     assert str(caught.value) == f"{path}: {message}"
+
+
+def test_the_package_re_exports_its_public_api_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, nas\n"
+            "before = {'tensorflow' in sys.modules, 'mlflow' in sys.modules}\n"
+            "names = [getattr(nas, n).__name__ for n in nas.__all__]\n"
+            "print(before, len(names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    import nas
+
+    assert out.stdout.split() == ["{False}", str(len(nas.__all__))]
+    assert {"SearchConfig", "load_space", "Architecture", "prepare", "run"} <= set(nas.__all__)
