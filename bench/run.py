@@ -303,7 +303,7 @@ def figure_quality(table: Table, sizes: dict, searches: NasSearches, root: Path,
                   "nas >= baseline - 0.005" if tuner == default else "(informational)", ok)
         table.notes.append(f"quality ({tuner}): per seed " +
                            ", ".join(f"{s:.4f}" for s in scores))
-    table.notes.append(f"quality baseline (small CNN build function, random search): per seed "
+    table.notes.append("quality baseline (small CNN build function, random search): per seed "
                        + ", ".join(f"{s:.4f}" for s in base_scores))
 
 
@@ -334,8 +334,8 @@ def _same_knobs_build(space, input_shape, num_classes, pixel_scale):
                 x = keras.layers.Conv2D(x.shape[-1], 1, activation="relu")(x)
             pool = hp.Choice(f"pool_{stage}", space.pool_type.values())
             if pool != "none" and x.shape[1] >= 2:
-                layer = keras.layers.MaxPooling2D if pool == "max" else keras.layers.AveragePooling2D
-                x = layer(2)(x)
+                layers = keras.layers
+                x = (layers.MaxPooling2D if pool == "max" else layers.AveragePooling2D)(2)(x)
         reduce = hp.Choice("reduce", space.reduce.values())
         x = {"flatten": keras.layers.Flatten, "global_avg": keras.layers.GlobalAveragePooling2D,
              "global_max": keras.layers.GlobalMaxPooling2D}[reduce]()(x)

@@ -77,9 +77,14 @@ class _Guard:
         self.rejection_reasons["over budget" if "max_" in reason else "impossible"] += 1
         self._tried_so_far.add(self._compute_values_hash(values))
 
-    def _random_values(self):
+    def _first_accepted(self, propose: Callable[[dict | None], dict | None]) -> dict | None:
+        """The first proposal the guard accepts; None when the proposals run out.
+
+        `propose` gets the last rejected values (None at first) and returns the next.
+        """
+        values = None
         for _ in range(MAX_REJECTIONS):
-            values = super()._random_values()
+            values = propose(values)
             if values is None:
                 return None
             reason = self._check(values)
@@ -87,6 +92,9 @@ class _Guard:
                 return values
             self._reject(values, reason)
         return None
+
+    def _random_values(self):
+        return self._first_accepted(lambda rejected: super(_Guard, self)._random_values())
 
     def get_state(self):
         state = super().get_state()
@@ -124,15 +132,9 @@ class _BayesianOracle(_Guard, kt.oracles.BayesianOptimizationOracle):
 
 class _GridOracle(_Guard, kt.oracles.GridSearchOracle):
     def _get_next_combination(self, values):
-        for _ in range(MAX_REJECTIONS):
-            values = super()._get_next_combination(values)
-            if values is None:
-                return None
-            reason = self._check(values)
-            if reason is None:
-                return values
-            self._reject(values, reason)
-        return None
+        # Walk the grid past rejected points, each from the last one rejected.
+        parent = super()._get_next_combination
+        return self._first_accepted(lambda rejected: parent(rejected or values))
 
     def populate_space(self, trial_id):
         response = super().populate_space(trial_id)
