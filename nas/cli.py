@@ -402,6 +402,8 @@ def ui(host, port, tracking_uri):
     """
     from nas import results
 
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        results.ui_command(tracking_uri, host, port)  # refuses: it is a server already
     tracker = results.open_store(tracking_uri)
     command = results.ui_command(tracker.tracking_uri, host, port)
     tracker.check()

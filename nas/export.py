@@ -24,7 +24,7 @@ from pathlib import Path
 from nas import results, tracking
 from nas.search import STATE_FILE, project_folder
 
-__all__ = ["ExportError", "Exported", "FORMATS", "MODEL_NAME", "export", "log_model",
+__all__ = ["prepare_model_logging", "ExportError", "Exported", "FORMATS", "MODEL_NAME", "export", "log_model",
            "log_best_model", "load_trial_model", "logged_model"]
 
 FORMATS = ("savedmodel", "tflite")
@@ -169,6 +169,22 @@ def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
     if register:
         echo(f"registered as {_register_uri(tracker, info.model_uri, register)}")
     return info.model_uri
+
+
+def prepare_model_logging() -> None:
+    """Do, ahead of time, the slow part of logging a model that depends on nothing.
+
+    `mlflow.tensorflow.log_model` checks the pip requirements against the installed
+    packages, and MLflow first maps every installed module to its package (~0.6 s, then
+    cached). A search runs this in a background thread while its first trials train.
+    (An MLflow internal: if it moves, the mapping is simply built when the model is logged.)
+    """
+    try:
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_modules_to_packages_map()
+    except Exception:  # only a head start; logging the model builds it anyway
+        pass
 
 
 def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,

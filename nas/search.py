@@ -6,6 +6,7 @@ tracking store, resume state) and writes nothing; `run` trains and logs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -389,21 +391,26 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
                 tuner = distributed.Chief(tuner, prepared, experiment_id, search_run_id, echo)
             datasets = make_datasets(arrays, config.batch_size or pipeline.batch_size,
                                      config.seed)
-            # KerasTuner collects garbage twice per trial; with TensorFlow and MLflow
-            # loaded each full collection takes ~0.5 s. Freezing what exists now (modules,
-            # the data) leaves only each trial's own objects to scan.
-            gc.collect()
+            # Garbage is collected before every trial; with TensorFlow and MLflow loaded a
+            # full collection takes ~0.5 s. Freezing what exists now (modules, the data)
+            # leaves only each trial's own objects to scan.
             gc.freeze()
+            threading.Thread(target=export.prepare_model_logging, daemon=True).start()
             _search(tuner, datasets.train, validation_data=datasets.validation,
                     epochs=config.epochs_per_trial, verbose=0, shuffle=False,
                     callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
                                                     pipeline.early_stopping_patience))
             result = _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
             _log_outcome(tracker, search_run_id, result)
-            export.log_best_model(tracker, search_run_id, tuner, result,
-                                  register=config.register, echo=echo)
-            pareto.log_plot(tracker, search_run_id, result.finished, result.objective,
-                            result.direction, title=f"search {config.experiment_name}")
+            # The plot is drawn while the best model is logged (matplotlib's Agg canvas,
+            # no pyplot: safe in a thread).
+            with concurrent.futures.ThreadPoolExecutor(1) as background:
+                plot = background.submit(
+                    pareto.log_plot, tracker, search_run_id, result.finished, result.objective,
+                    result.direction, title=f"search {config.experiment_name}")
+                export.log_best_model(tracker, search_run_id, tuner, result,
+                                      register=config.register, echo=echo)
+                plot.result()
         finally:
             gc.unfreeze()
             for signum, handler in previous.items():
