@@ -8,7 +8,6 @@ on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 
@@ -82,7 +81,9 @@ def _tensorflow_environment() -> None:
     # Take GPU memory as trials need it, not all of it up front (and let several
     # workers share one GPU); nas.search.configure_tensorflow sets it per device too.
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating tables..." etc.
+    # MLflow's INFO lines ("Creating initial MLflow database tables...") are not for users;
+    # MLflow reads this when it is imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def start_tensorflow() -> None:
@@ -198,7 +199,7 @@ def search(space, pipeline, tuner, max_trials, epochs, batch_size, seed, experim
         distributed.check_address(chief)
     prepared = search_module.prepare(config)
     click.echo(f"searching {config.space.name} on {config.pipeline.name} with {tuner}: "
-               f"{max_trials} trials, experiment {config.experiment_name!r}")
+               f"{_plural(max_trials, 'trial')}, experiment {config.experiment_name!r}")
     if prepared.state:
         click.echo(f"resuming the search in {config.project_dir} (--overwrite starts afresh)")
     if chief:
@@ -219,6 +220,10 @@ def search(space, pipeline, tuner, max_trials, epochs, batch_size, seed, experim
     _print_result(result)
 
 
+def _plural(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def _interrupted():
     from nas.tracking import Interrupted
 
@@ -229,8 +234,8 @@ def _print_result(result) -> None:
     finished = result.finished
     failed = [t for t in result.trials if t.status == "FAILED"]
     click.echo("")
-    click.echo(f"{len(finished)} trials finished, {len(failed)} failed, "
-               f"{result.rejected} candidates rejected before training")
+    click.echo(f"{_plural(len(finished), 'trial')} finished, {len(failed)} failed, "
+               f"{_plural(result.rejected, 'candidate')} rejected before training")
     if finished:
         click.echo(_trial_table(finished[:5], result.objective))
     click.echo(f"search run: {result.search_run_id} (experiment {result.experiment_id})")

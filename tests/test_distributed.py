@@ -240,7 +240,7 @@ def test_mirrored_distribution_trains_on_the_cpu(tmp_path, monkeypatch):
         "search", *TINY, "--max-trials", "1", "--epochs", "1", "--experiment", "mirrored",
         "--tracking-uri", uri, "--distribution", "mirrored"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "1 trials finished, 0 failed" in result.output
+    assert "1 trial finished, 0 failed" in result.output
     (strategy,) = made
     assert type(strategy).__name__ == "MirroredStrategy"
     assert strategy.num_replicas_in_sync >= 1

@@ -40,7 +40,7 @@ def test_search_with_gpu_switches_runs_on_the_cpu_and_logs_its_device():
                                        "--epochs", "2", "--mixed-precision", "--jit-compile",
                                        "--experiment", "gpu"])
     assert result.exit_code == 0, result.output
-    assert "1 trials finished, 0 failed" in result.output
+    assert "1 trial finished, 0 failed" in result.output
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("gpu").experiment_id])
     (parent,) = [r for r in runs if r.data.tags["nas.kind"] == "search"]
