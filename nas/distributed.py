@@ -486,7 +486,6 @@ def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]
         if client is not None:
             client.close()
         signal.signal(signal.SIGTERM, previous)
-        tracker.flush()
     return sorted(hooks.runs)
 
 

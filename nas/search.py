@@ -21,13 +21,12 @@ import threading
 import time
 from pathlib import Path
 
-from nas import pareto, tracking
+from nas import pareto, results, tracking
 from nas.data import Arrays, load_arrays
 from nas.space import search_problem
 from nas.specs import Constraints, Pipeline, SearchSpace
 
-__all__ = ["SearchConfig", "SearchError", "SearchFailed", "SearchResult", "TrialSummary", "prepare",
-           "run"]
+__all__ = ["SearchConfig", "SearchError", "SearchFailed", "SearchResult", "prepare", "run"]
 
 STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
 FLUSH_SECONDS = 10.0  # longest a trial's epoch metrics wait before they reach MLflow
@@ -112,35 +111,23 @@ def project_folder(experiment_name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", experiment_name).lstrip(".") or "search"
 
 
-@dataclasses.dataclass(frozen=True)
-class TrialSummary:
-    trial_id: str
-    status: str
-    objective: float | None
-    params: int
-    flops: int
-    fit_seconds: float
-    run_id: str | None
-    architecture: dict
-
-
 @dataclasses.dataclass
 class SearchResult:
     experiment_id: str
     search_run_id: str
     objective: str
     direction: str
-    trials: list[TrialSummary]
+    trials: list[results.TrialRow]  # as MLflow holds them (see nas.results)
     rejected: int
     resumed: bool
 
     @property
-    def finished(self) -> list[TrialSummary]:
-        ranked = [t for t in self.trials if t.status == "COMPLETED" and t.objective is not None]
+    def finished(self) -> list[results.TrialRow]:
+        ranked = [t for t in self.trials if t.status == "FINISHED" and t.objective is not None]
         return sorted(ranked, key=lambda t: t.objective, reverse=self.direction == "max")
 
     @property
-    def best(self) -> TrialSummary | None:
+    def best(self) -> results.TrialRow | None:
         return self.finished[0] if self.finished else None
 
 
@@ -175,6 +162,7 @@ def prepare(config: SearchConfig) -> Prepared:
     problem = search_problem(config, arrays.input_shape, arrays.num_classes)
     if problem:
         raise SearchError(problem)
+    _check_workdir(config.project_dir)
     state = None
     state_file = config.project_dir / STATE_FILE
     if state_file.exists():
@@ -196,6 +184,17 @@ def prepare(config: SearchConfig) -> Prepared:
     if config.overwrite:
         return Prepared(config, arrays, tracker, None, previous=state or None)
     return Prepared(config, arrays, tracker, state)
+
+
+def _check_workdir(folder: Path) -> None:
+    """Refuse a working folder that cannot be created or written, without creating it."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SearchError(f"--workdir: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SearchError(f"--workdir: {existing} is not writable")
 
 
 def configure_tensorflow(config: SearchConfig) -> str:
@@ -480,29 +479,11 @@ def _log_search(tracker, run_id: str, config: SearchConfig, arrays: Arrays) -> N
 
 
 def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> SearchResult:
-    runs = {}
-    for run in tracker.trial_runs(experiment_id, search_run_id):
-        trial_id = run.data.tags.get(tracking.TAG_TRIAL)
-        if trial_id not in runs or runs[trial_id].info.status != "FINISHED":
-            runs[trial_id] = run  # its finished run, else its latest
-    trials = []
-    for trial in tuner.oracle.trials.values():
-        run = runs.get(trial.trial_id)
-        metrics = run.data.metrics if run else {}
-        architecture = tuner.hypermodel.architecture(trial.hyperparameters.values)
-        score = trial.score if trial.status == "COMPLETED" else None
-        trials.append(TrialSummary(
-            trial_id=trial.trial_id, status=trial.status,
-            objective=None if score is None or score != score else float(score),
-            params=architecture.params, flops=architecture.flops,
-            fit_seconds=float(metrics.get("fit_time_s", 0.0)),
-            run_id=run.info.run_id if run else None,
-            architecture=architecture.summary(),
-        ))
+    """The search's trials read back from MLflow, exactly as `nas trials` shows them."""
+    search, _ = results.find_run(tracker, search_run_id)
     pipeline = config.pipeline
     return SearchResult(experiment_id, search_run_id, pipeline.objective, pipeline.direction,
-                        sorted(trials, key=lambda t: t.trial_id), tuner.oracle.rejected,
-                        resumed)
+                        results.list_trials(tracker, search), tuner.oracle.rejected, resumed)
 
 
 def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:

@@ -150,9 +150,6 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, os.fspath(path), artifact_path)
 
-    def flush(self) -> None:
-        """Nothing to wait for: every write is synchronous (metrics are batched instead)."""
-
     def trial_runs(self, experiment_id: str, search_run_id: str) -> list:
         """Every trial run of one search, oldest first."""
         return self.client.search_runs(

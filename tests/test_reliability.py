@@ -313,6 +313,8 @@ def bad_inputs(tmp):
            "Error: pipelines/mnist.yaml: data.source: 'mnist' could not be downloaded")
     yield (["--tracking-uri", "http://127.0.0.1:9"],
            "Error: --tracking-uri: http://127.0.0.1:9 cannot be reached")
+    yield (["--workdir", write(tmp / "a_file", "") + "/state"],
+           f"Error: --workdir: {tmp / 'a_file'} is a file, not a folder")
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch):
