@@ -204,6 +204,9 @@ def search(space, pipeline, tuner, max_trials, epochs, batch_size, seed, experim
         click.echo(f"resuming the search in {config.project_dir} (--overwrite starts afresh)")
     if chief:
         _print_worker_command(prepared, space, pipeline)
+    from nas import export as export_module
+
+    export_module.prepare_model_logging()  # in the background, while TensorFlow loads
     start_tensorflow()
     try:
         result = search_module.run(prepared, echo=click.echo)

@@ -458,7 +458,8 @@ def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]
                       KERASTUNER_ORACLE_PORT=str(port))
     pipeline = config.pipeline
     hypermodel = tuning.CandidateModel(config.space, arrays.input_shape, arrays.num_classes,
-                                       arrays.pixel_scale, jit_compile=config.jit_compile)
+                                       arrays.pixel_scale, jit_compile=config.jit_compile,
+                                       mixed_precision=config.mixed_precision)
     # Only its objective is used here: the chief's oracle proposes and guards.
     oracle = tuning.make_oracle(
         config.tuner, tuning.declare(config.space),
@@ -483,6 +484,7 @@ def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]
                      callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
                                                      pipeline.early_stopping_patience))
     finally:
+        hooks.close()
         if client is not None:
             client.close()
         signal.signal(signal.SIGTERM, previous)

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -171,14 +172,26 @@ def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
     return info.model_uri
 
 
+_preparing: threading.Thread | None = None
+
+
 def prepare_model_logging() -> None:
-    """Do, ahead of time, the slow part of logging a model that depends on nothing.
+    """Start, once per process, the slow part of logging a model that depends on nothing.
 
     `mlflow.tensorflow.log_model` checks the pip requirements against the installed
     packages, and MLflow first maps every installed module to its package (~0.6 s, then
-    cached). A search runs this in a background thread while its first trials train.
-    (An MLflow internal: if it moves, the mapping is simply built when the model is logged.)
+    cached). This builds the map in a background thread; `nas search` starts it before
+    importing TensorFlow, so the two overlap. (An MLflow internal: if it moves, the map
+    is simply built when the model is logged.)
     """
+    global _preparing
+    if _preparing is None:
+        _preparing = threading.Thread(target=_map_packages, name="nas-package-map",
+                                      daemon=True)
+        _preparing.start()
+
+
+def _map_packages() -> None:
     try:
         from mlflow.utils import requirements_utils
 
@@ -257,19 +270,11 @@ def _checkpoint(search: results.Search, trial: results.TrialRow, workdir) -> Pat
 
 def _model_from_checkpoint(architecture: dict, checkpoint: Path):
     """Rebuild the trial's model from its `Architecture.to_dict()` and load its weights."""
-    import keras
-
     from nas.architecture import Architecture
     from nas.models import build_model
 
-    candidate = Architecture.from_dict(architecture)
-    policy = keras.mixed_precision.global_policy()
     # Served in float32 whatever the search trained with; the weights are float32 anyway.
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        model = build_model(candidate, jit_compile=False)
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
+    model = build_model(Architecture.from_dict(architecture), jit_compile=False)
     with _no_optimizer_warning():
         model.load_weights(str(checkpoint))
     return model

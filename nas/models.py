@@ -29,11 +29,15 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
     return _OPTIMIZERS[name](learning_rate=learning_rate)
 
 
-def build_model(architecture: Architecture, *, jit_compile: bool | str = "auto") -> keras.Model:
+def build_model(architecture: Architecture, *, jit_compile: bool | str = "auto",
+                mixed_precision: bool = False) -> keras.Model:
     """Build and compile the Keras model `architecture` describes.
 
-    The output layer computes in float32 so that a mixed-precision policy keeps the
-    softmax and the loss numerically safe.
+    With `mixed_precision`, every layer computes in float16 on float32 variables, except
+    the output layer, which computes in float32 so that the softmax and the loss stay
+    numerically safe, and the loss is scaled (`LossScaleOptimizer`). The policy is given
+    to each layer, not set globally: Keras's `clear_session` would silently reset a
+    global one to float32.
 
     Raises:
         ValueError: the architecture is impossible (check `architecture.impossible` first).
@@ -42,12 +46,16 @@ def build_model(architecture: Architecture, *, jit_compile: bool | str = "auto")
         raise ValueError(f"cannot build an impossible candidate: {architecture.impossible}")
     inputs = keras.Input(shape=architecture.input_shape, name="image")
     x = inputs
+    policy = "mixed_float16" if mixed_precision else "float32"
     for layer in architecture.layers:
-        x = _make_layer(layer)(x)
+        x = _make_layer(layer, policy)(x)
     model = keras.Model(inputs, x, name="candidate")
     values = architecture.values
+    optimizer = make_optimizer(values["optimizer"], values["learning_rate"])
+    if mixed_precision:  # float16 gradients underflow without it
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
-        optimizer=make_optimizer(values["optimizer"], values["learning_rate"]),
+        optimizer=optimizer,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,
@@ -55,25 +63,25 @@ def build_model(architecture: Architecture, *, jit_compile: bool | str = "auto")
     return model
 
 
-def _make_layer(layer) -> keras.layers.Layer:
-    c, name = layer.config, layer.name.replace("/", "_")
+def _make_layer(layer, policy: str) -> keras.layers.Layer:
+    c = layer.config
+    common = dict(name=layer.name.replace("/", "_"),
+                  dtype="float32" if layer.name == "output" else policy)
     if layer.kind == "Rescaling":
-        return keras.layers.Rescaling(c["scale"], c["offset"], name=name)
+        return keras.layers.Rescaling(c["scale"], c["offset"], **common)
     if layer.kind == "Conv2D":
         return keras.layers.Conv2D(c["filters"], c["kernel_size"], strides=c["strides"],
-                                   padding=c["padding"], use_bias=c["use_bias"], name=name)
+                                   padding=c["padding"], use_bias=c["use_bias"], **common)
     if layer.kind == "BatchNormalization":
-        return keras.layers.BatchNormalization(name=name)
+        return keras.layers.BatchNormalization(**common)
     if layer.kind == "Activation":
-        return keras.layers.Activation(c["activation"], name=name)
+        return keras.layers.Activation(c["activation"], **common)
     if layer.kind in _POOLS:
-        return _POOLS[layer.kind](c["pool_size"], strides=c["strides"], name=name)
+        return _POOLS[layer.kind](c["pool_size"], strides=c["strides"], **common)
     if layer.kind in _REDUCERS:
-        return _REDUCERS[layer.kind](name=name)
+        return _REDUCERS[layer.kind](**common)
     if layer.kind == "Dropout":
-        return keras.layers.Dropout(c["rate"], name=name)
+        return keras.layers.Dropout(c["rate"], **common)
     if layer.kind == "Dense":
-        # The output layer stays float32 under mixed precision.
-        dtype = "float32" if layer.name == "output" else None
-        return keras.layers.Dense(c["units"], activation=c["activation"], name=name, dtype=dtype)
+        return keras.layers.Dense(c["units"], activation=c["activation"], **common)
     raise ValueError(f"unknown layer type {layer.kind!r}")

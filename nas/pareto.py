@@ -86,7 +86,8 @@ def plot_tradeoff(trials: Sequence, path, objective: str = "objective",
     from matplotlib.figure import Figure
 
     scored = _scored(trials)
-    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    figure = Figure(figsize=(11, 4.5))
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.9, wspace=0.06)
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(COSTS), sharey=True)
     for ax, cost in zip(axes, COSTS):
@@ -113,7 +114,7 @@ def plot_tradeoff(trials: Sequence, path, objective: str = "objective",
     axes[0].legend(loc="best", fontsize=8)
     figure.suptitle(title or f"{objective} against cost: {len(scored)} trials")
     path = Path(path)
-    figure.savefig(path, format="png", dpi=100)
+    figure.savefig(path, format="png", dpi=100, pil_kwargs={"compress_level": 1})
     return path
 
 

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -197,25 +196,21 @@ def _check_workdir(folder: Path) -> None:
         raise SearchError(f"--workdir: {existing} is not writable")
 
 
-def configure_tensorflow(config: SearchConfig) -> str:
-    """GPU memory growth, mixed precision and seeds; before any model is built.
+def configure_tensorflow(config: SearchConfig) -> None:
+    """GPU memory growth and seeds; before any model is built.
 
-    Returns the name of the dtype policy in force before, for the caller to restore.
+    Mixed precision is not set here: `nas.models.build_model` gives the policy to every
+    layer (see there).
     """
     import keras
     import tensorflow as tf
-
-    previous = keras.mixed_precision.global_policy().name
 
     for gpu in tf.config.list_physical_devices("GPU"):
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:  # devices already initialized in this process
             pass
-    keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision
-                                            else "float32")
     keras.utils.set_random_seed(config.seed)
-    return previous
 
 
 def device_name() -> str:
@@ -226,7 +221,15 @@ def device_name() -> str:
 
 
 class TrialRuns:
-    """Tuner hooks: one nested MLflow run per trial, per-epoch metrics, a progress line."""
+    """Tuner hooks: one nested MLflow run per trial, per-epoch metrics, a progress line.
+
+    A trial's run is written by one background thread, in order, while the main thread
+    trains: it is queued once the first batch has trained (by then the model is built and
+    its training step traced, and the main thread waits on TensorFlow's kernels, not on
+    Python), or when the trial ends if it never trained. `trial_ended` waits for those
+    writes and closes the run before KerasTuner records the trial as ended, so a finished
+    trial is never left RUNNING in MLflow. `close()` waits for everything queued.
+    """
 
     def __init__(self, tracker: tracking.Tracker, experiment_id: str, search_run_id: str,
                  config: SearchConfig, echo, total: int):
@@ -241,9 +244,27 @@ class TrialRuns:
         self.fit_seconds: dict[str, float] = {}
         self.best: float | None = None
         self.earlier = 0  # trials ended by earlier processes of a resumed search
+        self.ended = 0  # trials ended by this process
         self.device = device_name()
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "nas-mlflow")
+        self._trial = None  # the current trial, its architecture and start (ms since epoch)
+        self._opened: concurrent.futures.Future | None = None  # its run id, once queued
+        self._unchecked: list[concurrent.futures.Future] = []
         self._pending: list = []
         self._started = self._flushed = time.perf_counter()
+
+    def write(self, function, *args) -> None:
+        """Queue a write that nothing waits for; `check` raises its error, if any."""
+        self._unchecked.append(self._writer.submit(function, *args))
+
+    def close(self) -> None:
+        """Wait for every write queued; the search's run must not end before them."""
+        self._writer.shutdown(wait=True)
+
+    def check(self) -> None:
+        """Raise the first error of a write queued by `write`, once all are done."""
+        for future in self._unchecked:
+            future.result()
 
     def resume_from(self, oracle) -> None:
         """Count and rank what an earlier process of this search already finished."""
@@ -255,17 +276,23 @@ class TrialRuns:
             self.best = max(scores) if self.direction == "max" else min(scores)
 
     def trial_started(self, trial, architecture) -> None:
+        self._trial = (trial, architecture, int(time.time() * 1000))
+        self._opened, self._pending = None, []
+        self._started = self._flushed = time.perf_counter()
+
+    def batch_ended(self) -> None:
+        if self._opened is None:
+            self._opened = self._writer.submit(self._open_run, *self._trial)
+
+    def _open_run(self, trial, architecture, start_time: int) -> str:
         tracker = self.tracker
         run_id = tracker.start_run(
             self.experiment_id, f"trial-{trial.trial_id}",
             tags={tracking.TAG_KIND: "trial", tracking.TAG_TRIAL: trial.trial_id,
                   tracking.TAG_SEARCH: self.search_run_id, "nas.device": self.device,
                   "nas.worker": os.environ.get("KERASTUNER_TUNER_ID", "local")},
-            parent_run_id=self.search_run_id,
+            parent_run_id=self.search_run_id, start_time=start_time,
         )
-        self.runs[trial.trial_id] = run_id
-        self._pending = []
-        self._started = self._flushed = time.perf_counter()
         try:
             tracker.log_batch(run_id, params=trial.hyperparameters.values,
                               metrics=tracker.metrics({"params": architecture.params,
@@ -275,48 +302,89 @@ class TrialRuns:
         except BaseException:
             tracker.end(run_id, "FAILED")  # a trial's run is always closed
             raise
+        return run_id
 
     def epoch_ended(self, trial, epoch: int, logs: dict) -> None:
+        self.batch_ended()
+        opened = self._opened
+        if opened.done() and opened.exception() is not None:
+            raise opened.exception()  # its run could not be written: stop the trial now
         # Batched: one store write per trial, plus one every FLUSH_SECONDS so a long
         # trial still shows its curves while it trains.
         self._pending += self.tracker.metrics(
             {k: float(v) for k, v in logs.items()
              if k in ("loss", "accuracy", "val_loss", "val_accuracy")}, step=epoch)
         if time.perf_counter() - self._flushed > FLUSH_SECONDS:
-            self.tracker.log_batch(self.runs[trial.trial_id], self._pending)
+            self.write(lambda metrics: self.tracker.log_batch(opened.result(), metrics),
+                       self._pending)
             self._pending, self._flushed = [], time.perf_counter()
 
     def trial_ended(self, trial, architecture, history, fit_seconds, error) -> None:
-        run_id = self.runs[trial.trial_id]
+        self.batch_ended()  # a trial that never trained gets its run too
+        self.ended += 1
+        try:
+            run_id = self._opened.result()
+        except Exception as failure:  # its run could not be written: the trial fails
+            self.echo(f"trial {trial.trial_id} ({self.earlier + self.ended}/{self.total}): "
+                      f"{self.objective} FAILED  (MLflow: {failure.__class__.__name__}: "
+                      f"{failure})")
+            raise
+        self.runs[trial.trial_id] = run_id
         self.fit_seconds[trial.trial_id] = fit_seconds
         status = "FINISHED"
         metrics, tags = {"fit_time_s": fit_seconds}, {}
-        try:
-            if history is not None:
-                values = [v for v in history.get(self.objective, []) if v == v]
-                if values:
-                    best = max(values) if self.direction == "max" else min(values)
-                    metrics["objective"] = best
-                    metrics[f"best_{self.objective}"] = best
-                    metrics["epochs_trained"] = len(history[self.objective])
-                    better = self.best is None or (best > self.best if self.direction == "max"
-                                                   else best < self.best)
-                    self.best = best if better else self.best
-            if error is not None:
-                status = ("KILLED" if isinstance(error, (KeyboardInterrupt, tracking.Interrupted))
-                          else "FAILED")
-                tags["nas.error"] = (f"{error.__class__.__name__}: "
-                                     f"{str(error) or 'interrupted'}")[:5000]
-            self.tracker.log_batch(run_id, self._pending + self.tracker.metrics(metrics),
-                                   tags=tags)
-        finally:
-            self.tracker.end(run_id, status)
-        done = self.earlier + len(self.runs)
+        if history is not None:
+            values = [v for v in history.get(self.objective, []) if v == v]
+            if values:
+                best = max(values) if self.direction == "max" else min(values)
+                metrics["objective"] = best
+                metrics[f"best_{self.objective}"] = best
+                metrics["epochs_trained"] = len(history[self.objective])
+                better = self.best is None or (best > self.best if self.direction == "max"
+                                               else best < self.best)
+                self.best = best if better else self.best
+        if error is not None:
+            status = ("KILLED" if isinstance(error, (KeyboardInterrupt, tracking.Interrupted))
+                      else "FAILED")
+            tags["nas.error"] = (f"{error.__class__.__name__}: "
+                                 f"{str(error) or 'interrupted'}")[:5000]
+        self._writer.submit(self._close_run, run_id, status,
+                            self._pending + self.tracker.metrics(metrics), tags).result()
+        done = self.earlier + self.ended
         shown = f"{metrics.get('objective', float('nan')):.4f}" if error is None else status
         best = f"{self.best:.4f}" if self.best is not None else "-"
         self.echo(f"trial {trial.trial_id} ({done}/{self.total}): {self.objective} {shown}  "
                   f"best {best}  params {architecture.params:,}  "
                   f"{time.perf_counter() - self._started:.1f} s")
+
+    def _close_run(self, run_id: str, status: str, metrics: list, tags: dict) -> None:
+        try:
+            self.tracker.log_batch(run_id, metrics, tags=tags)
+        finally:
+            self.tracker.end(run_id, status)  # a trial's run is always closed
+
+
+# What a search imports lazily once it runs: KerasTuner's TensorBoard support in its first
+# trial (which pulls in boto3); MLflow's model flavor, pyfunc, git context and the tracing
+# processors that setting its tracking URI resets, when the best model is logged;
+# matplotlib's Agg canvas for the plot. Imported before the search's run starts, so that
+# start-up is paid at start-up, not by the first and last trials.
+IMPORT_AHEAD = ("tensorboard.plugins.hparams.api", "mlflow.tensorflow", "mlflow.pyfunc", "git",
+                "mlflow.tracing.processor.base_mlflow", "mlflow.tracing.processor.otel",
+                "matplotlib.figure", "matplotlib.backends.backend_agg")
+
+
+def import_ahead() -> None:
+    import importlib
+
+    for name in IMPORT_AHEAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # only a head start: whoever needs it imports it (and says so)
+            pass
+    from PIL import Image
+
+    Image.preinit()  # PIL's image writers (PNG), registered on first save
 
 
 def raise_interrupted(signum, frame):
@@ -339,7 +407,12 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
 
     config, tracker, arrays = prepared.config, prepared.tracker, prepared.arrays
     pipeline = config.pipeline
-    policy = configure_tensorflow(config)
+    configure_tensorflow(config)
+    export.prepare_model_logging()  # no-op when `nas search` already started it
+    import_ahead()
+    # The search's inputs are ready before its run starts: the data was read by `prepare`,
+    # and here becomes the tf.data pipelines every trial shares.
+    datasets = make_datasets(arrays, config.batch_size or pipeline.batch_size, config.seed)
     project_dir = config.project_dir
     if config.overwrite and any((project_dir / f).exists() for f in (STATE_FILE, "oracle.json")):
         shutil.rmtree(project_dir)  # only ever a search's own state folder
@@ -357,13 +430,13 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
     else:
         search_run_id = tracker.start_run(experiment_id, f"search-{config.experiment_name}",
                                           tags={tracking.TAG_KIND: "search"})
-        _log_search(tracker, search_run_id, config, arrays)
         state = {"search_run_id": search_run_id, "experiment_id": experiment_id,
                  "fingerprint": config.fingerprint()}
         (project_dir / STATE_FILE).write_text(json.dumps(state))
 
     hypermodel = tuning.CandidateModel(config.space, arrays.input_shape, arrays.num_classes,
-                                       arrays.pixel_scale, jit_compile=config.jit_compile)
+                                       arrays.pixel_scale, jit_compile=config.jit_compile,
+                                       mixed_precision=config.mixed_precision)
     constraints = config.constraints
     oracle = tuning.make_oracle(
         config.tuner, tuning.declare(config.space),
@@ -373,8 +446,10 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
         check=lambda values: hypermodel.check(values, constraints),
     )
     hooks = TrialRuns(tracker, experiment_id, search_run_id, config, echo, config.max_trials)
+    if not resumed:  # written while the first trial trains
+        hooks.write(_log_search, tracker, search_run_id, config, arrays)
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, raise_interrupted)}
-    with tracker.run(experiment_id, "", run_id=search_run_id):
+    with tracker.run(experiment_id, "", run_id=search_run_id, reopen=resumed):
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading ..."
                 tuner = tuning.NasTuner(
@@ -388,35 +463,31 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
                 return _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
             if config.chief:  # workers train the trials; this process serves the oracle
                 tuner = distributed.Chief(tuner, prepared, experiment_id, search_run_id, echo)
-            datasets = make_datasets(arrays, config.batch_size or pipeline.batch_size,
-                                     config.seed)
-            # Garbage is collected before every trial; with TensorFlow and MLflow loaded a
-            # full collection takes ~0.5 s. Freezing what exists now (modules, the data)
-            # leaves only each trial's own objects to scan.
+            # Garbage is collected once a trial (see NasTuner._try_build); with TensorFlow
+            # and MLflow loaded a full collection takes ~0.5 s. Freezing what exists now
+            # (modules, the data) leaves only the trials' own objects to scan.
             gc.freeze()
-            threading.Thread(target=export.prepare_model_logging, daemon=True).start()
-            _search(tuner, datasets.train, validation_data=datasets.validation,
-                    epochs=config.epochs_per_trial, verbose=0, shuffle=False,
-                    callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
-                                                    pipeline.early_stopping_patience))
+            try:
+                _search(tuner, datasets.train, validation_data=datasets.validation,
+                        epochs=config.epochs_per_trial, verbose=0, shuffle=False,
+                        callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
+                                                        pipeline.early_stopping_patience))
+            finally:
+                hooks.close()
+            hooks.check()
             result = _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
             _log_outcome(tracker, search_run_id, result)
-            # The plot is drawn while the best model is logged (matplotlib's Agg canvas,
-            # no pyplot: safe in a thread).
-            with concurrent.futures.ThreadPoolExecutor(1) as background:
-                plot = background.submit(
-                    pareto.log_plot, tracker, search_run_id, result.finished, result.objective,
-                    result.direction, title=f"search {config.experiment_name}")
-                export.log_best_model(tracker, search_run_id, tuner, result,
-                                      register=config.register, echo=echo)
-                plot.result()
+            # One after the other: both are Python-bound, and in two threads they take
+            # longer than in turn.
+            pareto.log_plot(tracker, search_run_id, result.finished, result.objective,
+                            result.direction, title=f"search {config.experiment_name}")
+            export.log_best_model(tracker, search_run_id, tuner, result,
+                                  register=config.register, echo=echo)
         finally:
+            hooks.close()
             gc.unfreeze()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            import keras
-
-            keras.mixed_precision.set_global_policy(policy)
     return result
 
 
@@ -492,10 +563,10 @@ def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:
         "finished_trials": len(result.finished),
         "failed_trials": sum(t.status == "FAILED" for t in result.trials),
     }
+    tags = {}
     best = result.best
     if best is not None:
         metrics.update({"best_objective": best.objective, f"best_{result.objective}":
                         best.objective, "best_params": best.params, "best_flops": best.flops})
-        tracker.set_tags(run_id, {"nas.best_trial_id": best.trial_id,
-                                  "nas.best_run_id": best.run_id or ""})
-    tracker.log_metrics(run_id, metrics)
+        tags = {"nas.best_trial_id": best.trial_id, "nas.best_run_id": best.run_id or ""}
+    tracker.log_batch(run_id, tracker.metrics(metrics), tags=tags)

@@ -83,23 +83,27 @@ class Tracker:
             return self.client.get_experiment_by_name(name).experiment_id
 
     def start_run(self, experiment_id: str, name: str, tags: Mapping[str, str] | None = None,
-                  parent_run_id: str | None = None) -> str:
+                  parent_run_id: str | None = None, start_time: int | None = None) -> str:
+        """A new RUNNING run; `start_time` (ms since the epoch) defaults to now."""
         tags = dict(tags or {})
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        run = self.client.create_run(experiment_id, start_time=start_time, run_name=name,
+                                     tags=tags)
         return run.info.run_id
 
     @contextlib.contextmanager
     def run(self, experiment_id: str, name: str, tags: Mapping[str, str] | None = None,
-            parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[str]:
+            parent_run_id: str | None = None, run_id: str | None = None,
+            reopen: bool = True) -> Iterator[str]:
         """A run that ends FINISHED, FAILED (an exception), or KILLED (an interrupt).
 
-        With `run_id`, an existing run is reopened instead of a new one created.
+        With `run_id`, an existing run is used instead of a new one created, and set
+        RUNNING again if `reopen` (a run just started with `start_run` already is).
         """
         if run_id is None:
             run_id = self.start_run(experiment_id, name, tags, parent_run_id)
-        else:
+        elif reopen:
             self.client.update_run(run_id, status="RUNNING")
         status = "FAILED"
         try:

@@ -61,6 +61,8 @@ def test_search_on_digits_lands_in_mlflow(tmp_path):
         assert f"stage_{depth + 1}/kernel_size" not in params  # inactive knobs are not logged
         metrics = run.data.metrics
         assert metrics["params"] > 0 and metrics["flops"] > 0 and metrics["fit_time_s"] > 0
+        # The run spans its trial, from before the model is built to after it trained.
+        assert (run.info.end_time - run.info.start_time) / 1000 >= metrics["fit_time_s"]
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in history] == list(range(len(history)))
         assert 1 <= len(history) <= 3

@@ -20,38 +20,54 @@ def test_mixed_precision_computes_in_float16_and_outputs_float32():
               "stage_1/padding": "same", "stage_1/pool": "max", "reduce": "flatten",
               "dense_layers": 0, "learning_rate": 0.01}
     architecture = Architecture.from_values(load_space("tiny"), values, (8, 8, 1), 3, 16.0)
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        model = build_model(architecture, jit_compile=True)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    keras.backend.clear_session()  # resets a global dtype policy; the model's own stays
+    model = build_model(architecture, jit_compile=True, mixed_precision=True)
     conv = model.get_layer("stage_1_conv")
     assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
     assert model.get_layer("output").compute_dtype == "float32"
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     x = np.random.default_rng(0).uniform(0, 16, (32, 8, 8, 1)).astype("float32")
     y = np.arange(32) % 3
     history = model.fit(x, y, epochs=2, batch_size=8, verbose=0)  # XLA on the CPU
     assert np.isfinite(history.history["loss"]).all()
     assert model.predict(x[:2], verbose=0).dtype == np.float32
+    assert build_model(architecture).get_layer("stage_1_conv").compute_dtype == "float32"
 
 
-def test_search_with_gpu_switches_runs_on_the_cpu_and_logs_its_device():
-    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-trials", "1",
+def test_search_with_gpu_switches_runs_on_the_cpu_and_logs_its_device(monkeypatch):
+    import keras
+
+    import nas.tuning
+
+    real_build, built = nas.tuning.build_model, []
+
+    def build_model(architecture, **kwargs):  # every trial's model, as it trains
+        model = real_build(architecture, **kwargs)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(nas.tuning, "build_model", build_model)
+    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-trials", "2",
                                        "--epochs", "2", "--mixed-precision", "--jit-compile",
                                        "--experiment", "gpu"])
     assert result.exit_code == 0, result.output
-    assert "1 trial finished, 0 failed" in result.output
+    assert "2 trials finished, 0 failed" in result.output
+    assert "logged to MLflow as runs:/" in result.output  # served in float32
+    assert "warning" not in result.output
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("gpu").experiment_id])
     (parent,) = [r for r in runs if r.data.tags["nas.kind"] == "search"]
-    (trial,) = [r for r in runs if r.data.tags["nas.kind"] == "trial"]
+    trials = [r for r in runs if r.data.tags["nas.kind"] == "trial"]
     assert parent.data.params["mixed_precision"] == "true"
     assert parent.data.params["jit_compile"] == "true"
-    assert trial.info.status == "FINISHED"
-    assert trial.data.tags["nas.device"] == "/device:CPU:0"
-    import keras
-
-    assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
+    assert [t.info.status for t in trials] == ["FINISHED", "FINISHED"]
+    assert {t.data.tags["nas.device"] for t in trials} == {"/device:CPU:0"}
+    # Every trial trained in mixed precision, not only the first.
+    assert len(built) == 2
+    for model in built:
+        assert model.get_layer("stage_1_conv").compute_dtype == "float16"
+        assert model.get_layer("output").compute_dtype == "float32"
+    assert keras.mixed_precision.global_policy().name == "float32"  # never changed
 
 
 def test_memory_growth_is_set_on_every_gpu(monkeypatch):

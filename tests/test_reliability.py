@@ -59,6 +59,30 @@ def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(monkeypatch):
     assert runs["0"].info.status == runs["2"].info.status == "FINISHED"
 
 
+def test_a_trial_whose_run_cannot_be_written_fails_and_the_search_goes_on(monkeypatch):
+    import nas.tracking
+
+    real_log_dict, calls = nas.tracking.Tracker.log_dict, []
+
+    def log_dict(self, run_id, data, artifact_file):
+        if artifact_file == "architecture.json":
+            calls.append(run_id)
+            if len(calls) == 1:
+                raise OSError("the artifact store is full")
+        return real_log_dict(self, run_id, data, artifact_file)
+
+    monkeypatch.setattr(nas.tracking.Tracker, "log_dict", log_dict)
+    result = invoke(SEARCH + ["--max-trials", "3"])
+    assert result.exit_code == 0, result.output
+    assert ("trial 0 (1/3): val_accuracy FAILED  (MLflow: OSError: the artifact store is full)"
+            in result.output)
+    assert "trial 2 (3/3)" in result.output
+    assert "2 trials finished, 1 failed" in result.output
+    runs = {r.data.tags["nas.trial_id"]: r for r in runs_of()}
+    assert runs["0"].info.status == "FAILED"  # closed, not left RUNNING
+    assert runs["1"].info.status == runs["2"].info.status == "FINISHED"
+
+
 def test_out_of_memory_fails_only_that_trial(monkeypatch):
     import tensorflow as tf
 
