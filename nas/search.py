@@ -228,7 +228,8 @@ class TrialRuns:
     its training step traced, and the main thread waits on TensorFlow's kernels, not on
     Python), or when the trial ends if it never trained. `trial_ended` waits for those
     writes and closes the run before KerasTuner records the trial as ended, so a finished
-    trial is never left RUNNING in MLflow. `close()` waits for everything queued.
+    trial is never left RUNNING in MLflow. `close()` waits for everything queued and closes,
+    as KILLED, a run an interruption left open.
     """
 
     def __init__(self, tracker: tracking.Tracker, experiment_id: str, search_run_id: str,
@@ -247,24 +248,20 @@ class TrialRuns:
         self.ended = 0  # trials ended by this process
         self.device = device_name()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "nas-mlflow")
+        self._unclosed: set[str] = set()  # runs opened and not yet closed (writer thread)
+        self._closed = False
         self._trial = None  # the current trial, its architecture and start (ms since epoch)
         self._opened: concurrent.futures.Future | None = None  # its run id, once queued
-        self._unchecked: list[concurrent.futures.Future] = []
+        self._flushes: list[concurrent.futures.Future] = []  # its metrics written so far
         self._pending: list = []
         self._started = self._flushed = time.perf_counter()
 
-    def write(self, function, *args) -> None:
-        """Queue a write that nothing waits for; `check` raises its error, if any."""
-        self._unchecked.append(self._writer.submit(function, *args))
-
     def close(self) -> None:
         """Wait for every write queued; the search's run must not end before them."""
-        self._writer.shutdown(wait=True)
-
-    def check(self) -> None:
-        """Raise the first error of a write queued by `write`, once all are done."""
-        for future in self._unchecked:
-            future.result()
+        if not self._closed:
+            self._closed = True
+            self._writer.submit(self._close_unclosed)
+            self._writer.shutdown(wait=True)
 
     def resume_from(self, oracle) -> None:
         """Count and rank what an earlier process of this search already finished."""
@@ -277,7 +274,7 @@ class TrialRuns:
 
     def trial_started(self, trial, architecture) -> None:
         self._trial = (trial, architecture, int(time.time() * 1000))
-        self._opened, self._pending = None, []
+        self._opened, self._flushes, self._pending = None, [], []
         self._started = self._flushed = time.perf_counter()
 
     def batch_ended(self) -> None:
@@ -302,22 +299,27 @@ class TrialRuns:
         except BaseException:
             tracker.end(run_id, "FAILED")  # a trial's run is always closed
             raise
+        self._unclosed.add(run_id)
         return run_id
 
     def epoch_ended(self, trial, epoch: int, logs: dict) -> None:
         self.batch_ended()
-        opened = self._opened
-        if opened.done() and opened.exception() is not None:
-            raise opened.exception()  # its run could not be written: stop the trial now
+        # A run that could not be written, or metrics that could not, stop the trial now.
+        for future in [self._opened, *self._flushes]:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
         # Batched: one store write per trial, plus one every FLUSH_SECONDS so a long
         # trial still shows its curves while it trains.
         self._pending += self.tracker.metrics(
             {k: float(v) for k, v in logs.items()
              if k in ("loss", "accuracy", "val_loss", "val_accuracy")}, step=epoch)
         if time.perf_counter() - self._flushed > FLUSH_SECONDS:
-            self.write(lambda metrics: self.tracker.log_batch(opened.result(), metrics),
-                       self._pending)
+            self._flushes.append(self._writer.submit(self._flush, self._opened, self._pending))
             self._pending, self._flushed = [], time.perf_counter()
+
+    def _flush(self, opened: concurrent.futures.Future, metrics: list) -> None:
+        if opened.exception() is None:  # else the trial fails on that error already
+            self.tracker.log_batch(opened.result(), metrics)
 
     def trial_ended(self, trial, architecture, history, fit_seconds, error) -> None:
         self.batch_ended()  # a trial that never trained gets its run too
@@ -328,9 +330,14 @@ class TrialRuns:
             self.echo(f"trial {trial.trial_id} ({self.earlier + self.ended}/{self.total}): "
                       f"{self.objective} FAILED  (MLflow: {failure.__class__.__name__}: "
                       f"{failure})")
+            if isinstance(error, (KeyboardInterrupt, tracking.Interrupted)):
+                raise error from failure  # an interruption still stops the search
             raise
         self.runs[trial.trial_id] = run_id
         self.fit_seconds[trial.trial_id] = fit_seconds
+        failed_flush = next((f.exception() for f in self._flushes if f.exception()), None)
+        if error is None and failed_flush is not None:
+            error = failed_flush  # its metrics could not be written: the trial fails
         status = "FINISHED"
         metrics, tags = {"fit_time_s": fit_seconds}, {}
         if history is not None:
@@ -342,7 +349,7 @@ class TrialRuns:
                 metrics["epochs_trained"] = len(history[self.objective])
                 better = self.best is None or (best > self.best if self.direction == "max"
                                                else best < self.best)
-                self.best = best if better else self.best
+                self.best = best if better and error is None else self.best
         if error is not None:
             status = ("KILLED" if isinstance(error, (KeyboardInterrupt, tracking.Interrupted))
                       else "FAILED")
@@ -356,12 +363,19 @@ class TrialRuns:
         self.echo(f"trial {trial.trial_id} ({done}/{self.total}): {self.objective} {shown}  "
                   f"best {best}  params {architecture.params:,}  "
                   f"{time.perf_counter() - self._started:.1f} s")
+        if failed_flush is not None and error is failed_flush:
+            raise failed_flush  # KerasTuner records the trial as failed
 
     def _close_run(self, run_id: str, status: str, metrics: list, tags: dict) -> None:
+        self._unclosed.discard(run_id)
         try:
             self.tracker.log_batch(run_id, metrics, tags=tags)
         finally:
             self.tracker.end(run_id, status)  # a trial's run is always closed
+
+    def _close_unclosed(self) -> None:
+        for run_id in list(self._unclosed):
+            self._close_run(run_id, "KILLED", [], {"nas.error": "interrupted"})
 
 
 # What a search imports lazily once it runs: KerasTuner's TensorBoard support in its first
@@ -430,6 +444,7 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
     else:
         search_run_id = tracker.start_run(experiment_id, f"search-{config.experiment_name}",
                                           tags={tracking.TAG_KIND: "search"})
+        _log_search(tracker, search_run_id, config, arrays)
         state = {"search_run_id": search_run_id, "experiment_id": experiment_id,
                  "fingerprint": config.fingerprint()}
         (project_dir / STATE_FILE).write_text(json.dumps(state))
@@ -446,8 +461,6 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
         check=lambda values: hypermodel.check(values, constraints),
     )
     hooks = TrialRuns(tracker, experiment_id, search_run_id, config, echo, config.max_trials)
-    if not resumed:  # written while the first trial trains
-        hooks.write(_log_search, tracker, search_run_id, config, arrays)
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, raise_interrupted)}
     with tracker.run(experiment_id, "", run_id=search_run_id, reopen=resumed):
         try:
@@ -474,7 +487,6 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
                                                         pipeline.early_stopping_patience))
             finally:
                 hooks.close()
-            hooks.check()
             result = _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
             _log_outcome(tracker, search_run_id, result)
             # One after the other: both are Python-bound, and in two threads they take

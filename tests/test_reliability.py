@@ -83,6 +83,60 @@ def test_a_trial_whose_run_cannot_be_written_fails_and_the_search_goes_on(monkey
     assert runs["1"].info.status == runs["2"].info.status == "FINISHED"
 
 
+def test_metrics_that_cannot_be_written_fail_only_that_trial(monkeypatch):
+    import nas.search
+    import nas.tracking
+
+    monkeypatch.setattr(nas.search, "FLUSH_SECONDS", 0.0)  # every epoch's metrics at once
+    real_log_batch, failed = nas.tracking.Tracker.log_batch, []
+
+    def log_batch(self, run_id, metrics=(), params=None, tags=None):
+        metrics = list(metrics)
+        if not failed and not params and not tags and any(m.key == "val_loss" for m in metrics):
+            failed.append(run_id)
+            raise OSError("the tracking store went away")
+        return real_log_batch(self, run_id, metrics, params, tags)
+
+    monkeypatch.setattr(nas.tracking.Tracker, "log_batch", log_batch)
+    result = invoke(SEARCH + ["--max-trials", "3"])
+    assert result.exit_code == 0, result.output
+    assert "trial 0 (1/3): val_accuracy FAILED" in result.output
+    assert "2 trials finished, 1 failed" in result.output
+    runs = {r.data.tags["nas.trial_id"]: r for r in runs_of()}
+    assert runs["0"].info.status == "FAILED"
+    assert runs["0"].data.tags["nas.error"] == "OSError: the tracking store went away"
+    assert runs["1"].info.status == runs["2"].info.status == "FINISHED"
+
+
+def test_a_run_an_interruption_left_open_is_closed_killed(tmp_path):
+    from types import SimpleNamespace
+
+    from nas.architecture import Architecture
+    from nas.search import SearchConfig, TrialRuns
+    from nas.specs import load_pipeline, load_space
+    from nas.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = tracker.experiment_id("interrupted")
+    parent = tracker.start_run(experiment_id, "search")
+    space = load_space("tiny")
+    values = {"depth": 1, "stage_1/filters": 4, "stage_1/kernel_size": 3,
+              "stage_1/padding": "same", "stage_1/pool": "max", "reduce": "flatten",
+              "dense_layers": 0, "learning_rate": 0.01}
+    hooks = TrialRuns(tracker, experiment_id, parent,
+                      SearchConfig(space=space, pipeline=load_pipeline("digits")),
+                      echo=lambda line: None, total=1)
+    trial = SimpleNamespace(trial_id="0", hyperparameters=SimpleNamespace(values=values))
+    hooks.trial_started(trial, Architecture.from_values(space, values, (8, 8, 1), 10, 16.0))
+    hooks.batch_ended()  # the run is written in the background ...
+    hooks.close()  # ... and an interruption skipped trial_ended
+    (run,) = [r for r in tracker.client.search_runs([experiment_id])
+              if r.info.run_id != parent]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["nas.error"] == "interrupted"
+    assert run.data.params["depth"] == "1"
+
+
 def test_out_of_memory_fails_only_that_trial(monkeypatch):
     import tensorflow as tf
 
@@ -151,8 +205,12 @@ def start_search(tmp_path, *extra):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     args = [sys.executable, "-m", "nas.cli", *SEARCH, "--max-trials", "3", "--seed", "2", *LONG,
             *extra]
+    # SIGINT as a terminal delivers it, even when this process was started ignoring it (a
+    # background job of a shell): Python turns it into KeyboardInterrupt only if it is not
+    # ignored when Python starts.
     return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_training(trial_id: str, process, timeout=180):
