@@ -33,6 +33,21 @@ def invoke(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
+def assert_one_trial_failed(result, trial_id: str, error: str | None = None) -> None:
+    """A 3-trial search went on: exit 0, `trial_id` FAILED as shown and in MLflow (with
+    `error` as its `nas.error`), the two others FINISHED."""
+    assert result.exit_code == 0, result.output
+    assert f"trial {trial_id} ({int(trial_id) + 1}/3): val_accuracy FAILED" in result.output
+    assert "2 trials finished, 1 failed" in result.output
+    runs = {r.data.tags["nas.trial_id"]: r for r in runs_of()}
+    assert sorted(runs) == ["0", "1", "2"]
+    failed = runs.pop(trial_id)
+    assert failed.info.status == "FAILED"  # closed, not left RUNNING
+    if error is not None:
+        assert failed.data.tags["nas.error"] == error
+    assert [r.info.status for r in runs.values()] == ["FINISHED", "FINISHED"]
+
+
 # --- failed trials --------------------------------------------------------------------------
 
 
@@ -50,13 +65,7 @@ def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(monkeypatch):
 
     monkeypatch.setattr(nas.tuning, "build_model", flaky_build)
     result = invoke(SEARCH + ["--max-trials", "3"])
-    assert result.exit_code == 0, result.output
-    assert "trial 1 (2/3): val_accuracy FAILED" in result.output
-    assert "2 trials finished, 1 failed" in result.output
-    runs = {r.data.tags["nas.trial_id"]: r for r in runs_of()}
-    assert runs["1"].info.status == "FAILED"
-    assert runs["1"].data.tags["nas.error"] == "ValueError: simulated build error"
-    assert runs["0"].info.status == runs["2"].info.status == "FINISHED"
+    assert_one_trial_failed(result, "1", "ValueError: simulated build error")
 
 
 def test_a_trial_whose_run_cannot_be_written_fails_and_the_search_goes_on(monkeypatch):
@@ -73,14 +82,9 @@ def test_a_trial_whose_run_cannot_be_written_fails_and_the_search_goes_on(monkey
 
     monkeypatch.setattr(nas.tracking.Tracker, "log_dict", log_dict)
     result = invoke(SEARCH + ["--max-trials", "3"])
-    assert result.exit_code == 0, result.output
+    assert_one_trial_failed(result, "0")
     assert ("trial 0 (1/3): val_accuracy FAILED  (MLflow: OSError: the artifact store is full)"
             in result.output)
-    assert "trial 2 (3/3)" in result.output
-    assert "2 trials finished, 1 failed" in result.output
-    runs = {r.data.tags["nas.trial_id"]: r for r in runs_of()}
-    assert runs["0"].info.status == "FAILED"  # closed, not left RUNNING
-    assert runs["1"].info.status == runs["2"].info.status == "FINISHED"
 
 
 def test_metrics_that_cannot_be_written_fail_only_that_trial(monkeypatch):
@@ -99,13 +103,7 @@ def test_metrics_that_cannot_be_written_fail_only_that_trial(monkeypatch):
 
     monkeypatch.setattr(nas.tracking.Tracker, "log_batch", log_batch)
     result = invoke(SEARCH + ["--max-trials", "3"])
-    assert result.exit_code == 0, result.output
-    assert "trial 0 (1/3): val_accuracy FAILED" in result.output
-    assert "2 trials finished, 1 failed" in result.output
-    runs = {r.data.tags["nas.trial_id"]: r for r in runs_of()}
-    assert runs["0"].info.status == "FAILED"
-    assert runs["0"].data.tags["nas.error"] == "OSError: the tracking store went away"
-    assert runs["1"].info.status == runs["2"].info.status == "FINISHED"
+    assert_one_trial_failed(result, "0", "OSError: the tracking store went away")
 
 
 def test_a_run_an_interruption_left_open_is_closed_killed(tmp_path):
