@@ -242,7 +242,6 @@ class TrialRuns:
         self.echo = echo
         self.total = total
         self.runs: dict[str, str] = {}
-        self.fit_seconds: dict[str, float] = {}
         self.best: float | None = None
         self.earlier = 0  # trials ended by earlier processes of a resumed search
         self.ended = 0  # trials ended by this process
@@ -334,7 +333,6 @@ class TrialRuns:
                 raise error from failure  # an interruption still stops the search
             raise
         self.runs[trial.trial_id] = run_id
-        self.fit_seconds[trial.trial_id] = fit_seconds
         failed_flush = next((f.exception() for f in self._flushes if f.exception()), None)
         if error is None and failed_flush is not None:
             error = failed_flush  # its metrics could not be written: the trial fails
