@@ -24,6 +24,10 @@ __all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "
 TAG_KIND = "nas.kind"  # "search" or "trial"
 TAG_TRIAL = "nas.trial_id"
 TAG_SEARCH = "nas.search_run_id"
+# MLflow 3's UI opens an experiment on the view this tag names; without it, a new
+# experiment opens on the GenAI overview ("Traces: no data") instead of its runs.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 _MAX_BATCH_PARAMS = 100  # MLflow's limits per log_batch call
 _MAX_BATCH_METRICS = 1000
 _MAX_PARAM_LENGTH = 6000
@@ -74,11 +78,15 @@ class Tracker:
         if experiment is not None:
             if experiment.lifecycle_stage == "deleted":
                 self.client.restore_experiment(experiment.experiment_id)
+            if create and TAG_EXPERIMENT_KIND not in experiment.tags:
+                self.client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND,
+                                               EXPERIMENT_KIND)
             return experiment.experiment_id
         if not create:
             return None
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name,
+                                                 tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
         except MlflowException:  # another process created it first
             return self.client.get_experiment_by_name(name).experiment_id
 
