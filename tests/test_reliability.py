@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -200,27 +201,48 @@ def start_search(tmp_path, *extra):
         "data: {source: digits}\ntrain: {batch_size: 16, early_stopping_patience: null}\n")
     # Create the store first: two processes creating one SQLite store's tables race.
     MlflowClient().search_experiments()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     args = [sys.executable, "-m", "nas.cli", *SEARCH, "--max-trials", "3", "--seed", "2", *LONG,
             *extra]
     # SIGINT as a terminal delivers it, even when this process was started ignoring it (a
     # background job of a shell): Python turns it into KeyboardInterrupt only if it is not
     # ignored when Python starts.
-    return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Its output is read as it comes: the line that ends trial N says trial N+1 has begun.
+    process.lines = []
+    process.reader = threading.Thread(target=lambda: process.lines.extend(process.stdout),
+                                      daemon=True)
+    process.reader.start()
+    return process
+
+
+def output_of(process, timeout=60) -> str:
+    """Everything the search printed, once it has ended."""
+    process.wait(timeout=timeout)
+    process.reader.join(timeout=timeout)
+    return "".join(process.lines)
 
 
 def wait_for_training(trial_id: str, process, timeout=180):
-    """Block until trial `trial_id` has been training for a second."""
+    """Block until trial `trial_id` has been training for a second and a half.
+
+    It has begun when MLflow shows its run RUNNING or, for a later trial, when the search
+    printed the line that ends the trial before it (reading MLflow's store while the
+    search writes it can lag behind on a busy machine).
+    """
+    ended_before = f"trial {int(trial_id) - 1} ("
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        for run in runs_of():
-            if run.data.tags.get("nas.trial_id") == trial_id and run.info.status == "RUNNING":
-                time.sleep(1.5)  # into model.fit (a 40-epoch trial takes several seconds)
-                assert process.poll() is None, process.stdout.read()
-                return run
+        assert process.poll() is None, output_of(process)
+        begun = int(trial_id) > 0 and any(ended_before in line for line in list(process.lines))
+        begun = begun or any(run.data.tags.get("nas.trial_id") == trial_id
+                             and run.info.status == "RUNNING" for run in runs_of())
+        if begun:
+            time.sleep(1.5)  # into model.fit (a 40-epoch trial takes several seconds)
+            assert process.poll() is None, output_of(process)
+            return
         time.sleep(0.2)
     raise AssertionError(f"trial {trial_id} never started training")
 
@@ -266,7 +288,7 @@ def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum,
     try:
         wait_for_training("0", process)
         process.send_signal(signum)
-        output, _ = process.communicate(timeout=60)
+        output = output_of(process)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
