@@ -241,7 +241,18 @@ def _print_result(result) -> None:
                f"{_plural(result.rejected, 'candidate')} rejected before training")
     if finished:
         click.echo(_trial_table(finished[:5], result.objective))
+        click.echo(_test_line(result.test, result.best.trial_id))
     click.echo(f"search run: {result.search_run_id} (experiment {result.experiment_id})")
+
+
+def _test_line(test: dict, trial_id: str) -> str:
+    """The final model's held-out score, or why there is none."""
+    if "test_accuracy" not in test:
+        return (f"final model: trial {trial_id}; no test score (no test data: data.test_split "
+                f"is 0, or the model could not be scored)")
+    return (f"final model: trial {trial_id}, test_accuracy {test['test_accuracy']:.4f}  "
+            f"test_loss {test['test_loss']:.4f}  on {int(test['test_samples']):,} held-out "
+            f"samples the search never saw")
 
 
 def _trial_table(trials, objective: str) -> str:
@@ -380,6 +391,8 @@ def best(experiment, tracking_uri):
                f"{found.objective} {top.objective:.4f} ({finished} finished trials)")
     click.echo(f"{_count(top.params)} parameters, {_count(top.flops)} FLOPs, "
                f"fit {_seconds(top.fit_seconds)} s, {top.epochs or '-'} epochs")
+    if found.tags.get("nas.test_trial_id", top.trial_id) == top.trial_id:
+        click.echo(_test_line(found.test, top.trial_id))
     values = "  ".join(f"{k}={_cell(v)}" for k, v in top.values.items())
     click.echo(textwrap.fill(values, width=88, initial_indent="hyperparameters: ",
                              subsequent_indent="  ", break_on_hyphens=False))
@@ -464,6 +477,10 @@ def export_model(experiment, run_id, out, force, fmt, register, tracking_uri, wo
                f"{done.search.experiment_name!r} ({done.search.objective} "
                f"{done.trial.objective:.4f}) to {done.out} as {what}")
     click.echo(f"  weights:     {done.source}")
+    if done.search.tags.get("nas.test_trial_id") == done.trial.trial_id:
+        test = done.search.test
+        click.echo(f"  test score:  test_accuracy {test['test_accuracy']:.4f}  test_loss "
+                   f"{test['test_loss']:.4f} ({int(test['test_samples']):,} held-out samples)")
     click.echo(f"  class names: {done.out / export_module.CLASS_NAMES_FILE}")
     if fmt == "savedmodel":
         click.echo(f"  signature:   serving_default (image: raw pixels -> output_0: class "

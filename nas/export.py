@@ -26,7 +26,7 @@ from nas import results, tracking
 from nas.search import STATE_FILE, project_folder
 
 __all__ = ["prepare_model_logging", "ExportError", "Exported", "FORMATS", "MODEL_NAME", "export", "log_model",
-           "log_best_model", "load_trial_model", "logged_model"]
+           "log_best_model", "score_on_test", "load_trial_model", "logged_model"]
 
 FORMATS = ("savedmodel", "tflite")
 MODEL_NAME = "model"  # the MLflow model on the search's run: runs:/<search run id>/model
@@ -97,6 +97,9 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
             "trial_id": trial.trial_id,
             "trial_run_id": trial.run_id,
             "objective": {"name": search.objective, "value": trial.objective},
+            # Held-out scores, measured once by `nas search`, of its final model only.
+            "test": search.test if search.tags.get("nas.test_trial_id") == trial.trial_id
+            else {},
         }, indent=2) + "\n")
         _move_into_place(staged, out)
 
@@ -142,8 +145,12 @@ def load_trial_model(tracker: tracking.Tracker, search: results.Search,
 
 
 def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
-              trial_run_id: str, register: str | None = None, echo=print) -> str:
+              trial_run_id: str, register: str | None = None, echo=print,
+              scores: dict | None = None) -> str:
     """Log `model` on `run_id` as the MLflow model `model`; register it as `register`.
+
+    `scores` (its test scores) become tags of the logged model and of the registered
+    version.
 
     Returns the logged model's `models:/<model id>` URI (`runs:/<run_id>/model` loads it too).
     """
@@ -164,12 +171,18 @@ def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
             model, name=MODEL_NAME, signature=signature,
             # Explicit: inferring them costs ~10 s of loading the model in a subprocess.
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-            tags={tracking.TAG_TRIAL: trial_id, "nas.trial_run_id": trial_run_id},
+            tags={tracking.TAG_TRIAL: trial_id, "nas.trial_run_id": trial_run_id,
+                  **_score_tags(scores)},
         )
     echo(f"model of trial {trial_id} logged to MLflow as runs:/{run_id}/{MODEL_NAME}")
     if register:
-        echo(f"registered as {_register_uri(tracker, info.model_uri, register)}")
+        echo(f"registered as {_register_uri(tracker, info.model_uri, register, scores)}")
     return info.model_uri
+
+
+def _score_tags(scores: dict | None) -> dict:
+    return {f"nas.{name}": f"{value:.6g}" if isinstance(value, float) else str(value)
+            for name, value in (scores or {}).items()}
 
 
 _preparing: threading.Thread | None = None
@@ -201,27 +214,49 @@ def _map_packages() -> None:
 
 
 def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
-                   register: str | None = None, echo=print) -> str | None:
-    """At the end of `nas search`: log the best trial's model on the search's run.
+                   register: str | None = None, echo=print, test=None,
+                   batch_size: int = 32) -> dict:
+    """At the end of `nas search`: score the final model on the test data, log it.
 
+    The final model is the best trial's, at its best epoch. `test` is the held-out
+    `(x, y)` the search never read (None or empty: no test score); the model is
+    evaluated on it once, and `test_loss` and `test_accuracy` are
+    logged on the search's run and as tags of its MLflow model (and registered version).
     A failure here does not fail the search (its trials are logged): it is printed and
-    kept as the run's `nas.model_error` tag. Returns the model's URI, or None.
+    kept as the run's `nas.model_error` tag. Returns the test scores ({} without).
     """
     best = result.best
     if best is None:
-        return None
+        return {}
     try:
         values = tuner.oracle.trials[best.trial_id].hyperparameters.values
         checkpoint = Path(tuner.get_trial_dir(best.trial_id)) / _CHECKPOINT
         architecture = tuner.hypermodel.architecture(values).to_dict()
         model = _model_from_checkpoint(architecture, checkpoint)
-        return log_model(tracker, search_run_id, model, trial_id=best.trial_id,
-                         trial_run_id=best.run_id or "", register=register, echo=echo)
+        scores = {}
+        if test is not None and len(test[1]):
+            scores = score_on_test(model, *test, batch_size=batch_size)
+            tracker.log_batch(search_run_id, tracker.metrics(scores),
+                              tags={"nas.test_trial_id": best.trial_id})
+        log_model(tracker, search_run_id, model, trial_id=best.trial_id,
+                  trial_run_id=best.run_id or "", register=register, echo=echo, scores=scores)
+        return scores
     except Exception as error:  # the search's results stand without the model
         message = f"{error.__class__.__name__}: {error}".strip().splitlines()[0][:500]
         tracker.set_tags(search_run_id, {"nas.model_error": message})
         echo(f"warning: the best model was not logged to MLflow ({message})")
-        return None
+        return {}
+
+
+def score_on_test(model, x, y, *, batch_size: int) -> dict:
+    """`model` evaluated once on held-out (x, y): test_loss, test_accuracy, test_samples.
+
+    Every objective (accuracy or loss, on validation or training data) has its test
+    counterpart among them.
+    """
+    scores = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+    return {"test_loss": float(scores["loss"]), "test_accuracy": float(scores["accuracy"]),
+            "test_samples": int(len(y))}
 
 
 # --- the pieces ---------------------------------------------------------------------------
@@ -308,11 +343,12 @@ def _register(tracker, search, trial, model, name: str) -> str:
     return _register_uri(tracker, model_uri, name)
 
 
-def _register_uri(tracker: tracking.Tracker, model_uri: str, name: str) -> str:
+def _register_uri(tracker: tracking.Tracker, model_uri: str, name: str,
+                  scores: dict | None = None) -> str:
     import mlflow
 
     with _store(tracker.tracking_uri), _quiet_mlflow():
-        version = mlflow.register_model(model_uri, name)
+        version = mlflow.register_model(model_uri, name, tags=_score_tags(scores) or None)
     return f"{name} version {version.version}"
 
 

@@ -79,6 +79,11 @@ class Search:
         value = self.params.get("max_trials")
         return int(value) if value is not None else None
 
+    @property
+    def test(self) -> dict:
+        """The final model's held-out test scores (test_accuracy, test_loss, test_samples)."""
+        return {k: v for k, v in self.metrics.items() if k.startswith("test_")}
+
 
 @dataclasses.dataclass(frozen=True)
 class TrialRow:

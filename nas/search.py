@@ -119,6 +119,9 @@ class SearchResult:
     trials: list[results.TrialRow]  # as MLflow holds them (see nas.results)
     rejected: int
     resumed: bool
+    # The final model's scores on the held-out test data (test_accuracy, test_loss,
+    # test_samples), measured once after the search; empty without test data.
+    test: dict = dataclasses.field(default_factory=dict)
 
     @property
     def finished(self) -> list[results.TrialRow]:
@@ -491,8 +494,11 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
             # longer than in turn.
             pareto.log_plot(tracker, search_run_id, result.finished, result.objective,
                             result.direction, title=f"search {config.experiment_name}")
-            export.log_best_model(tracker, search_run_id, tuner, result,
-                                  register=config.register, echo=echo)
+            # The only place the test data is read: the final model, scored once.
+            result.test = export.log_best_model(
+                tracker, search_run_id, tuner, result, register=config.register, echo=echo,
+                test=(arrays.x_test, arrays.y_test),
+                batch_size=config.batch_size or pipeline.batch_size)
         finally:
             hooks.close()
             gc.unfreeze()
@@ -552,6 +558,7 @@ def _log_search(tracker, run_id: str, config: SearchConfig, arrays: Arrays) -> N
         "mixed_precision": config.mixed_precision, "jit_compile": config.jit_compile,
         "input_shape": list(arrays.input_shape), "num_classes": arrays.num_classes,
         "train_samples": len(arrays.x_train), "val_samples": len(arrays.x_val),
+        "test_samples": len(arrays.x_test), "test_data": arrays.test_source,
     })
     tracker.log_text(run_id, config.space.text, f"specs/{config.space.name}.yaml")
     tracker.log_text(run_id, config.pipeline.text, f"specs/{config.pipeline.name}.yaml")
@@ -564,7 +571,8 @@ def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> Se
     search, _ = results.find_run(tracker, search_run_id)
     pipeline = config.pipeline
     return SearchResult(experiment_id, search_run_id, pipeline.objective, pipeline.direction,
-                        results.list_trials(tracker, search), tuner.oracle.rejected, resumed)
+                        results.list_trials(tracker, search), tuner.oracle.rejected, resumed,
+                        test=search.test)
 
 
 def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:

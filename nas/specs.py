@@ -159,6 +159,7 @@ class Pipeline:
     image_size: tuple[int, int] | None
     color_mode: str
     validation_split: float
+    test_split: float | None  # None: 0.2 unless the data holds a test set of its own
     pixel_scale: float | None
     seed: int
     epochs: int
@@ -401,7 +402,7 @@ def load_pipeline(ref: str) -> Pipeline:
     name = r.scalar(data.get("name", path.stem), "name", "str")
     d = r.mapping(data["data"], "data",
                   ("source", "path", "image_size", "color_mode", "validation_split",
-                   "pixel_scale", "seed"),
+                   "test_split", "pixel_scale", "seed"),
                   required=("source",))
     train = r.mapping(data.get("train", {}), "train",
                       ("epochs", "batch_size", "early_stopping_patience"))
@@ -430,6 +431,15 @@ def load_pipeline(ref: str) -> Pipeline:
     patience = train.get("early_stopping_patience", 3)
     if patience is not None:
         patience = r.scalar(patience, "train.early_stopping_patience", "int", low=1)
+    validation_split = r.scalar(d.get("validation_split", 0.2), "data.validation_split",
+                                "float", low=0.0, high=1.0, high_open=True)
+    test_split = d.get("test_split")
+    if test_split is not None:
+        test_split = r.scalar(test_split, "data.test_split", "float", low=0.0, high=1.0,
+                              high_open=True)
+        if validation_split + test_split >= 1:
+            r.fail("data.test_split", f"{test_split} with validation_split "
+                   f"{validation_split} leaves no training data (their sum must be below 1)")
     pixel_scale = d.get("pixel_scale")
     if pixel_scale is not None:
         pixel_scale = r.scalar(pixel_scale, "data.pixel_scale", "float", low=1e-12)
@@ -442,8 +452,8 @@ def load_pipeline(ref: str) -> Pipeline:
         image_size=image_size,
         color_mode=r.scalar(d.get("color_mode", "grayscale"), "data.color_mode", "str",
                             allowed=COLOR_MODES),
-        validation_split=r.scalar(d.get("validation_split", 0.2), "data.validation_split",
-                                  "float", low=0.0, high=1.0, high_open=True),
+        validation_split=validation_split,
+        test_split=test_split,
         pixel_scale=pixel_scale,
         seed=r.scalar(d.get("seed", 0), "data.seed", "int", low=0),
         epochs=r.scalar(train.get("epochs", 10), "train.epochs", "int", low=1),

@@ -411,6 +411,26 @@ def bad_inputs(tmp):
                                 f"data: {{source: npz, path: {tmp}/mismatch.npz}}")],
            f"Error: {tmp / 'p6.yaml'}: data.path: {tmp}/mismatch.npz: x_train has 4 samples "
            f"but y_train has 3")
+    for split, message in (("1.0", "data.test_split: 1.0 is not in [0.0, 1.0)"),
+                           ("-0.1", "data.test_split: -0.1 is below the minimum 0.0"),
+                           ("0.8", "data.test_split: 0.8 with validation_split 0.2 leaves no "
+                                   "training data")):
+        path = write(tmp / f"split{split}.yaml", f"data: {{source: digits, test_split: {split}}}")
+        yield ["--pipeline", path], f"Error: {path}: {message}"
+    path = write(tmp / "val0.9.yaml", "data: {source: digits, validation_split: 0.9}")
+    yield (["--pipeline", path], f"Error: {path}: data.validation_split: 0.9 with test_split "
+                                 f"0.2 leaves no training data")
+    rare = np.array([0] * 20 + [1] * 20 + [2] * 2)  # class 2: too few for three splits
+    np.savez(tmp / "rare.npz", x_train=np.random.default_rng(0).random((42, 8, 8)), y_train=rare)
+    path = write(tmp / "rare.yaml", f"data: {{source: npz, path: {tmp}/rare.npz}}")
+    yield (["--pipeline", path], f"Error: {path}: data.validation_split: class '2' has 1 "
+                                 f"sample(s) left, too few to appear in the training data and "
+                                 f"in this split")
+    np.savez(tmp / "half.npz", x_train=np.zeros((4, 8, 8)), y_train=np.arange(4) % 2,
+             x_test=np.zeros((2, 8, 8)))
+    path = write(tmp / "half.yaml", f"data: {{source: npz, path: {tmp}/half.npz}}")
+    yield (["--pipeline", path], f"Error: {path}: data.path: {tmp}/half.npz must hold both "
+                                 f"x_test and y_test, or neither")
     yield (["--pipeline", "mnist"],
            "Error: pipelines/mnist.yaml: data.source: 'mnist' could not be downloaded")
     yield (["--tracking-uri", "http://127.0.0.1:9"],

@@ -83,7 +83,11 @@ def test_best_shows_scores_layer_table_and_where_it_is(digits_search):
     assert out[0] == (f"best trial {best.trial_id} of experiment 'shared': val_accuracy "
                       f"{best.objective:.4f} (3 finished trials)")
     assert out[1].startswith(f"{best.params:,} parameters, {best.flops:,} FLOPs, fit ")
-    assert out[2].startswith(f"hyperparameters: depth={best.architecture['depth']}  ")
+    test = digits_search.result.test
+    assert out[2] == (f"final model: trial {best.trial_id}, test_accuracy "
+                      f"{test['test_accuracy']:.4f}  test_loss {test['test_loss']:.4f}  on 359 "
+                      f"held-out samples the search never saw")
+    assert out[3].startswith(f"hyperparameters: depth={best.architecture['depth']}  ")
     table = out[out.index("") + 1:]
     assert table[0].split() == ["layer", "type", "output", "shape", "params", "FLOPs"]
     assert table[2].split()[:3] == ["rescaling", "Rescaling", "x"]
