@@ -39,10 +39,12 @@ _ENV.pop("MLFLOW_TRACKING_URI", None)
 
 # --- sizes ---------------------------------------------------------------------------
 
-FULL = dict(trials=10, epochs=10, seeds=(0, 1, 2), mem_trials=35, mem_epochs=2, mem_early=5,
+FULL = dict(q_trials=10, q_epochs=20, q_seeds=(0, 1, 2, 3, 4),
+            trials=10, epochs=10, seeds=(0, 1, 2), mem_trials=35, mem_epochs=2, mem_early=5,
             mem_late=30, decisions=5000, builds=30, data_epochs=5, data_rounds=5,
             startup_repeats=3)
-QUICK = dict(trials=3, epochs=3, seeds=(0,), mem_trials=8, mem_epochs=1, mem_early=2,
+QUICK = dict(q_trials=3, q_epochs=3, q_seeds=(0, 1),
+             trials=3, epochs=3, seeds=(0,), mem_trials=8, mem_epochs=1, mem_early=2,
              mem_late=8, decisions=500, builds=5, data_epochs=2, data_rounds=2,
              startup_repeats=2)
 
@@ -279,32 +281,118 @@ def figure_data(table: Table, sizes: dict, root: Path) -> None:
         f"alternating rounds after a warm-up; baseline = the same fit on the numpy arrays")
 
 
-def figure_quality(table: Table, sizes: dict, searches: NasSearches, root: Path,
-                   tuners: list[str]) -> None:
-    trials, epochs, seeds = sizes["trials"], sizes["epochs"], sizes["seeds"]
+def figure_quality(table: Table, sizes: dict, root: Path, tuners: list[str]) -> None:
+    """Test accuracy of the final model over several digits splits, at equal compute.
+
+    Each split seed S gives a 60/20/20 split (`data.seed: S`); every method trains on the
+    same training data, selects on the same validation data and is scored once on the
+    same test data. The nas rows are `nas search` as a user runs it (default space, the
+    digits pipeline's 20 epochs and patience 3, `--seed S`).
+    """
+    trials, epochs, seeds = sizes["q_trials"], sizes["q_epochs"], sizes["q_seeds"]
     default = default_tuner()
-    base_scores = []
+    methods = [default] + [t for t in tuners if t != default]
+    found: dict[str, list[dict]] = {m: [] for m in methods + ["keras-tuner", "svc"]}
     for seed in seeds:
-        log(f"quality baseline: hand-written KerasTuner RandomSearch, seed {seed}")
-        folder = Path(tempfile.mkdtemp(prefix="quality-", dir=root))
+        folder = Path(tempfile.mkdtemp(prefix=f"quality-s{seed}-", dir=root))
+        pipeline = folder / "digits.yaml"
+        pipeline.write_text(f"data: {{source: digits, seed: {seed}}}\n"
+                            f"train: {{epochs: {epochs}, batch_size: 32, "
+                            f"early_stopping_patience: 3}}\n")
+        for tuner in methods:
+            found[tuner].append(quality_search(folder / tuner, pipeline, tuner, trials, seed))
+        log(f"quality baseline: hand-written KerasTuner RandomSearch, split seed {seed}")
         base, _ = run_worker("baseline", folder, build="small_cnn", autolog=False,
-                             trials=trials, epochs=epochs, seed=seed, folder=str(folder))
-        log(f"  best val_accuracy {base['best']:.4f}")
-        base_scores.append(base["best"])
-    base_mean = statistics.mean(base_scores)
-    for tuner in [default] + [t for t in tuners if t != default]:
-        scores = [searches.get(seed, trials, epochs, None if tuner == default else tuner)["best"]
-                  for seed in seeds]
-        mean = statistics.mean(scores)
-        label = "default, " + tuner if tuner == default else tuner
-        ok = mean >= base_mean - 0.005 if tuner == default else None
-        table.add(f"quality: best val_accuracy, mean of {len(seeds)} seeds ({label})",
-                  f"{mean:.4f}", f"{base_mean:.4f}", f"{mean / base_mean:.4f}",
-                  "nas >= baseline - 0.005" if tuner == default else "(informational)", ok)
-        table.notes.append(f"quality ({tuner}): per seed " +
-                           ", ".join(f"{s:.4f}" for s in scores))
-    table.notes.append("quality baseline (small CNN build function, random search): per seed "
-                       + ", ".join(f"{s:.4f}" for s in base_scores))
+                             trials=trials, epochs=epochs, seed=seed, folder=str(folder),
+                             split_seed=seed)
+        log(f"  test accuracy {base['test']:.4f}, {base['search_wall']:.1f} s")
+        found["keras-tuner"].append({"test": base["test"], "wall": base["search_wall"],
+                                     "epochs": base["epochs"]})
+        svc, _ = run_worker("svc", folder, split_seed=seed)
+        log(f"quality baseline: SVC, split seed {seed}: test accuracy {svc['test']:.4f} "
+            f"(C={svc['C']}, gamma={svc['gamma']})")
+        found["svc"].append(svc)
+
+    def spread(rows, key, digits=4):
+        values = [r[key] for r in rows]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.mean(values), f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+    labels = {default: f"nas {default} (default)", "keras-tuner": "KerasTuner, hand-written",
+              "svc": "SVC (C, gamma) grid"}
+    means = {}
+    for method, rows in found.items():
+        means[method], shown = spread(rows, "test")
+        wall = spread(rows, "wall", 1)[1]
+        extra = f"; {spread(rows, 'epochs', 0)[1]} epochs" if "epochs" in rows[0] else ""
+        table.add(f"quality: digits test accuracy ({labels.get(method, 'nas ' + method)})",
+                  shown, "-", "-", "(informational)", None)
+        table.notes.append(f"quality ({labels.get(method, 'nas ' + method)}): test accuracy "
+                           f"per split seed " + ", ".join(f"{r['test']:.4f}" for r in rows)
+                           + f"; wall {wall} s{extra}")
+    others = {m: v for m, v in means.items() if m != default}
+    best_other = max(others, key=others.get)
+    ok = means[default] >= 0.99 and all(means[default] > v for v in others.values())
+    table.add(f"quality: default's mean test accuracy vs the best other ({best_other})",
+              f"{means[default]:.4f}", f"{others[best_other]:.4f}",
+              f"{means[default] - others[best_other]:+.4f}", ">= 0.99 and above every row", ok)
+    if "random" in found:
+        walls = [r["wall"] for r in found[default]], [r["wall"] for r in found["random"]]
+        ratio = statistics.mean(walls[0]) / statistics.mean(walls[1])
+        table.add("quality: default's search wall / random's", f"{statistics.mean(walls[0]):.1f}",
+                  f"{statistics.mean(walls[1]):.1f}", f"{ratio:.2f}", "ratio <= 1", ratio <= 1)
+        # When the default's best validation score so far first matched random's final one.
+        reach = [_time_to(d["curve"], r["best"]) / r["wall"]
+                 for d, r in zip(found[default], found["random"])]
+        worst = max(reach)
+        table.add("quality: time to random's best val_accuracy / random's wall (worst seed)",
+                  f"{worst:.2f}", "1.00", f"{worst:.2f}", "ratio <= 0.33", worst <= 1 / 3)
+        table.notes.append("quality: time for the default to reach random's final best "
+                           "validation accuracy, over random's search wall, per split seed: "
+                           + ", ".join(f"{x:.2f}" for x in reach))
+
+
+def _time_to(curve: list[tuple[float, float]], target: float) -> float:
+    """The first time (s) the best score so far in `curve` [(seconds, score)] reached
+    `target`; infinity if never."""
+    best = -math.inf
+    for seconds, score in sorted(curve):
+        best = max(best, score)
+        if best >= target - 1e-9:
+            return seconds
+    return math.inf
+
+
+def quality_search(folder: Path, pipeline: Path, tuner: str, trials: int, seed: int) -> dict:
+    """One `nas search` on `pipeline`: its test accuracy, wall, epochs and curve."""
+    folder.mkdir(parents=True)
+    uri = f"sqlite:///{folder}/mlflow.db"
+    log(f"nas search --tuner {tuner}: split seed {seed}, {trials} trials")
+    done = subprocess.run([nas_executable(), "search", "--pipeline", str(pipeline), "--tuner",
+                           tuner, "--max-trials", str(trials), "--seed", str(seed),
+                           "--tracking-uri", uri, "--workdir", str(folder / "work"),
+                           "--experiment", "bench"],
+                          cwd=folder, env=_ENV, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nas search failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("bench")
+    parent = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'search'")[0]
+    runs = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'trial'",
+                              max_results=10000)
+    start = parent.info.start_time
+    curve = [((r.info.end_time - start) / 1000.0, r.data.metrics["objective"])
+             for r in runs if "objective" in r.data.metrics and r.info.end_time]
+    found = {"test": parent.data.metrics["test_accuracy"],
+             "best": parent.data.metrics["best_objective"],
+             "wall": (parent.info.end_time - start) / 1000.0,
+             "epochs": sum(r.data.metrics.get("epochs_trained", 0) for r in runs),
+             "curve": curve}
+    log(f"  test accuracy {found['test']:.4f} (best val_accuracy {found['best']:.4f}), "
+        f"{found['wall']:.1f} s, {found['epochs']:.0f} epochs")
+    return found
 
 
 # --- workers (each in its own process) -----------------------------------------------
@@ -382,15 +470,20 @@ def _small_cnn_build(input_shape, num_classes, pixel_scale):
 
 
 def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: int,
-                    folder: str) -> dict:
-    """A plain KerasTuner RandomSearch on digits; model.fit wrapped to time it."""
+                    folder: str, split_seed: int = 0) -> dict:
+    """A plain KerasTuner RandomSearch on digits; model.fit wrapped to time it.
+
+    Trained on the split of `split_seed`; its best model is scored on that split's test data.
+    """
+    import dataclasses
+
     import keras
     import keras_tuner as kt
 
     from nas.data import load_arrays
     from nas.specs import load_pipeline, load_space
 
-    pipeline = load_pipeline("digits")
+    pipeline = dataclasses.replace(load_pipeline("digits"), seed=split_seed)
     arrays = load_arrays(pipeline)
     keras.utils.set_random_seed(seed)
     if build == "same_knobs":
@@ -404,11 +497,15 @@ def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: i
         mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
         mlflow.set_experiment("baseline")  # creates the store before the timed search
         mlflow.tensorflow.autolog()
-    fits, trains = [], []
+    fits, trains, epochs_run = [], [], []
 
     class Timer(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             self.start = time.perf_counter()
+            epochs_run.append(0)
+
+        def on_epoch_end(self, epoch, logs=None):
+            epochs_run[-1] += 1
 
         def on_train_end(self, logs=None):
             trains.append(time.perf_counter() - self.start)
@@ -436,8 +533,39 @@ def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: i
                      patience=pipeline.early_stopping_patience)])
     search_wall = time.perf_counter() - start
     best = tuner.oracle.get_best_trials(1)[0].score
+    (model,) = tuner.get_best_models(1)
+    test = model.evaluate(arrays.x_test, arrays.y_test, verbose=0, return_dict=True)
     return {"search_wall": search_wall, "fit_sum": sum(fits), "train_sum": sum(trains),
-            "trials": len(fits), "best": float(best)}
+            "trials": len(fits), "best": float(best), "test": float(test["accuracy"]),
+            "epochs": sum(epochs_run)}
+
+
+def worker_svc(split_seed: int) -> dict:
+    """scikit-learn's SVC (RBF), C and gamma chosen on the validation data, scored on test."""
+    import dataclasses
+    import itertools
+
+    from sklearn.svm import SVC
+
+    from nas.data import load_arrays
+    from nas.specs import load_pipeline
+
+    arrays = load_arrays(dataclasses.replace(load_pipeline("digits"), seed=split_seed))
+
+    def flat(x):
+        return x.reshape(len(x), -1) / arrays.pixel_scale
+
+    start = time.perf_counter()
+    best = None
+    for c, gamma in itertools.product((1, 3, 10, 30, 100), ("scale", 0.01, 0.03, 0.1)):
+        model = SVC(C=c, gamma=gamma).fit(flat(arrays.x_train), arrays.y_train)
+        score = model.score(flat(arrays.x_val), arrays.y_val)
+        if best is None or score > best[0]:
+            best = (score, c, gamma, model)
+    score, c, gamma, model = best
+    test = model.score(flat(arrays.x_test), arrays.y_test)
+    return {"test": float(test), "val": float(score), "C": c, "gamma": gamma,
+            "wall": time.perf_counter() - start}
 
 
 def worker_memory(trials: int, epochs: int, folder: str) -> dict:
@@ -594,7 +722,7 @@ def worker_data(epochs: int, rounds: int) -> dict:
             "params": architecture.params, "all": rates}
 
 
-WORKERS = {"baseline": worker_baseline, "memory": worker_memory, "decide": worker_decide,
+WORKERS = {"baseline": worker_baseline, "svc": worker_svc, "memory": worker_memory, "decide": worker_decide,
            "build": worker_build, "data": worker_data}
 
 
@@ -630,9 +758,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--only", action="append", choices=FIGURES, metavar="FIGURE",
                         help=f"measure only this figure (repeatable): {', '.join(FIGURES)}")
-    parser.add_argument("--tuners", default="", metavar="LIST",
-                        help="quality: also compare these tuners (comma-separated), "
-                             "informational rows beside the default")
+    parser.add_argument("--tuners", default="random,bayesian,hyperband", metavar="LIST",
+                        help="quality: the tuners compared with the default "
+                             "(comma-separated)  [default: random,bayesian,hyperband]")
+    parser.add_argument("--split-seeds", default=None, metavar="LIST",
+                        help="quality: the digits split seeds  [default: 0,1,2,3,4]")
     parser.add_argument("--worker", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -640,7 +770,9 @@ def main(argv=None) -> int:
         print(_RESULT + json.dumps(WORKERS[name](**json.loads(kwargs))), flush=True)
         return 0
 
-    sizes = QUICK if args.quick else FULL
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.split_seeds:
+        sizes["q_seeds"] = tuple(int(x) for x in args.split_seeds.split(","))
     figures = args.only or list(FIGURES)
     tuners = [t for t in args.tuners.split(",") if t]
     table = Table()
@@ -663,7 +795,7 @@ def main(argv=None) -> int:
             elif figure == "data":
                 figure_data(table, sizes, root)
             elif figure == "quality":
-                figure_quality(table, sizes, searches, root, tuners)
+                figure_quality(table, sizes, root, tuners)
     if args.quick:
         table.notes.append("--quick: smaller sizes than the targets are defined for")
     print(header + "\n")

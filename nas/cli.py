@@ -108,6 +108,26 @@ def start_tensorflow() -> None:
         os.close(devnull)
 
 
+class Duration(click.ParamType):
+    """A time span: 90s, 30m, 1.5h, or plain seconds."""
+
+    name = "duration"
+    _UNITS = {"s": 1, "m": 60, "h": 3600}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        number, unit = (text[:-1], text[-1]) if text[-1:] in self._UNITS else (text, "s")
+        try:
+            seconds = float(number) * self._UNITS[unit]
+        except ValueError:
+            self.fail(f"{value!r} is not a duration such as 90s, 30m or 2h", param, ctx)
+        if not seconds > 0 or seconds == float("inf"):
+            self.fail(f"{value!r} must be above 0", param, ctx)
+        return seconds
+
+
 class _Group(click.Group):
     """A group whose usage errors are one line (`Error: ...`) with exit code 2."""
 
@@ -140,10 +160,16 @@ def main():
 @main.command()
 @SPACE
 @PIPELINE
-@click.option("--tuner", type=click.Choice(["random", "bayesian", "hyperband", "grid"]),
-              default="random", show_default=True, help="KerasTuner's search algorithm.")
+@click.option("--tuner", type=click.Choice(["evolution", "random", "bayesian", "hyperband",
+                                            "grid"]),
+              default="evolution", show_default=True,
+              help="The search algorithm: evolution (known-good seeds, then one-knob moves "
+                   "near the best) or one of KerasTuner's own.")
 @click.option("--max-trials", type=click.IntRange(min=1), default=10, show_default=True,
               help="Trials to train (rejected candidates do not count).")
+@click.option("--time-limit", type=Duration(), default=None, metavar="DURATION",
+              help="Start no trial that would not end within this time (90s, 30m, 2h); "
+                   "with --max-trials, whichever comes first.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs per trial.  [default: the pipeline's]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -174,7 +200,7 @@ def main():
               show_default=True, metavar="SECONDS",
               help="A worker silent this long is lost; its trial goes to another worker.")
 @user_errors
-def search(space, pipeline, tuner, max_trials, epochs, batch_size, seed, experiment,
+def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
            mixed_precision, jit_compile, register, distribution, chief, workers,
            worker_timeout):
@@ -184,8 +210,8 @@ def search(space, pipeline, tuner, max_trials, epochs, batch_size, seed, experim
 
     config = search_module.SearchConfig(
         space=load_space(space), pipeline=load_pipeline(pipeline), tuner=tuner,
-        max_trials=max_trials, epochs=epochs, batch_size=batch_size, seed=seed,
-        experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
+        max_trials=max_trials, time_limit=time_limit, epochs=epochs, batch_size=batch_size,
+        seed=seed, experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
         overwrite=overwrite, max_failures=max_failures, max_params=max_params,
         max_flops=max_flops, mixed_precision=mixed_precision, jit_compile=jit_compile,
         register=register, distribution=_distribution(distribution), chief=chief,
@@ -239,6 +265,9 @@ def _print_result(result) -> None:
     click.echo("")
     click.echo(f"{_plural(len(finished), 'trial')} finished, {len(failed)} failed, "
                f"{_plural(result.rejected, 'candidate')} rejected before training")
+    if result.stopped_by_time:
+        click.echo("stopped by --time-limit: the next trial would not have ended in time "
+                   "(a larger limit resumes the search)")
     if finished:
         click.echo(_trial_table(finished[:5], result.objective))
         click.echo(_test_line(result.test, result.best.trial_id))

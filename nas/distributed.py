@@ -473,7 +473,10 @@ def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]
     try:
         # The same folder as the chief's: Hyperband continues trials from the
         # checkpoints of earlier ones, so its workers need a shared --workdir.
-        tuner = tuning.NasTuner(oracle, hypermodel, hooks, directory=config.workdir,
+        tuner = tuning.NasTuner(oracle, hypermodel, hooks,
+                                stopping=tuning.stopping_rule(config.tuner, pipeline.objective,
+                                                              pipeline.direction),
+                                directory=config.workdir,
                                 project_name=config.project_name, overwrite=False,
                                 distribution_strategy=strategy(config.distribution))
         client = _WorkerClient(oracle, tuner.oracle.multi_worker, tuner.oracle.should_report)

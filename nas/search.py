@@ -49,8 +49,9 @@ class SearchConfig:
 
     space: SearchSpace
     pipeline: Pipeline
-    tuner: str = "random"
+    tuner: str = "evolution"
     max_trials: int = 10
+    time_limit: float | None = None  # seconds; with max_trials, whichever comes first
     epochs: int | None = None
     batch_size: int | None = None
     seed: int = 0
@@ -122,6 +123,7 @@ class SearchResult:
     # The final model's scores on the held-out test data (test_accuracy, test_loss,
     # test_samples), measured once after the search; empty without test data.
     test: dict = dataclasses.field(default_factory=dict)
+    stopped_by_time: bool = False  # --time-limit ended it before --max-trials
 
     @property
     def finished(self) -> list[results.TrialRow]:
@@ -156,6 +158,8 @@ def prepare(config: SearchConfig) -> Prepared:
         raise SearchError(f"--batch-size: {config.batch_size} must be at least 1")
     if config.max_failures < 1:
         raise SearchError(f"--max-failures: {config.max_failures} must be at least 1")
+    if config.time_limit is not None and config.time_limit <= 0:
+        raise SearchError(f"--time-limit: {config.time_limit:g} s must be above 0")
     for flag, budget in (("--max-params", config.max_params), ("--max-flops", config.max_flops)):
         if budget is not None and budget < 1:
             raise SearchError(f"{flag}: {budget} must be at least 1")
@@ -460,6 +464,7 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
         max_trials=config.max_trials, seed=config.seed, max_epochs=config.epochs_per_trial,
         max_failures=config.max_failures,
         check=lambda values: hypermodel.check(values, constraints),
+        time_limit=config.time_limit,
     )
     hooks = TrialRuns(tracker, experiment_id, search_run_id, config, echo, config.max_trials)
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, raise_interrupted)}
@@ -467,7 +472,10 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading ..."
                 tuner = tuning.NasTuner(
-                    oracle, hypermodel, hooks, directory=config.workdir,
+                    oracle, hypermodel, hooks,
+                    stopping=tuning.stopping_rule(config.tuner, pipeline.objective,
+                                                  pipeline.direction),
+                    directory=config.workdir,
                     project_name=config.project_name, overwrite=False,
                     distribution_strategy=distributed.strategy(config.distribution))
             hooks.resume_from(tuner.oracle)
@@ -572,7 +580,8 @@ def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> Se
     pipeline = config.pipeline
     return SearchResult(experiment_id, search_run_id, pipeline.objective, pipeline.direction,
                         results.list_trials(tracker, search), tuner.oracle.rejected, resumed,
-                        test=search.test)
+                        test=search.test,
+                        stopped_by_time=getattr(tuner.oracle, "stopped_by_time", False))
 
 
 def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:

@@ -12,6 +12,8 @@ import collections
 import concurrent.futures
 import gc
 import math
+import random
+import re
 import time
 from typing import Callable
 
@@ -25,9 +27,11 @@ from nas.architecture import Architecture, hyperparameter_specs
 from nas.models import build_model
 from nas.specs import Knob, SearchSpace
 
-__all__ = ["TUNERS", "declare", "make_oracle", "CandidateModel", "NasTuner"]
+__all__ = ["TUNERS", "DEFAULT_TUNER", "KNOWN_GOOD", "declare", "make_oracle", "CandidateModel",
+           "NasTuner", "MedianStopping", "stopping_rule", "early_stopping"]
 
-TUNERS = ("random", "bayesian", "hyperband", "grid")
+TUNERS = ("evolution", "random", "bayesian", "hyperband", "grid")
+DEFAULT_TUNER = "evolution"
 # Collects the garbage of finished trials while the next one trains (see NasTuner._try_build).
 _COLLECTOR = concurrent.futures.ThreadPoolExecutor(1, "nas-gc")
 # Consecutive rejected proposals after which the valid part of the space counts as used up.
@@ -102,16 +106,57 @@ class _Guard:
     def _random_values(self):
         return self._first_accepted(lambda rejected: super(_Guard, self)._random_values())
 
+    # --- the time limit: no trial is started that would not end within it ---------------
+
+    def set_time_limit(self, seconds: float | None) -> None:
+        """Stop proposing once the time spent, plus what a trial has taken on average so
+        far, would pass `seconds` (None: no limit). The time spent counts across resumes."""
+        self.time_limit = seconds
+        self.spent = getattr(self, "spent", 0.0)
+        self.durations = getattr(self, "durations", [])
+        self.stopped_by_time = False
+        self._since, self._started = time.monotonic(), {}
+
+    def elapsed(self) -> float:
+        return self.spent + time.monotonic() - self._since
+
+    def next_trial_estimate(self) -> float:
+        return sum(self.durations) / len(self.durations) if self.durations else 0.0
+
+    def create_trial(self, tuner_id):
+        limit = getattr(self, "time_limit", None)
+        if limit is not None and self.elapsed() + self.next_trial_estimate() > limit:
+            self.stopped_by_time = True
+            self.tuner_ids.discard(tuner_id)
+            return trial_module.Trial(self.hyperparameters.copy(),
+                                      status=trial_module.TrialStatus.STOPPED)
+        trial = super().create_trial(tuner_id)
+        if trial.status == trial_module.TrialStatus.RUNNING and hasattr(self, "_started"):
+            self._started.setdefault(trial.trial_id, time.monotonic())
+        return trial
+
+    def end_trial(self, trial):
+        started = getattr(self, "_started", {}).pop(trial.trial_id, None)
+        if started is not None:
+            self.durations.append(time.monotonic() - started)
+        return super().end_trial(trial)
+
     def get_state(self):
         state = super().get_state()
         state["nas_rejected"] = self.rejected
         state["nas_rejection_reasons"] = dict(self.rejection_reasons)
+        if hasattr(self, "_since"):
+            state["nas_spent_seconds"] = self.elapsed()
+            state["nas_trial_seconds"] = list(self.durations)
         return state
 
     def set_state(self, state):
         super().set_state(state)
         self.rejected = state.get("nas_rejected", 0)
         self.rejection_reasons = collections.Counter(state.get("nas_rejection_reasons", {}))
+        self.spent = state.get("nas_spent_seconds", 0.0)
+        self.durations = list(state.get("nas_trial_seconds", []))
+        self._since = time.monotonic()
 
 
 class _RandomOracle(_Guard, kt.oracles.RandomSearchOracle):
@@ -156,14 +201,171 @@ class _GridOracle(_Guard, kt.oracles.GridSearchOracle):
         return response
 
 
+# --- evolution: known-good seeds, then one-knob moves near the best ------------------------
+
+# Where a search of a classic CNN space starts (as AutoKeras's greedy oracle starts from
+# `initial_hps`): VGG-like stages of 3x3 "same" convolutions with batch norm and max
+# pooling, widening with depth, one dropout-regularized dense layer, Adam at 1e-3. Each
+# is a target, snapped to the nearest value the space allows; knobs a seed leaves out,
+# and stages it does not name, take the space's defaults (or the previous stage's values).
+_STAGE = {"kernel_size": 3, "stride": 1, "padding": "same", "activation": "relu",
+          "batch_norm": True, "pointwise": False, "pool": "max", "pool_size": 2}
+_HEAD = {"reduce": "flatten", "dense_layers": 1, "dense_1/units": 128,
+         "dense_1/dropout": 0.25, "optimizer": "adam", "learning_rate": 1e-3}
+
+
+def _stages(*stages: dict) -> dict:
+    return {f"stage_{n}/{k}": v for n, stage in enumerate(stages, 1)
+            for k, v in {**_STAGE, **stage}.items()}
+
+
+KNOWN_GOOD = (
+    {"depth": 2, **_stages({"filters": 64, "pool": "none"}, {"filters": 64}), **_HEAD},
+    {"depth": 3, **_stages({"filters": 32}, {"filters": 64}, {"filters": 128}), **_HEAD},
+    {"depth": 2, **_stages({"filters": 32}, {"filters": 64}), **_HEAD},
+)
+TOURNAMENT = 3  # parents are the best of this many recent trials (regularized evolution)
+POPULATION = 10  # ... drawn from this many of the latest finished trials
+MAX_MOVES = 200  # tries at a new, untried move before falling back to a random candidate
+
+
+class _EvolutionOracle(_Guard, kt.Oracle):
+    """Known-good seeds first, then regularized evolution with one-knob mutations.
+
+    The first trials are `KNOWN_GOOD` snapped to the space. After them, each proposal
+    takes a parent (the best of `TOURNAMENT` trials drawn from the latest `POPULATION`
+    finished ones) and moves one knob: an ordered knob (depth, filters, a rate) one step
+    up or down, any other knob to another of its values. A new stage starts as a copy of
+    the one before it. Proposals already tried, impossible or over budget are skipped (the
+    guard), so the search never spends a trial twice. Everything it needs (the trials, the
+    seed state) is KerasTuner's own state: resuming and workers need nothing more.
+    """
+
+    def __init__(self, seeds=KNOWN_GOOD, **kwargs):
+        super().__init__(**kwargs)
+        self.seeds = [dict(seed) for seed in seeds]
+
+    def populate_space(self, trial_id):
+        values = self._first_accepted(lambda rejected: self._propose())
+        if values is None:
+            return {"status": trial_module.TrialStatus.STOPPED, "values": None}
+        return {"status": trial_module.TrialStatus.RUNNING, "values": values}
+
+    def _rng(self) -> random.Random:
+        self._seed_state += 1  # saved with the oracle: a resumed search goes on, not over
+        return random.Random(self._seed_state)
+
+    def _propose(self) -> dict | None:
+        for seed in self.seeds:
+            values = self._complete(seed, lambda hp: _snap(hp, seed.get(hp.name)))
+            if not self._duplicate(values) and self._check(values) is None:
+                return values
+        finished = [t for t in self.trials.values()
+                    if t.status == trial_module.TrialStatus.COMPLETED and t.score is not None
+                    and t.score == t.score]
+        if not finished:
+            return kt.Oracle._random_values(self)
+        finished.sort(key=lambda t: int(re.sub(r"\D", "", t.trial_id) or 0))
+        population = finished[-POPULATION:]
+        for _ in range(MAX_MOVES):
+            rng = self._rng()
+            entrants = rng.sample(population, min(TOURNAMENT, len(population)))
+            parent = (max if self.objective.direction == "max" else min)(
+                entrants, key=lambda t: t.score).hyperparameters.values
+            values = self._mutate(parent, rng)
+            if values is not None and not self._duplicate(values):
+                return values
+        return kt.Oracle._random_values(self)
+
+    def _complete(self, chosen: dict, pick) -> dict:
+        """Values for every active knob: `pick(hp)` where it says, else a stand-in."""
+        hps = kt.HyperParameters()
+        for hp in self.hyperparameters.space:
+            hps.merge([hp])
+            if hps.is_active(hp):
+                value = pick(hp)
+                if value is None:  # a new stage copies the one before it
+                    earlier = re.sub(r"_(\d+)/", lambda m: f"_{int(m.group(1)) - 1}/", hp.name)
+                    value = hps.values.get(earlier, hp.default)
+                hps.values[hp.name] = value
+        return hps.values
+
+    def _mutate(self, parent: dict, rng: random.Random) -> dict | None:
+        tunable = [hp for hp in self.hyperparameters.space
+                   if hp.name in parent and not isinstance(hp, kt.engine.hyperparameters.Fixed)]
+        if not tunable:
+            return None
+        knob = rng.choice(tunable)
+        moved = _move(knob, parent[knob.name], rng)
+        if moved is None:
+            return None
+        return self._complete(parent, lambda hp: moved if hp.name == knob.name
+                              else parent.get(hp.name))
+
+
+def _ordered_values(hp) -> list | None:
+    """A knob's values in order, when stepping up or down means something."""
+    if isinstance(hp, kt.engine.hyperparameters.Choice):
+        return sorted(hp.values) if hp.ordered else None
+    if isinstance(hp, kt.engine.hyperparameters.Int) or (
+            isinstance(hp, kt.engine.hyperparameters.Float) and hp.step is not None):
+        return list(hp.values)
+    return None
+
+
+def _move(hp, value, rng: random.Random):
+    """`value` moved one step (ordered knobs) or to another value (the others)."""
+    if isinstance(hp, kt.engine.hyperparameters.Boolean):
+        return not value
+    if isinstance(hp, kt.engine.hyperparameters.Float) and hp.step is None:
+        # A continuous rate: a factor of about 2 up or down, on its sampling's scale.
+        low, high = hp.min_value, hp.max_value
+        if hp.sampling == "log":
+            moved = value * math.exp(rng.choice((-1, 1)) * 0.7)
+        else:
+            moved = value + rng.choice((-1, 1)) * (high - low) / 4
+        return min(max(moved, low), high)
+    ordered = _ordered_values(hp)
+    if ordered is not None:
+        index = min(range(len(ordered)), key=lambda i: abs(ordered[i] - value))
+        steps = [i for i in (index - 1, index + 1) if 0 <= i < len(ordered)]
+        return ordered[rng.choice(steps)] if steps else None
+    others = [v for v in hp.values if v != value]
+    return rng.choice(others) if others else None
+
+
+def _snap(hp, target):
+    """The value of `hp` nearest to `target` (None: no target for this knob)."""
+    if target is None:
+        return None
+    if isinstance(hp, kt.engine.hyperparameters.Fixed):
+        return hp.value
+    if isinstance(hp, kt.engine.hyperparameters.Boolean):
+        return bool(target)
+    if isinstance(hp, kt.engine.hyperparameters.Float) and hp.step is None:
+        return min(max(float(target), hp.min_value), hp.max_value)
+    values = list(hp.values)
+    if target in values:
+        return target
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if numbers and isinstance(target, (int, float)) and not isinstance(target, bool):
+        def distance(v):  # rates and widths are compared on a log scale
+            return abs(math.log(v / target)) if v > 0 and target > 0 else abs(v - target)
+        return min(numbers, key=distance)
+    return hp.default
+
+
 def make_oracle(tuner: str, hyperparameters: kt.HyperParameters, objective: kt.Objective,
                 max_trials: int, seed: int, max_epochs: int, max_failures: int,
-                check: Callable[[dict], str | None]) -> kt.Oracle:
-    """KerasTuner's oracle for `tuner`, guarded by `check`."""
+                check: Callable[[dict], str | None],
+                time_limit: float | None = None) -> kt.Oracle:
+    """The oracle for `tuner`, guarded by `check`, proposing within `time_limit` seconds."""
     common = dict(objective=objective, hyperparameters=hyperparameters, seed=seed,
                   tune_new_entries=False, allow_new_entries=False,
                   max_consecutive_failed_trials=max_failures)
-    if tuner == "random":
+    if tuner == "evolution":
+        oracle = _EvolutionOracle(max_trials=max_trials, **common)
+    elif tuner == "random":
         oracle = _RandomOracle(max_trials=max_trials, **common)
     elif tuner == "bayesian":
         oracle = _BayesianOracle(max_trials=max_trials, **common)
@@ -178,6 +380,7 @@ def make_oracle(tuner: str, hyperparameters: kt.HyperParameters, objective: kt.O
     else:
         raise ValueError(f"tuner {tuner!r} is not one of {list(TUNERS)}")
     oracle.set_guard(check)
+    oracle.set_time_limit(time_limit)
     return oracle
 
 
@@ -230,9 +433,11 @@ class NasTuner(kt.Hyperband):
     fit_seconds, error)`.
     """
 
-    def __init__(self, oracle, hypermodel: CandidateModel, hooks, **kwargs):
+    def __init__(self, oracle, hypermodel: CandidateModel, hooks,
+                 stopping: MedianStopping | None = None, **kwargs):
         kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
         self.hooks = hooks
+        self.stopping = stopping
         self._epoch = 0
         self._collect = False  # the last trial's garbage waits for this trial's first batch
         self._on_gpu = bool(tf.config.list_logical_devices("GPU"))
@@ -265,6 +470,8 @@ class NasTuner(kt.Hyperband):
         self.hooks.trial_started(trial, architecture)
         self.hypermodel.last_fit_seconds = 0.0
         registered = _custom_gradients()
+        if self.stopping is not None:
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), self.stopping.callback()]
         try:
             histories = super().run_trial(trial, *args, **kwargs)
         except BaseException as error:
@@ -314,6 +521,60 @@ def _forget_custom_gradients(before: set) -> None:
         return
     for name in [n for n in registry if n not in before and n.startswith("CustomGradient-")]:
         del registry[name]
+
+
+class MedianStopping:
+    """The median stopping rule (Golovin et al., Google Vizier, 2017) over a search's curves.
+
+    A trial is stopped after epoch `e` (from `grace` epochs on) when its best objective so
+    far is worse than the median, over the earlier trials that trained that long, of
+    their objective's running average up to epoch `e`; at least `min_trials` such trials
+    are needed. It only ever compares the validation objective, as the search does. The
+    curves are those this process trained (a resumed search or a worker starts anew).
+    """
+
+    def __init__(self, objective: str, direction: str, grace: int = 3, min_trials: int = 3):
+        self.objective, self.direction = objective, direction
+        self.grace, self.min_trials = grace, min_trials
+        self.curves: list[list[float]] = []  # the objective per epoch of each ended trial
+
+    def callback(self) -> keras.callbacks.Callback:
+        """A fresh callback for one trial's fit; its curve joins the others when it ends."""
+        rule, curve = self, []
+
+        class Stop(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                value = (logs or {}).get(rule.objective)
+                if value is None or value != value:
+                    return
+                curve.append(float(value))
+                if rule.should_stop(curve):
+                    self.model.stop_training = True
+
+            def on_train_end(self, logs=None):
+                if curve:
+                    rule.curves.append(list(curve))
+
+        return Stop()
+
+    def should_stop(self, curve: list[float]) -> bool:
+        epoch = len(curve)
+        if epoch < self.grace:
+            return False
+        averages = sorted(sum(c[:epoch]) / epoch for c in self.curves if len(c) >= epoch)
+        if len(averages) < self.min_trials:
+            return False
+        middle = len(averages) // 2
+        median = (averages[middle] if len(averages) % 2
+                  else (averages[middle - 1] + averages[middle]) / 2)
+        best = max(curve) if self.direction == "max" else min(curve)
+        return best < median if self.direction == "max" else best > median
+
+
+def stopping_rule(tuner: str, objective: str, direction: str) -> MedianStopping | None:
+    """The rule that stops a strategy's unpromising trials early: evolution's median rule;
+    KerasTuner's own tuners run as KerasTuner runs them (Hyperband has its brackets)."""
+    return MedianStopping(objective, direction) if tuner == "evolution" else None
 
 
 def early_stopping(objective: str, direction: str, patience: int | None) -> list:

@@ -31,7 +31,7 @@ def test_search_on_digits_lands_in_mlflow(tmp_path):
         "--epochs", "3", "--seed", "4", "--experiment", "e2e", "--tracking-uri", uri,
     ])
     assert result.exit_code == 0, result.output
-    assert "searching tiny on digits with random: 3 trials, experiment 'e2e'" in result.output
+    assert "searching tiny on digits with evolution: 3 trials, experiment 'e2e'" in result.output
     assert "3 trials finished, 0 failed" in result.output
     assert "trial  val_accuracy  params" in result.output
 
@@ -43,7 +43,7 @@ def test_search_on_digits_lands_in_mlflow(tmp_path):
     assert f"search run: {parent.info.run_id}" in result.output
 
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["tuner"] == "random"
+    assert parent.data.params["tuner"] == "evolution"
     assert parent.data.params["max_trials"] == "3"
     assert parent.data.params["space"] == "tiny"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "specs")}

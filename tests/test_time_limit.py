@@ -1,0 +1,72 @@
+"""`--time-limit`: no trial starts that would not end in time; the search ends cleanly."""
+
+from __future__ import annotations
+
+import keras_tuner as kt
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from nas.cli import main
+from nas.specs import load_space
+from nas.tuning import declare, make_oracle
+
+SEARCH = ["search", "--space", "tiny", "--epochs", "3", "--experiment", "timed"]
+
+
+def oracle_with_limit(limit, tmp_path):
+    oracle = make_oracle("evolution", declare(load_space("tiny")),
+                         kt.Objective("val_accuracy", "max"), max_trials=50, seed=0,
+                         max_epochs=3, max_failures=3, check=lambda values: None,
+                         time_limit=limit)
+    oracle._set_project_dir(str(tmp_path), "project")
+    return oracle
+
+
+def test_the_oracle_stops_proposing_when_the_next_trial_would_not_end_in_time(tmp_path):
+    oracle = oracle_with_limit(100.0, tmp_path)
+    assert oracle.create_trial("t").status == "RUNNING"  # nothing measured yet: go
+    oracle.spent, oracle.durations = 80.0, [15.0]  # 80 s spent, trials take 15 s
+    assert oracle.create_trial("u").status == "RUNNING"
+    oracle.spent = 86.0  # 86 + 15 > 100
+    assert oracle.create_trial("v").status == "STOPPED" and oracle.stopped_by_time
+    # what was spent survives a save: a resumed search counts it
+    fresh = oracle_with_limit(100.0, tmp_path / "fresh")
+    fresh.trials = oracle.trials  # KerasTuner reloads them from their own files
+    fresh.set_state(oracle.get_state())
+    assert fresh.elapsed() >= 86.0 and fresh.durations == [15.0]
+
+
+def trial_runs():
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("timed")
+    return client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'trial'")
+
+
+def test_a_short_time_limit_ends_the_search_cleanly_with_its_final_model_and_resumes():
+    result = CliRunner().invoke(main, SEARCH + ["--max-trials", "50", "--time-limit", "6s"])
+    assert result.exit_code == 0, result.output
+    assert "stopped by --time-limit: the next trial would not have ended in time" in result.output
+    first = trial_runs()
+    assert 1 <= len(first) < 50 and all(r.info.status == "FINISHED" for r in first)
+    assert "final model: trial " in result.output and "test_accuracy" in result.output
+    assert "model of trial " in result.output  # the final model is logged
+
+    more = CliRunner().invoke(main, SEARCH + ["--max-trials", "50", "--time-limit", "15s"])
+    assert more.exit_code == 0, more.output
+    assert "resuming the search" in more.output
+    second = trial_runs()
+    assert len(second) > len(first)
+    ids = [r.data.tags["nas.trial_id"] for r in second]
+    assert len(ids) == len(set(ids))  # no finished trial trained again
+
+
+def test_max_trials_first_when_it_comes_first_and_a_bad_duration_is_refused(tmp_path):
+    result = CliRunner().invoke(main, SEARCH + ["--max-trials", "2", "--time-limit", "1h"])
+    assert result.exit_code == 0, result.output
+    assert "stopped by --time-limit" not in result.output and len(trial_runs()) == 2
+
+    for bad, message in (("soon", "'soon' is not a duration such as 90s, 30m or 2h"),
+                         ("0m", "'0m' must be above 0")):
+        refused = CliRunner().invoke(main, ["search", "--time-limit", bad], prog_name="nas")
+        assert refused.exit_code == 2
+        assert f"Invalid value for '--time-limit': {message}" in refused.output
