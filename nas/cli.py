@@ -189,7 +189,9 @@ def main():
 @click.option("--mixed-precision", is_flag=True, help="float16 compute, float32 output.")
 @click.option("--jit-compile", is_flag=True, help="Compile training steps with XLA.")
 @click.option("--register", default=None, metavar="NAME",
-              help="Register the best model in the MLflow Model Registry as NAME.")
+              help="Register the final model in the MLflow Model Registry as NAME.")
+@click.option("--ensemble", type=click.IntRange(min=1), default=2, show_default=True,
+              metavar="K", help="The final model averages the best K trials' probabilities.")
 @DISTRIBUTION
 @click.option("--chief", default=None, metavar="HOST:PORT",
               help="Run as the chief of a distributed search: serve trials to `nas worker` "
@@ -202,7 +204,7 @@ def main():
 @user_errors
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
-           mixed_precision, jit_compile, register, distribution, chief, workers,
+           mixed_precision, jit_compile, register, ensemble, distribution, chief, workers,
            worker_timeout):
     """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
     from nas import search as search_module
@@ -214,8 +216,8 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
         seed=seed, experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
         overwrite=overwrite, max_failures=max_failures, max_params=max_params,
         max_flops=max_flops, mixed_precision=mixed_precision, jit_compile=jit_compile,
-        register=register, distribution=_distribution(distribution), chief=chief,
-        worker_timeout=worker_timeout,
+        register=register, ensemble=ensemble, distribution=_distribution(distribution),
+        chief=chief, worker_timeout=worker_timeout,
     )
     if workers:
         _search_with_local_workers(config, workers)
@@ -270,18 +272,26 @@ def _print_result(result) -> None:
                    "(a larger limit resumes the search)")
     if finished:
         click.echo(_trial_table(finished[:5], result.objective))
-        click.echo(_test_line(result.test, result.best.trial_id))
+        click.echo(_test_line(result.test, result.final_trials))
     click.echo(f"search run: {result.search_run_id} (experiment {result.experiment_id})")
 
 
-def _test_line(test: dict, trial_id: str) -> str:
+def _final_model(trial_ids: list[str]) -> str:
+    if len(trial_ids) == 1:
+        return f"trial {trial_ids[0]}"
+    return f"ensemble of trials {', '.join(trial_ids)} (their probabilities averaged)"
+
+
+def _test_line(test: dict, trial_ids: list[str]) -> str:
     """The final model's held-out score, or why there is none."""
+    if not trial_ids:
+        return "final model: none (it could not be made; see the warning above)"
     if "test_accuracy" not in test:
-        return (f"final model: trial {trial_id}; no test score (no test data: data.test_split "
-                f"is 0, or the model could not be scored)")
-    return (f"final model: trial {trial_id}, test_accuracy {test['test_accuracy']:.4f}  "
-            f"test_loss {test['test_loss']:.4f}  on {int(test['test_samples']):,} held-out "
-            f"samples the search never saw")
+        return (f"final model: {_final_model(trial_ids)}; no test score (no test data: "
+                f"data.test_split is 0)")
+    return (f"final model: {_final_model(trial_ids)}, test_accuracy "
+            f"{test['test_accuracy']:.4f}  test_loss {test['test_loss']:.4f}  on "
+            f"{int(test['test_samples']):,} held-out samples the search never saw")
 
 
 def _trial_table(trials, objective: str) -> str:
@@ -420,8 +430,9 @@ def best(experiment, tracking_uri):
                f"{found.objective} {top.objective:.4f} ({finished} finished trials)")
     click.echo(f"{_count(top.params)} parameters, {_count(top.flops)} FLOPs, "
                f"fit {_seconds(top.fit_seconds)} s, {top.epochs or '-'} epochs")
-    if found.tags.get("nas.test_trial_id", top.trial_id) == top.trial_id:
-        click.echo(_test_line(found.test, top.trial_id))
+    final = [t for t in found.tags.get("nas.final_trials", "").split(",") if t]
+    if final:
+        click.echo(_test_line(found.test, final))
     values = "  ".join(f"{k}={_cell(v)}" for k, v in top.values.items())
     click.echo(textwrap.fill(values, width=88, initial_indent="hyperparameters: ",
                              subsequent_indent="  ", break_on_hyphens=False))
@@ -432,8 +443,9 @@ def best(experiment, tracking_uri):
                f"{found.experiment_name!r} (id {found.experiment_id}) in {tracker.tracking_uri}")
     click.echo(f"  artifacts: {top.artifact_uri}")
     logged = export_module.logged_model(tracker, found)
-    if logged is not None and logged.tags.get("nas.trial_id") == top.trial_id:
-        click.echo(f"  model:     runs:/{found.run_id}/{export_module.MODEL_NAME}")
+    if logged is not None and final and logged.tags.get("nas.trial_id") == ",".join(final):
+        click.echo(f"  model:     runs:/{found.run_id}/{export_module.MODEL_NAME} (the final "
+                   f"model: {_final_model(final)})")
     hint = "" if tracker.tracking_uri.startswith("http") else "  (start it with `nas ui`)"
     click.echo(f"  UI:        {results.ui_link(tracker.tracking_uri, found, top.run_id)}{hint}")
 
@@ -470,7 +482,12 @@ def ui(host, port, tracking_uri):
               help="Export the best trial of this experiment's latest search.  [default: the "
                    "experiment searched most recently]")
 @click.option("--run", "run_id", default=None, metavar="RUN_ID",
-              help="A search's run (export its best trial) or a trial's run (that trial).")
+              help="A search's run (export its final model) or a trial's run (that trial).")
+@click.option("--trial", "trial_id", default=None, metavar="ID",
+              help="Export this trial of the search alone.")
+@click.option("--ensemble", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Export the average of the search's best K trials (1: the best alone).  "
+                   "[default: the search's final model]")
 @click.option("--out", required=True, metavar="DIR",
               type=click.Path(file_okay=False, writable=True),
               help="Folder to write; must be empty or new unless --force.")
@@ -483,16 +500,21 @@ def ui(host, port, tracking_uri):
 @TRACKING_URI
 @WORKDIR
 @user_errors
-def export_model(experiment, run_id, out, force, fmt, register, tracking_uri, workdir):
-    """Write the best trial's model (its best-epoch weights) for serving.
+def export_model(experiment, run_id, trial_id, ensemble, out, force, fmt, register,
+                 tracking_uri, workdir):
+    """Write the search's final model (best-epoch weights) for serving.
 
-    The model takes images as the pipeline reads them (raw float32 pixel values; the
+    The final model is what `nas search` scored on the test data: its best trial's
+    model, or with `nas search --ensemble K` the average of its best K. The model
+    takes images as the pipeline reads them (raw float32 pixel values; the
     scaling is inside) and returns class probabilities; class_names.json is written
     beside it. The weights come from KerasTuner's checkpoint in --workdir when it holds
     the search, else from the MLflow model the search logged.
     """
     if experiment is not None and run_id is not None:
         raise click.UsageError("--experiment and --run exclude each other; give one")
+    if trial_id is not None and ensemble is not None:
+        raise click.UsageError("--trial and --ensemble exclude each other; give one")
     from nas import export as export_module
     from nas import results
 
@@ -500,13 +522,16 @@ def export_model(experiment, run_id, out, force, fmt, register, tracking_uri, wo
     tracker.check()
     start_tensorflow()
     done = export_module.export(tracker, out, experiment=experiment, run_id=run_id,
-                                workdir=workdir, force=force, format=fmt, register=register)
+                                workdir=workdir, force=force, format=fmt, register=register,
+                                trial_id=trial_id, ensemble=ensemble)
     what = "a SavedModel" if fmt == "savedmodel" else "TFLite (model.tflite)"
-    click.echo(f"exported trial {done.trial.trial_id} of experiment "
-               f"{done.search.experiment_name!r} ({done.search.objective} "
-               f"{done.trial.objective:.4f}) to {done.out} as {what}")
+    scores = ", ".join(f"{m.objective:.4f}" for m in done.members)
+    final = " (the search's final model)" if done.is_final else ""
+    click.echo(f"exported {_final_model([m.trial_id for m in done.members])}{final} of "
+               f"experiment {done.search.experiment_name!r} ({done.search.objective} "
+               f"{scores}) to {done.out} as {what}")
     click.echo(f"  weights:     {done.source}")
-    if done.search.tags.get("nas.test_trial_id") == done.trial.trial_id:
+    if done.is_final and "test_accuracy" in done.search.test:
         test = done.search.test
         click.echo(f"  test score:  test_accuracy {test['test_accuracy']:.4f}  test_loss "
                    f"{test['test_loss']:.4f} ({int(test['test_samples']):,} held-out samples)")

@@ -26,10 +26,13 @@ from nas import results, tracking
 from nas.search import STATE_FILE, project_folder
 
 __all__ = ["prepare_model_logging", "ExportError", "Exported", "FORMATS", "MODEL_NAME", "export", "log_model",
-           "log_best_model", "score_on_test", "load_trial_model", "logged_model"]
+           "log_best_model", "score_on_test", "load_trial_model", "load_model", "ensemble_of",
+           "final_trials", "logged_model", "TAG_FINAL"]
 
 FORMATS = ("savedmodel", "tflite")
 MODEL_NAME = "model"  # the MLflow model on the search's run: runs:/<search run id>/model
+TAG_FINAL = "nas.final_trials"  # on a search's run: the trial(s) of its final model
+CHAMPION = "champion"  # the registry alias of the registered version best on its test data
 CLASS_NAMES_FILE = "class_names.json"
 _CHECKPOINT = "checkpoint.weights.h5"  # KerasTuner's per-trial best-epoch weights (Keras 3)
 
@@ -45,41 +48,61 @@ class Exported:
     out: Path
     format: str
     search: results.Search
-    trial: results.TrialRow
+    trial: results.TrialRow  # the best of `members`
     source: str  # "the KerasTuner checkpoint <path>" or "the MLflow model <uri>"
     registered: str | None = None  # "NAME version N"
+    members: tuple[results.TrialRow, ...] = ()  # the trials averaged (one: a single model)
+
+    @property
+    def is_final(self) -> bool:
+        """Whether this is the search's final model (the one scored on the test data)."""
+        return final_trials(self.search) == [m.trial_id for m in self.members]
 
 
 def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str | None = None,
            run_id: str | None = None, workdir: str | os.PathLike = ".nas", force: bool = False,
-           format: str = "savedmodel", register: str | None = None) -> Exported:
-    """Export the best trial of a search (or the trial of `run_id`) into `out`.
+           format: str = "savedmodel", register: str | None = None,
+           trial_id: str | None = None, ensemble: int | None = None) -> Exported:
+    """Export a search's final model (or one trial's, or an ensemble of its best) into `out`.
 
-    `run_id` is a search's run (its best trial) or a trial's run (that trial); without
-    it, the latest search of `experiment` (default: the experiment searched last).
-    `out` receives a SavedModel (`saved_model.pb`, `variables/`; signature
-    `serving_default`) or `model.tflite`, and `class_names.json` beside it. The model is
-    built in a temporary folder and moved into place, so a failure leaves `out` as it was.
+    Without `run_id`, the latest search of `experiment` (default: the experiment searched
+    last). A search's run, or no run, exports the search's final model (the ensemble of
+    its best trials that `nas search --ensemble` made, or its best trial); `ensemble` K
+    instead averages its best K trials (1: the best trial alone); a trial's run, or
+    `trial_id`, that trial. `out` receives a SavedModel (`saved_model.pb`, `variables/`;
+    signature `serving_default`) or `model.tflite`, and `class_names.json` beside it. The
+    model is built in a temporary folder and moved into place, so a failure leaves `out`
+    as it was.
 
     Raises:
-        ExportError: `out` is not empty and not `force`, bad `format`, no weights found.
+        ExportError: `out` is not empty and not `force`, bad `format`, no such trial, no
+            weights found.
         nas.results.ResultsError: no such experiment or run, or no finished trial.
     """
     if format not in FORMATS:
         raise ExportError(f"--format: {format!r} is not one of {list(FORMATS)}")
+    if ensemble is not None and ensemble < 1:
+        raise ExportError(f"--ensemble: {ensemble} must be at least 1")
     out = Path(out)
     _check_out(out, force)
     if run_id is not None:
         search, trial = results.find_run(tracker, run_id)
     else:
         search, trial = results.find_search(tracker, experiment), None
-    if trial is None:
-        trial = results.best_trial(results.list_trials(tracker, search), search)
-    elif trial.status != "FINISHED":
-        raise ExportError(f"--run: trial {trial.trial_id} ({run_id}) is {trial.status}, "
+    rows = results.list_trials(tracker, search)
+    if trial_id is not None:
+        trial = next((r for r in rows if r.trial_id == trial_id), None)
+        if trial is None:
+            raise ExportError(f"--trial: experiment {search.experiment_name!r} has no trial "
+                              f"{trial_id!r} (see nas trials)")
+    if trial is not None and trial.status != "FINISHED":
+        flag = "--trial" if trial_id is not None else "--run"
+        raise ExportError(f"{flag}: trial {trial.trial_id} ({trial.run_id}) is {trial.status}, "
                           f"not FINISHED; it has no trained model to export")
+    members = [trial] if trial is not None else _members(search, rows, ensemble)
     classes = _read_json(tracker, search.run_id, "classes.json")
-    model, source = load_trial_model(tracker, search, trial, workdir)
+    model, source = load_model(tracker, search, members, workdir)
+    exported = Exported(out, format, search, members[0], source, None, tuple(members))
 
     with tempfile.TemporaryDirectory(prefix="nas-export-") as tmp:
         staged = Path(tmp) / "out"
@@ -94,26 +117,97 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
             "pixel_scale": classes.get("pixel_scale"),
             "experiment": search.experiment_name,
             "search_run_id": search.run_id,
-            "trial_id": trial.trial_id,
-            "trial_run_id": trial.run_id,
-            "objective": {"name": search.objective, "value": trial.objective},
+            "trial_id": members[0].trial_id if len(members) == 1 else None,
+            "trial_run_id": members[0].run_id if len(members) == 1 else None,
+            "ensemble": [m.trial_id for m in members],  # their probabilities, averaged
+            "objective": {"name": search.objective,
+                          "value": [m.objective for m in members] if len(members) > 1
+                          else members[0].objective},
             # Held-out scores, measured once by `nas search`, of its final model only.
-            "test": search.test if search.tags.get("nas.test_trial_id") == trial.trial_id
-            else {},
+            "test": search.test if exported.is_final else {},
         }, indent=2) + "\n")
         _move_into_place(staged, out)
 
-    registered = None
     if register:
         from mlflow.exceptions import MlflowException
 
         try:
-            registered = _register(tracker, search, trial, model, register)
+            registered = _register(tracker, search, members, model, register,
+                                   search.test if exported.is_final else None)
         except MlflowException as error:
             first = (str(error).strip().splitlines() or [""])[0][:300]
             raise ExportError(f"--register: {out} was written, but the model was not "
                               f"registered as {register!r}: {first}") from None
-    return Exported(out, format, search, trial, source, registered)
+        exported = dataclasses.replace(exported, registered=registered)
+    return exported
+
+
+def final_trials(search: results.Search) -> list[str]:
+    """The trial ids of a search's final model (one, or the members of its ensemble)."""
+    return [t for t in search.tags.get(TAG_FINAL, "").split(",") if t]
+
+
+def _members(search: results.Search, rows, ensemble: int | None) -> list[results.TrialRow]:
+    """The trials a search-level export averages: its final model's, or the best K."""
+    if ensemble is None:
+        by_id = {r.trial_id: r for r in rows if r.status == "FINISHED"}
+        final = [by_id.get(t) for t in final_trials(search)]
+        if final and None not in final:
+            return final
+        ensemble = 1
+    best = results.best_trial(rows, search)  # raises when nothing finished
+    ranked = results.sort_trials([r for r in rows if r.status == "FINISHED"
+                                  and r.objective is not None], "objective", search)
+    return [best] + [r for r in ranked if r.trial_id != best.trial_id][:ensemble - 1]
+
+
+def load_model(tracker: tracking.Tracker, search: results.Search,
+               members: list[results.TrialRow], workdir: str | os.PathLike = ".nas"):
+    """The model averaging `members` (one: that trial's model), and where it came from.
+
+    Raises:
+        ExportError: neither KerasTuner's checkpoints nor a matching MLflow model is found.
+    """
+    if len(members) == 1:
+        return load_trial_model(tracker, search, members[0], workdir)
+    checkpoints = [_checkpoint(search, m, workdir) for m in members]
+    if None not in checkpoints:
+        models = [_model_from_checkpoint(_read_json(tracker, m.run_id, "architecture.json"),
+                                         c) for m, c in zip(members, checkpoints)]
+        return (ensemble_of(models, [m.trial_id for m in members]),
+                f"the KerasTuner checkpoints in {checkpoints[0].parent.parent}")
+    ids = ",".join(m.trial_id for m in members)
+    logged = logged_model(tracker, search)
+    if logged is not None and logged.tags.get(tracking.TAG_TRIAL) == ids:
+        import mlflow.tensorflow
+
+        with _store(tracker.tracking_uri), _no_optimizer_warning():
+            model = mlflow.tensorflow.load_model(f"models:/{logged.model_id}")
+        return model, f"the MLflow model runs:/{search.run_id}/{MODEL_NAME}"
+    raise ExportError(
+        f"experiment {search.experiment_name!r}: no weights found for the ensemble of trials "
+        f"{ids}; neither KerasTuner's checkpoints (see --workdir) nor an MLflow model of "
+        f"these trials on run {search.run_id}"
+    )
+
+
+def ensemble_of(models: list, trial_ids: list[str]):
+    """One Keras model whose output is the average of `models`' class probabilities.
+
+    Same input (`image`, raw pixels) and output (class probabilities) as each member, so
+    it serves, exports and logs exactly as a single trial's model does. One model: itself.
+    """
+    if len(models) == 1:
+        return models[0]
+    import keras
+
+    inputs = keras.Input(models[0].input_shape[1:], name="image")
+    for model, trial_id in zip(models, trial_ids):
+        model.name = f"trial_{trial_id}"
+    outputs = keras.layers.Average(name="probabilities")([m(inputs) for m in models])
+    model = keras.Model(inputs, outputs, name="ensemble")
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
 
 
 def load_trial_model(tracker: tracking.Tracker, search: results.Search,
@@ -174,7 +268,9 @@ def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
             tags={tracking.TAG_TRIAL: trial_id, "nas.trial_run_id": trial_run_id,
                   **_score_tags(scores)},
         )
-    echo(f"model of trial {trial_id} logged to MLflow as runs:/{run_id}/{MODEL_NAME}")
+    what = (f"trial {trial_id}" if "," not in trial_id
+            else f"the ensemble of trials {trial_id.replace(',', ', ')}")
+    echo(f"model of {what} logged to MLflow as runs:/{run_id}/{MODEL_NAME}")
     if register:
         echo(f"registered as {_register_uri(tracker, info.model_uri, register, scores)}")
     return info.model_uri
@@ -215,37 +311,44 @@ def _map_packages() -> None:
 
 def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
                    register: str | None = None, echo=print, test=None,
-                   batch_size: int = 32) -> dict:
-    """At the end of `nas search`: score the final model on the test data, log it.
+                   batch_size: int = 32, ensemble: int = 1) -> dict:
+    """At the end of `nas search`: make the final model, score it on the test data, log it.
 
-    The final model is the best trial's, at its best epoch. `test` is the held-out
-    `(x, y)` the search never read (None or empty: no test score); the model is
-    evaluated on it once, and `test_loss` and `test_accuracy` are
-    logged on the search's run and as tags of its MLflow model (and registered version).
+    The final model is the best trial's at its best epoch or, with `ensemble` K > 1, the
+    average of the class probabilities of the best K trials (ranked on validation data,
+    like every choice of the search). `test` is the held-out `(x, y)` the search never
+    read (None or empty: no test score); the final model is evaluated on it once, and
+    `test_loss` and `test_accuracy` are logged on the search's run and as tags of its
+    MLflow model (and registered version); the tag `nas.final_trials` names its trials.
     A failure here does not fail the search (its trials are logged): it is printed and
-    kept as the run's `nas.model_error` tag. Returns the test scores ({} without).
+    kept as the run's `nas.model_error` tag. Returns the test scores ({} without) and the
+    final model's trial ids ([] when it could not be made).
     """
-    best = result.best
-    if best is None:
-        return {}
+    members = result.finished[:max(1, ensemble)]
+    if not members:
+        return {}, []
+    ids = [m.trial_id for m in members]
     try:
-        values = tuner.oracle.trials[best.trial_id].hyperparameters.values
-        checkpoint = Path(tuner.get_trial_dir(best.trial_id)) / _CHECKPOINT
-        architecture = tuner.hypermodel.architecture(values).to_dict()
-        model = _model_from_checkpoint(architecture, checkpoint)
+        models = []
+        for member in members:
+            values = tuner.oracle.trials[member.trial_id].hyperparameters.values
+            checkpoint = Path(tuner.get_trial_dir(member.trial_id)) / _CHECKPOINT
+            architecture = tuner.hypermodel.architecture(values).to_dict()
+            models.append(_model_from_checkpoint(architecture, checkpoint))
+        model = ensemble_of(models, ids)
         scores = {}
         if test is not None and len(test[1]):
             scores = score_on_test(model, *test, batch_size=batch_size)
-            tracker.log_batch(search_run_id, tracker.metrics(scores),
-                              tags={"nas.test_trial_id": best.trial_id})
-        log_model(tracker, search_run_id, model, trial_id=best.trial_id,
-                  trial_run_id=best.run_id or "", register=register, echo=echo, scores=scores)
-        return scores
+        tracker.log_batch(search_run_id, tracker.metrics(scores), tags={TAG_FINAL: ",".join(ids)})
+        log_model(tracker, search_run_id, model, trial_id=",".join(ids),
+                  trial_run_id=(members[0].run_id or "") if len(ids) == 1 else "",
+                  register=register, echo=echo, scores=scores)
+        return scores, ids
     except Exception as error:  # the search's results stand without the model
         message = f"{error.__class__.__name__}: {error}".strip().splitlines()[0][:500]
         tracker.set_tags(search_run_id, {"nas.model_error": message})
         echo(f"warning: the best model was not logged to MLflow ({message})")
-        return {}
+        return {}, []
 
 
 def score_on_test(model, x, y, *, batch_size: int) -> dict:
@@ -332,15 +435,19 @@ def logged_model(tracker: tracking.Tracker, search: results.Search):
     return next((m for m in models if m.source_run_id == search.run_id), None)
 
 
-def _register(tracker, search, trial, model, name: str) -> str:
+def _register(tracker, search, members, model, name: str, scores: dict | None) -> str:
+    ids = ",".join(m.trial_id for m in members)
     logged = logged_model(tracker, search)
-    if logged is not None and logged.tags.get(tracking.TAG_TRIAL) == trial.trial_id:
-        return _register_uri(tracker, f"models:/{logged.model_id}", name)
+    if logged is not None and logged.tags.get(tracking.TAG_TRIAL) == ids:
+        return _register_uri(tracker, f"models:/{logged.model_id}", name, scores)
     # Not the search's logged model (another trial, or none was logged): log it on the
-    # trial's own run first, so that the registry points at a model MLflow holds.
-    model_uri = log_model(tracker, trial.run_id, model, trial_id=trial.trial_id,
-                          trial_run_id=trial.run_id, echo=lambda line: None)
-    return _register_uri(tracker, model_uri, name)
+    # trial's own run (an ensemble: the search's) first, so that the registry points at
+    # a model MLflow holds.
+    run_id = members[0].run_id if len(members) == 1 else search.run_id
+    model_uri = log_model(tracker, run_id, model, trial_id=ids,
+                          trial_run_id=members[0].run_id if len(members) == 1 else "",
+                          echo=lambda line: None, scores=scores)
+    return _register_uri(tracker, model_uri, name, scores)
 
 
 def _register_uri(tracker: tracking.Tracker, model_uri: str, name: str,
@@ -349,7 +456,26 @@ def _register_uri(tracker: tracking.Tracker, model_uri: str, name: str,
 
     with _store(tracker.tracking_uri), _quiet_mlflow():
         version = mlflow.register_model(model_uri, name, tags=_score_tags(scores) or None)
-    return f"{name} version {version.version}"
+    shown = f"{name} version {version.version}"
+    if scores and "test_accuracy" in scores and _beats_champion(tracker, name, scores):
+        tracker.client.set_registered_model_alias(name, CHAMPION, version.version)
+        shown += f" (alias {CHAMPION}: models:/{name}@{CHAMPION})"
+    return shown
+
+
+def _beats_champion(tracker: tracking.Tracker, name: str, scores: dict) -> bool:
+    """Whether a version scoring `scores` on its test data should be the champion: there
+    is none, or the champion's held-out test accuracy is not higher."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = tracker.client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no champion yet
+        return True
+    try:
+        return scores["test_accuracy"] >= float(champion.tags.get("nas.test_accuracy", "-inf"))
+    except ValueError:
+        return True
 
 
 def _read_json(tracker: tracking.Tracker, run_id: str, artifact: str) -> dict:

@@ -64,7 +64,8 @@ class SearchConfig:
     max_flops: int | None = None
     mixed_precision: bool = False
     jit_compile: bool = False
-    register: str | None = None  # Model Registry name for the best model
+    register: str | None = None  # Model Registry name for the final model
+    ensemble: int = 2  # the final model averages the best this many trials (bench: quality)
     # Scale-out (nas.distributed): "mirrored" trains one trial over all local GPUs;
     # `chief` HOST:PORT makes this process the chief (or, with `worker_id`, a worker).
     distribution: str | None = None
@@ -124,6 +125,7 @@ class SearchResult:
     # test_samples), measured once after the search; empty without test data.
     test: dict = dataclasses.field(default_factory=dict)
     stopped_by_time: bool = False  # --time-limit ended it before --max-trials
+    final_trials: list[str] = dataclasses.field(default_factory=list)  # the final model's
 
     @property
     def finished(self) -> list[results.TrialRow]:
@@ -158,6 +160,8 @@ def prepare(config: SearchConfig) -> Prepared:
         raise SearchError(f"--batch-size: {config.batch_size} must be at least 1")
     if config.max_failures < 1:
         raise SearchError(f"--max-failures: {config.max_failures} must be at least 1")
+    if config.ensemble < 1:
+        raise SearchError(f"--ensemble: {config.ensemble} must be at least 1")
     if config.time_limit is not None and config.time_limit <= 0:
         raise SearchError(f"--time-limit: {config.time_limit:g} s must be above 0")
     for flag, budget in (("--max-params", config.max_params), ("--max-flops", config.max_flops)):
@@ -503,10 +507,10 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
             pareto.log_plot(tracker, search_run_id, result.finished, result.objective,
                             result.direction, title=f"search {config.experiment_name}")
             # The only place the test data is read: the final model, scored once.
-            result.test = export.log_best_model(
+            result.test, result.final_trials = export.log_best_model(
                 tracker, search_run_id, tuner, result, register=config.register, echo=echo,
                 test=(arrays.x_test, arrays.y_test),
-                batch_size=config.batch_size or pipeline.batch_size)
+                batch_size=config.batch_size or pipeline.batch_size, ensemble=config.ensemble)
         finally:
             hooks.close()
             gc.unfreeze()
@@ -564,6 +568,7 @@ def _log_search(tracker, run_id: str, config: SearchConfig, arrays: Arrays) -> N
         "objective": config.pipeline.objective, "max_failures": config.max_failures,
         "max_params": constraints.max_params, "max_flops": constraints.max_flops,
         "mixed_precision": config.mixed_precision, "jit_compile": config.jit_compile,
+        "ensemble": config.ensemble,
         "input_shape": list(arrays.input_shape), "num_classes": arrays.num_classes,
         "train_samples": len(arrays.x_train), "val_samples": len(arrays.x_val),
         "test_samples": len(arrays.x_test), "test_data": arrays.test_source,
@@ -581,6 +586,8 @@ def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> Se
     return SearchResult(experiment_id, search_run_id, pipeline.objective, pipeline.direction,
                         results.list_trials(tracker, search), tuner.oracle.rejected, resumed,
                         test=search.test,
+                        final_trials=[t for t in search.tags.get("nas.final_trials", "").split(",")
+                                      if t],
                         stopped_by_time=getattr(tuner.oracle, "stopped_by_time", False))
 
 

@@ -37,6 +37,7 @@ def digits_search(tmp_path_factory):
     config = search.SearchConfig(
         space=load_space("tiny"), pipeline=load_pipeline("digits"), max_trials=3, epochs=4,
         experiment="shared", tracking_uri=tracking_uri, workdir=str(root / ".nas"), seed=1,
+        ensemble=1,  # a single trial's model as the final model (ensembles: test_ensemble.py)
     )
     with contextlib.chdir(root):  # MLflow puts artifacts under ./mlruns
         result = search.run(search.prepare(config), echo=lambda line: None)

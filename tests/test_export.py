@@ -79,12 +79,13 @@ def test_export_writes_class_names_and_says_where(digits_search, trained, export
     assert names["input_shape"] == [8, 8, 1]
     assert names["trial_id"] == trained.trial.trial_id
     out = exported.output.splitlines()
-    assert out[0] == (f"exported trial {trained.trial.trial_id} of experiment 'shared' "
-                      f"(val_accuracy {trained.trial.objective:.4f}) to {exported.out} as a "
-                      f"SavedModel")
+    assert out[0] == (f"exported trial {trained.trial.trial_id} (the search's final model) of "
+                      f"experiment 'shared' (val_accuracy {trained.trial.objective:.4f}) to "
+                      f"{exported.out} as a SavedModel")
     assert out[1] == (f"  weights:     the KerasTuner checkpoint {digits_search.workdir}/shared/"
                       f"trial_{trained.trial.trial_id}/checkpoint.weights.h5")
-    assert out[-1] == "registered as digits-cnn version 1"
+    assert out[-1] == ("registered as digits-cnn version 1 (alias champion: "
+                       "models:/digits-cnn@champion)")
 
 
 def test_saved_model_cli_lists_the_serving_signature(exported):
@@ -106,6 +107,13 @@ def test_registered_model_loads(digits_search, exported, images, trained, monkey
     x, _ = images
     np.testing.assert_allclose(np.asarray(model.predict(x)),
                                trained.model.predict(x, verbose=0), atol=1e-5)
+    from mlflow import MlflowClient
+
+    champion = MlflowClient().get_model_version_by_alias("digits-cnn", "champion")
+    assert str(champion.version) == "1"  # the first registered version with a test score
+    test = digits_search.result.test
+    assert float(champion.tags["nas.test_accuracy"]) == pytest.approx(test["test_accuracy"],
+                                                                       rel=1e-5)
 
 
 def test_export_by_run_id_without_the_workdir(digits_search, trained, images, tmp_path):

@@ -95,7 +95,8 @@ def test_best_shows_scores_layer_table_and_where_it_is(digits_search):
     assert total.split() == ["total", f"{best.params:,}", f"{best.flops:,}"]
     assert f"MLflow: trial run {best.run_id}, search run {digits_search.result.search_run_id}" \
         in result.output
-    assert f"  model:     runs:/{digits_search.result.search_run_id}/model" in out
+    assert (f"  model:     runs:/{digits_search.result.search_run_id}/model (the final model: "
+            f"trial {best.trial_id})") in out
     assert any(line.startswith("  UI:        http://127.0.0.1:5000/#/experiments/") and
                line.split()[1].endswith(f"/runs/{best.run_id}") for line in out)
 

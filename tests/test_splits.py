@@ -124,10 +124,12 @@ def test_the_search_never_reads_the_test_data_and_scores_the_final_model_once(
                                    "tags.`nas.kind` = 'search'")
     metrics = search.data.metrics
     assert metrics["test_samples"] == 60 and search.data.params["test_data"] == "split"
-    best = search.data.tags["nas.best_trial_id"]
-    assert search.data.tags["nas.test_trial_id"] == best
-    assert (f"final model: trial {best}, test_accuracy {metrics['test_accuracy']:.4f}  "
-            f"test_loss {metrics['test_loss']:.4f}  on 60 held-out samples") in result.output
+    final = search.data.tags["nas.final_trials"].split(",")
+    # the default final model: the best two trials (on validation), averaged
+    assert len(final) == 2 and final[0] == search.data.tags["nas.best_trial_id"]
+    assert (f"final model: ensemble of trials {', '.join(final)} (their probabilities "
+            f"averaged), test_accuracy {metrics['test_accuracy']:.4f}  test_loss "
+            f"{metrics['test_loss']:.4f}  on 60 held-out samples") in result.output
 
     shown = CliRunner().invoke(main, ["best", "--experiment", "held"])
     assert f"test_accuracy {metrics['test_accuracy']:.4f}" in shown.output
