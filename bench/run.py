@@ -4,6 +4,7 @@
     python bench/run.py --quick          # smaller sizes: a smoke run of every figure
     python bench/run.py --only memory    # one figure (repeatable: --only data --only startup)
     python bench/run.py --only quality --tuners random,bayesian,hyperband
+    python bench/run.py --only shapes    # the quality comparison on generated shapes
 
 Prints one table (figure, nas, baseline, ratio, target, ok) and exits 1 when a target is
 missed. Every baseline is measured by this same run. Each measurement runs in a fresh
@@ -31,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-FIGURES = ("overhead", "startup", "memory", "rejection", "data", "quality")
+FIGURES = ("overhead", "startup", "memory", "rejection", "data", "quality", "shapes")
 _RESULT = "BENCH_RESULT "
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
 _ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -39,11 +40,12 @@ _ENV.pop("MLFLOW_TRACKING_URI", None)
 
 # --- sizes ---------------------------------------------------------------------------
 
-FULL = dict(q_trials=10, q_epochs=20, q_seeds=(0, 1, 2, 3, 4),
+FULL = dict(q_trials=10, q_epochs=20, q_seeds=(0, 1, 2, 3, 4), s_per_class=200, s_size=16,
+            s_seeds=(0, 1, 2),
             trials=10, epochs=10, seeds=(0, 1, 2), mem_trials=35, mem_epochs=2, mem_early=5,
             mem_late=30, decisions=5000, builds=30, data_epochs=5, data_rounds=5,
             startup_repeats=3)
-QUICK = dict(q_trials=3, q_epochs=3, q_seeds=(0, 1),
+QUICK = dict(q_trials=3, q_epochs=3, q_seeds=(0, 1), s_per_class=30, s_size=16, s_seeds=(0,),
              trials=3, epochs=3, seeds=(0,), mem_trials=8, mem_epochs=1, mem_early=2,
              mem_late=8, decisions=500, builds=5, data_epochs=2, data_rounds=2,
              startup_repeats=2)
@@ -289,29 +291,69 @@ def figure_quality(table: Table, sizes: dict, root: Path, tuners: list[str]) -> 
     same test data. The nas rows are `nas search` as a user runs it (default space, the
     digits pipeline's 20 epochs and patience 3, `--seed S`).
     """
-    trials, epochs, seeds = sizes["q_trials"], sizes["q_epochs"], sizes["q_seeds"]
+    def pipeline(seed: int) -> str:
+        return (f"data: {{source: digits, seed: {seed}}}\n"
+                f"train: {{epochs: {sizes['q_epochs']}, batch_size: 32, "
+                f"early_stopping_patience: 3}}\n")
+
+    _quality(table, sizes, root, "digits", pipeline, sizes["q_seeds"], tuners, variants=True,
+             targets=True)
+
+
+def figure_shapes(table: Table, sizes: dict, root: Path, tuners: list[str]) -> None:
+    """The same comparison where translation invariance matters: tests/shapes.py's circles,
+    squares and triangles at random places and sizes, in noise."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from shapes import make_shapes
+
+    per_class, size = sizes["s_per_class"], sizes["s_size"]
+    images = make_shapes(root / "shapes-data", per_class=per_class, size=size, seed=0)
+
+    def pipeline(seed: int) -> str:
+        return (f"data: {{source: directory, path: {images}, image_size: [{size}, {size}], "
+                f"color_mode: grayscale, validation_split: 0.2, seed: {seed}}}\n"
+                f"train: {{epochs: {sizes['q_epochs']}, batch_size: 32, "
+                f"early_stopping_patience: 3}}\n")
+
+    _quality(table, sizes, root, f"shapes ({3 * per_class} images of {size}x{size})", pipeline,
+             sizes["s_seeds"], [t for t in tuners if t == "random"], variants=False,
+             targets=False)
+
+
+def _quality(table: Table, sizes: dict, root: Path, task: str, pipeline_text, seeds,
+             tuners: list[str], variants: bool, targets: bool) -> None:
+    """`nas search` with each tuner, the hand-written KerasTuner search and an SVC grid on
+    `task` (the pipeline `pipeline_text(seed)` for each split seed), scored on test data."""
+    trials = sizes["q_trials"]
     default = default_tuner()
     methods = [default] + [t for t in tuners if t != default]
     single = f"{default} --ensemble 1"  # the default strategy's final model without the ensemble
-    found: dict[str, list[dict]] = {m: [] for m in methods + [single, "keras-tuner", "svc"]}
+    # The default given random's measured search wall on the same split as --time-limit.
+    matched = f"{default} --time-limit <random's wall>"
+    extra_rows = ([single] + ([matched] if "random" in methods else [])) if variants else []
+    found: dict[str, list[dict]] = {m: [] for m in methods + extra_rows + ["keras-tuner", "svc"]}
+    methods.sort(key=lambda m: m != "random")  # random first: its wall sets the matched limit
     for seed in seeds:
         folder = Path(tempfile.mkdtemp(prefix=f"quality-s{seed}-", dir=root))
-        pipeline = folder / "digits.yaml"
-        pipeline.write_text(f"data: {{source: digits, seed: {seed}}}\n"
-                            f"train: {{epochs: {epochs}, batch_size: 32, "
-                            f"early_stopping_patience: 3}}\n")
+        pipeline = folder / "pipeline.yaml"
+        pipeline.write_text(pipeline_text(seed))
         for tuner in methods:
             found[tuner].append(quality_search(folder / tuner, pipeline, tuner, trials, seed))
-        found[single].append(quality_search(folder / "single", pipeline, default, trials, seed,
-                                            "--ensemble", "1"))
+        if single in found:
+            found[single].append(quality_search(folder / "single", pipeline, default, trials,
+                                                seed, "--ensemble", "1"))
+        if matched in found:
+            limit = found["random"][-1]["wall"]
+            found[matched].append(quality_search(folder / "matched", pipeline, default, trials,
+                                                 seed, "--time-limit", f"{limit:.1f}s"))
         log(f"quality baseline: hand-written KerasTuner RandomSearch, split seed {seed}")
         base, _ = run_worker("baseline", folder, build="small_cnn", autolog=False,
-                             trials=trials, epochs=epochs, seed=seed, folder=str(folder),
-                             split_seed=seed)
+                             trials=trials, epochs=sizes["q_epochs"], seed=seed,
+                             folder=str(folder), split_seed=seed, pipeline=str(pipeline))
         log(f"  test accuracy {base['test']:.4f}, {base['search_wall']:.1f} s")
         found["keras-tuner"].append({"test": base["test"], "wall": base["search_wall"],
                                      "epochs": base["epochs"]})
-        svc, _ = run_worker("svc", folder, split_seed=seed)
+        svc, _ = run_worker("svc", folder, split_seed=seed, pipeline=str(pipeline))
         log(f"quality baseline: SVC, split seed {seed}: test accuracy {svc['test']:.4f} "
             f"(C={svc['C']}, gamma={svc['gamma']})")
         found["svc"].append(svc)
@@ -322,20 +364,26 @@ def figure_quality(table: Table, sizes: dict, root: Path, tuners: list[str]) -> 
         return statistics.mean(values), f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
     labels = {default: f"nas {default} (default: --ensemble 2)",
-              single: f"nas {single}", "keras-tuner": "KerasTuner, hand-written",
-              "svc": "SVC (C, gamma) grid"}
+              single: f"nas {single}", matched: f"nas {matched}", "keras-tuner":
+              "KerasTuner, hand-written", "svc": "SVC (C, gamma) grid"}
     means = {}
     for method, rows in found.items():
         means[method], shown = spread(rows, "test")
         wall = spread(rows, "wall", 1)[1]
         extra = f"; {spread(rows, 'epochs', 0)[1]} epochs" if "epochs" in rows[0] else ""
-        table.add(f"quality: digits test accuracy ({labels.get(method, 'nas ' + method)})",
-                  shown, "-", "-", "(informational)", None)
-        table.notes.append(f"quality ({labels.get(method, 'nas ' + method)}): test accuracy "
-                           f"per split seed " + ", ".join(f"{r['test']:.4f}" for r in rows)
+        label = labels.get(method, "nas " + method)
+        table.add(f"quality: {task} test accuracy ({label})", shown, "-", "-",
+                  "(informational)", None)
+        table.notes.append(f"quality, {task} ({label}): test accuracy per split seed "
+                           + ", ".join(f"{r['test']:.4f}" for r in rows)
                            + f"; wall {wall} s{extra}")
-    others = {m: v for m, v in means.items() if m not in (default, single)}
+    others = {m: v for m, v in means.items() if m not in (default, single, matched)}
     best_other = max(others, key=others.get)
+    if not targets:
+        table.add(f"quality: {task}: default's mean test accuracy vs the best other "
+                  f"({best_other})", f"{means[default]:.4f}", f"{others[best_other]:.4f}",
+                  f"{means[default] - others[best_other]:+.4f}", "(informational)", None)
+        return
     ok = means[default] >= 0.99 and all(means[default] > v for v in others.values())
     table.add(f"quality: default's mean test accuracy vs the best other ({best_other})",
               f"{means[default]:.4f}", f"{others[best_other]:.4f}",
@@ -345,6 +393,17 @@ def figure_quality(table: Table, sizes: dict, root: Path, tuners: list[str]) -> 
         ratio = statistics.mean(walls[0]) / statistics.mean(walls[1])
         table.add("quality: default's search wall / random's", f"{statistics.mean(walls[0]):.1f}",
                   f"{statistics.mean(walls[1]):.1f}", f"{ratio:.2f}", "ratio <= 1", ratio <= 1)
+        if matched in found:
+            walls = [r["wall"] for r in found[matched]], walls[1]
+            ratio = statistics.mean(walls[0]) / statistics.mean(walls[1])
+            table.add("quality: default with --time-limit at random's wall: wall / random's",
+                      f"{statistics.mean(walls[0]):.1f}", f"{statistics.mean(walls[1]):.1f}",
+                      f"{ratio:.2f}", "ratio <= 1", ratio <= 1)
+            ok = means[matched] >= 0.99 and all(means[matched] > v for v in others.values())
+            table.add(f"quality: that search's mean test accuracy vs the best other "
+                      f"({best_other})", f"{means[matched]:.4f}", f"{others[best_other]:.4f}",
+                      f"{means[matched] - others[best_other]:+.4f}",
+                      ">= 0.99 and above every row", ok)
         # When the default's best validation score so far first matched random's final one.
         reach = [_time_to(d["curve"], r["best"]) / r["wall"]
                  for d, r in zip(found[default], found["random"])]
@@ -475,8 +534,8 @@ def _small_cnn_build(input_shape, num_classes, pixel_scale):
 
 
 def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: int,
-                    folder: str, split_seed: int = 0) -> dict:
-    """A plain KerasTuner RandomSearch on digits; model.fit wrapped to time it.
+                    folder: str, split_seed: int = 0, pipeline: str = "digits") -> dict:
+    """A plain KerasTuner RandomSearch on `pipeline`'s data; model.fit wrapped to time it.
 
     Trained on the split of `split_seed`; its best model is scored on that split's test data.
     """
@@ -488,7 +547,7 @@ def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: i
     from nas.data import load_arrays
     from nas.specs import load_pipeline, load_space
 
-    pipeline = dataclasses.replace(load_pipeline("digits"), seed=split_seed)
+    pipeline = dataclasses.replace(load_pipeline(pipeline), seed=split_seed)
     arrays = load_arrays(pipeline)
     keras.utils.set_random_seed(seed)
     if build == "same_knobs":
@@ -545,7 +604,7 @@ def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: i
             "epochs": sum(epochs_run)}
 
 
-def worker_svc(split_seed: int) -> dict:
+def worker_svc(split_seed: int, pipeline: str = "digits") -> dict:
     """scikit-learn's SVC (RBF), C and gamma chosen on the validation data, scored on test."""
     import dataclasses
     import itertools
@@ -555,7 +614,7 @@ def worker_svc(split_seed: int) -> dict:
     from nas.data import load_arrays
     from nas.specs import load_pipeline
 
-    arrays = load_arrays(dataclasses.replace(load_pipeline("digits"), seed=split_seed))
+    arrays = load_arrays(dataclasses.replace(load_pipeline(pipeline), seed=split_seed))
 
     def flat(x):
         return x.reshape(len(x), -1) / arrays.pixel_scale
@@ -801,6 +860,8 @@ def main(argv=None) -> int:
                 figure_data(table, sizes, root)
             elif figure == "quality":
                 figure_quality(table, sizes, root, tuners)
+            elif figure == "shapes":
+                figure_shapes(table, sizes, root, tuners)
     if args.quick:
         table.notes.append("--quick: smaller sizes than the targets are defined for")
     print(header + "\n")

@@ -192,6 +192,9 @@ def main():
               help="Register the final model in the MLflow Model Registry as NAME.")
 @click.option("--ensemble", type=click.IntRange(min=1), default=2, show_default=True,
               metavar="K", help="The final model averages the best K trials' probabilities.")
+@click.option("--refit", is_flag=True,
+              help="Retrain the final model's trials on training + validation data, for the "
+                   "epochs each needed to reach its best validation score.")
 @DISTRIBUTION
 @click.option("--chief", default=None, metavar="HOST:PORT",
               help="Run as the chief of a distributed search: serve trials to `nas worker` "
@@ -204,8 +207,8 @@ def main():
 @user_errors
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
-           mixed_precision, jit_compile, register, ensemble, distribution, chief, workers,
-           worker_timeout):
+           mixed_precision, jit_compile, register, ensemble, refit, distribution, chief,
+           workers, worker_timeout):
     """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
     from nas import search as search_module
     from nas.specs import load_pipeline, load_space
@@ -216,7 +219,8 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
         seed=seed, experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
         overwrite=overwrite, max_failures=max_failures, max_params=max_params,
         max_flops=max_flops, mixed_precision=mixed_precision, jit_compile=jit_compile,
-        register=register, ensemble=ensemble, distribution=_distribution(distribution),
+        register=register, ensemble=ensemble, refit=refit,
+        distribution=_distribution(distribution),
         chief=chief, worker_timeout=worker_timeout,
     )
     if workers:
@@ -272,24 +276,26 @@ def _print_result(result) -> None:
                    "(a larger limit resumes the search)")
     if finished:
         click.echo(_trial_table(finished[:5], result.objective))
-        click.echo(_test_line(result.test, result.final_trials))
+        click.echo(_test_line(result.test, result.final_trials, result.refit))
     click.echo(f"search run: {result.search_run_id} (experiment {result.experiment_id})")
 
 
-def _final_model(trial_ids: list[str]) -> str:
+def _final_model(trial_ids: list[str], refit: bool = False) -> str:
+    refitted = ", retrained on training + validation data" if refit else ""
     if len(trial_ids) == 1:
-        return f"trial {trial_ids[0]}"
-    return f"ensemble of trials {', '.join(trial_ids)} (their probabilities averaged)"
+        return f"trial {trial_ids[0]}{refitted}"
+    return (f"ensemble of trials {', '.join(trial_ids)} (their probabilities averaged"
+            f"{refitted})")
 
 
-def _test_line(test: dict, trial_ids: list[str]) -> str:
+def _test_line(test: dict, trial_ids: list[str], refit: bool = False) -> str:
     """The final model's held-out score, or why there is none."""
     if not trial_ids:
         return "final model: none (it could not be made; see the warning above)"
     if "test_accuracy" not in test:
-        return (f"final model: {_final_model(trial_ids)}; no test score (no test data: "
-                f"data.test_split is 0)")
-    return (f"final model: {_final_model(trial_ids)}, test_accuracy "
+        return (f"final model: {_final_model(trial_ids, refit)}; no test score (no test "
+                f"data: data.test_split is 0)")
+    return (f"final model: {_final_model(trial_ids, refit)}, test_accuracy "
             f"{test['test_accuracy']:.4f}  test_loss {test['test_loss']:.4f}  on "
             f"{int(test['test_samples']):,} held-out samples the search never saw")
 
@@ -431,8 +437,9 @@ def best(experiment, tracking_uri):
     click.echo(f"{_count(top.params)} parameters, {_count(top.flops)} FLOPs, "
                f"fit {_seconds(top.fit_seconds)} s, {top.epochs or '-'} epochs")
     final = [t for t in found.tags.get("nas.final_trials", "").split(",") if t]
+    refit = found.tags.get("nas.refit") == "1"
     if final:
-        click.echo(_test_line(found.test, final))
+        click.echo(_test_line(found.test, final, refit))
     values = "  ".join(f"{k}={_cell(v)}" for k, v in top.values.items())
     click.echo(textwrap.fill(values, width=88, initial_indent="hyperparameters: ",
                              subsequent_indent="  ", break_on_hyphens=False))
@@ -445,7 +452,7 @@ def best(experiment, tracking_uri):
     logged = export_module.logged_model(tracker, found)
     if logged is not None and final and logged.tags.get("nas.trial_id") == ",".join(final):
         click.echo(f"  model:     runs:/{found.run_id}/{export_module.MODEL_NAME} (the final "
-                   f"model: {_final_model(final)})")
+                   f"model: {_final_model(final, refit)})")
     hint = "" if tracker.tracking_uri.startswith("http") else "  (start it with `nas ui`)"
     click.echo(f"  UI:        {results.ui_link(tracker.tracking_uri, found, top.run_id)}{hint}")
 
@@ -527,7 +534,8 @@ def export_model(experiment, run_id, trial_id, ensemble, out, force, fmt, regist
     what = "a SavedModel" if fmt == "savedmodel" else "TFLite (model.tflite)"
     scores = ", ".join(f"{m.objective:.4f}" for m in done.members)
     final = " (the search's final model)" if done.is_final else ""
-    click.echo(f"exported {_final_model([m.trial_id for m in done.members])}{final} of "
+    refit = done.is_final and done.search.tags.get("nas.refit") == "1"
+    click.echo(f"exported {_final_model([m.trial_id for m in done.members], refit)}{final} of "
                f"experiment {done.search.experiment_name!r} ({done.search.objective} "
                f"{scores}) to {done.out} as {what}")
     click.echo(f"  weights:     {done.source}")

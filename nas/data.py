@@ -184,18 +184,27 @@ def _split(x, y, share: float, rng, class_names, where: str, field: str):
 
 def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
     """Cached, shuffled, batched and prefetched `tf.data` pipelines over `arrays`."""
+    return Datasets(
+        train=_pipeline(arrays.x_train, arrays.y_train, batch_size, seed, shuffle=True),
+        validation=_pipeline(arrays.x_val, arrays.y_val, batch_size, seed, shuffle=False),
+    )
+
+
+def refit_dataset(arrays: Arrays, batch_size: int, seed: int = 0):
+    """The training and validation data together, shuffled like the training data: what
+    `--refit` retrains the final model on (never the test data)."""
+    return _pipeline(np.concatenate([arrays.x_train, arrays.x_val]),
+                     np.concatenate([arrays.y_train, arrays.y_val]), batch_size, seed,
+                     shuffle=True)
+
+
+def _pipeline(x, y, batch_size: int, seed: int, shuffle: bool):
     import tensorflow as tf
 
-    def pipeline(x, y, shuffle: bool):
-        ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
-        if shuffle:
-            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-    return Datasets(
-        train=pipeline(arrays.x_train, arrays.y_train, shuffle=True),
-        validation=pipeline(arrays.x_val, arrays.y_val, shuffle=False),
-    )
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def _as_images(x, field: str) -> np.ndarray:

@@ -32,6 +32,7 @@ __all__ = ["prepare_model_logging", "ExportError", "Exported", "FORMATS", "MODEL
 FORMATS = ("savedmodel", "tflite")
 MODEL_NAME = "model"  # the MLflow model on the search's run: runs:/<search run id>/model
 TAG_FINAL = "nas.final_trials"  # on a search's run: the trial(s) of its final model
+TAG_REFIT = "nas.refit"  # on a search's run: "1" when its final model was retrained (--refit)
 CHAMPION = "champion"  # the registry alias of the registered version best on its test data
 CLASS_NAMES_FILE = "class_names.json"
 _CHECKPOINT = "checkpoint.weights.h5"  # KerasTuner's per-trial best-epoch weights (Keras 3)
@@ -52,11 +53,7 @@ class Exported:
     source: str  # "the KerasTuner checkpoint <path>" or "the MLflow model <uri>"
     registered: str | None = None  # "NAME version N"
     members: tuple[results.TrialRow, ...] = ()  # the trials averaged (one: a single model)
-
-    @property
-    def is_final(self) -> bool:
-        """Whether this is the search's final model (the one scored on the test data)."""
-        return final_trials(self.search) == [m.trial_id for m in self.members]
+    is_final: bool = False  # the search's final model, the one scored on the test data
 
 
 def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str | None = None,
@@ -100,9 +97,14 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
         raise ExportError(f"{flag}: trial {trial.trial_id} ({trial.run_id}) is {trial.status}, "
                           f"not FINISHED; it has no trained model to export")
     members = [trial] if trial is not None else _members(search, rows, ensemble)
+    # After --refit the final model is the retrained one; trials asked for by name or
+    # count are exported as the search trained them.
+    asked = trial is not None or ensemble is not None
+    final = (final_trials(search) == [m.trial_id for m in members]
+             and not (asked and search.tags.get(TAG_REFIT) == "1"))
     classes = _read_json(tracker, search.run_id, "classes.json")
-    model, source = load_model(tracker, search, members, workdir)
-    exported = Exported(out, format, search, members[0], source, None, tuple(members))
+    model, source = load_model(tracker, search, members, workdir, final=final)
+    exported = Exported(out, format, search, members[0], source, None, tuple(members), final)
 
     with tempfile.TemporaryDirectory(prefix="nas-export-") as tmp:
         staged = Path(tmp) / "out"
@@ -124,7 +126,8 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
                           "value": [m.objective for m in members] if len(members) > 1
                           else members[0].objective},
             # Held-out scores, measured once by `nas search`, of its final model only.
-            "test": search.test if exported.is_final else {},
+            "test": search.test if final else {},
+            "refit": final and search.tags.get(TAG_REFIT) == "1",  # retrained on train + val
         }, indent=2) + "\n")
         _move_into_place(staged, out)
 
@@ -133,7 +136,7 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
 
         try:
             registered = _register(tracker, search, members, model, register,
-                                   search.test if exported.is_final else None)
+                                   search.test if final else None, final)
         except MlflowException as error:
             first = (str(error).strip().splitlines() or [""])[0][:300]
             raise ExportError(f"--register: {out} was written, but the model was not "
@@ -162,12 +165,26 @@ def _members(search: results.Search, rows, ensemble: int | None) -> list[results
 
 
 def load_model(tracker: tracking.Tracker, search: results.Search,
-               members: list[results.TrialRow], workdir: str | os.PathLike = ".nas"):
+               members: list[results.TrialRow], workdir: str | os.PathLike = ".nas",
+               final: bool = False):
     """The model averaging `members` (one: that trial's model), and where it came from.
+
+    `final`: `members` are the search's final model. One that `nas search --refit`
+    retrained exists only as the search's MLflow model (its trials' checkpoints hold
+    their weights as the search trained them).
 
     Raises:
         ExportError: neither KerasTuner's checkpoints nor a matching MLflow model is found.
     """
+    ids = ",".join(m.trial_id for m in members)
+    if final and search.tags.get(TAG_REFIT) == "1":
+        found = _from_logged_model(tracker, search, ids)
+        if found is None:
+            raise ExportError(
+                f"experiment {search.experiment_name!r}: the final model (retrained by "
+                f"--refit) was not logged to MLflow on run {search.run_id}; --trial ID or "
+                f"--ensemble K export the trials as the search trained them")
+        return found
     if len(members) == 1:
         return load_trial_model(tracker, search, members[0], workdir)
     checkpoints = [_checkpoint(search, m, workdir) for m in members]
@@ -176,19 +193,27 @@ def load_model(tracker: tracking.Tracker, search: results.Search,
                                          c) for m, c in zip(members, checkpoints)]
         return (ensemble_of(models, [m.trial_id for m in members]),
                 f"the KerasTuner checkpoints in {checkpoints[0].parent.parent}")
-    ids = ",".join(m.trial_id for m in members)
-    logged = logged_model(tracker, search)
-    if logged is not None and logged.tags.get(tracking.TAG_TRIAL) == ids:
-        import mlflow.tensorflow
-
-        with _store(tracker.tracking_uri), _no_optimizer_warning():
-            model = mlflow.tensorflow.load_model(f"models:/{logged.model_id}")
-        return model, f"the MLflow model runs:/{search.run_id}/{MODEL_NAME}"
+    found = _from_logged_model(tracker, search, ids)
+    if found is not None:
+        return found
     raise ExportError(
         f"experiment {search.experiment_name!r}: no weights found for the ensemble of trials "
         f"{ids}; neither KerasTuner's checkpoints (see --workdir) nor an MLflow model of "
         f"these trials on run {search.run_id}"
     )
+
+
+def _from_logged_model(tracker: tracking.Tracker, search: results.Search, trial_ids: str):
+    """The search's MLflow model and where it came from, if it holds `trial_ids` (comma-
+    separated); else None."""
+    logged = logged_model(tracker, search)
+    if logged is None or logged.tags.get(tracking.TAG_TRIAL) != trial_ids:
+        return None
+    import mlflow.tensorflow
+
+    with _store(tracker.tracking_uri), _no_optimizer_warning():
+        model = mlflow.tensorflow.load_model(f"models:/{logged.model_id}")
+    return model, f"the MLflow model runs:/{search.run_id}/{MODEL_NAME}"
 
 
 def ensemble_of(models: list, trial_ids: list[str]):
@@ -222,13 +247,10 @@ def load_trial_model(tracker: tracking.Tracker, search: results.Search,
         architecture = _read_json(tracker, trial.run_id, "architecture.json")
         return (_model_from_checkpoint(architecture, checkpoint),
                 f"the KerasTuner checkpoint {checkpoint}")
-    logged = logged_model(tracker, search)
-    if logged is not None and logged.tags.get(tracking.TAG_TRIAL) == trial.trial_id:
-        import mlflow.tensorflow
-
-        with _store(tracker.tracking_uri), _no_optimizer_warning():
-            model = mlflow.tensorflow.load_model(f"models:/{logged.model_id}")
-        return model, f"the MLflow model runs:/{search.run_id}/{MODEL_NAME}"
+    found = (None if search.tags.get(TAG_REFIT) == "1"  # the logged model is the refit one
+             else _from_logged_model(tracker, search, trial.trial_id))
+    if found is not None:
+        return found
     where = (Path(workdir) / project_folder(search.experiment_name) / f"trial_{trial.trial_id}"
              / _CHECKPOINT)
     raise ExportError(
@@ -311,12 +333,16 @@ def _map_packages() -> None:
 
 def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
                    register: str | None = None, echo=print, test=None,
-                   batch_size: int = 32, ensemble: int = 1) -> dict:
+                   batch_size: int = 32, ensemble: int = 1, refit=None,
+                   seed: int = 0) -> dict:
     """At the end of `nas search`: make the final model, score it on the test data, log it.
 
     The final model is the best trial's at its best epoch or, with `ensemble` K > 1, the
     average of the class probabilities of the best K trials (ranked on validation data,
-    like every choice of the search). `test` is the held-out `(x, y)` the search never
+    like every choice of the search). With `refit` (a dataset of the training and
+    validation data), each of its trials is trained again from scratch on it, for the
+    epochs its trial needed to reach its best validation score (seeded by `seed`); the
+    run's tag `nas.refit` says so. `test` is the held-out `(x, y)` the search never
     read (None or empty: no test score); the final model is evaluated on it once, and
     `test_loss` and `test_accuracy` are logged on the search's run and as tags of its
     MLflow model (and registered version); the tag `nas.final_trials` names its trials.
@@ -331,15 +357,21 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
     try:
         models = []
         for member in members:
-            values = tuner.oracle.trials[member.trial_id].hyperparameters.values
+            trial = tuner.oracle.trials[member.trial_id]
+            if refit is not None:
+                echo(f"refitting trial {member.trial_id} on the training and validation data "
+                     f"for {trial.best_step + 1} epochs")
+                models.append(_refit(tuner.hypermodel, trial, refit, seed))
+                continue
             checkpoint = Path(tuner.get_trial_dir(member.trial_id)) / _CHECKPOINT
-            architecture = tuner.hypermodel.architecture(values).to_dict()
+            architecture = tuner.hypermodel.architecture(trial.hyperparameters.values).to_dict()
             models.append(_model_from_checkpoint(architecture, checkpoint))
         model = ensemble_of(models, ids)
         scores = {}
         if test is not None and len(test[1]):
             scores = score_on_test(model, *test, batch_size=batch_size)
-        tracker.log_batch(search_run_id, tracker.metrics(scores), tags={TAG_FINAL: ",".join(ids)})
+        tags = {TAG_FINAL: ",".join(ids), TAG_REFIT: "1" if refit is not None else "0"}
+        tracker.log_batch(search_run_id, tracker.metrics(scores), tags=tags)
         log_model(tracker, search_run_id, model, trial_id=",".join(ids),
                   trial_run_id=(members[0].run_id or "") if len(ids) == 1 else "",
                   register=register, echo=echo, scores=scores)
@@ -349,6 +381,17 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
         tracker.set_tags(search_run_id, {"nas.model_error": message})
         echo(f"warning: the best model was not logged to MLflow ({message})")
         return {}, []
+
+
+def _refit(hypermodel, trial, data, seed: int):
+    """A trial's candidate trained afresh on `data` for the epochs its best score took."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = hypermodel.build(trial.hyperparameters)
+    hypermodel.fit(trial.hyperparameters, model, data, epochs=trial.best_step + 1, verbose=0,
+                   shuffle=False)  # `data` shuffles itself
+    return model
 
 
 def score_on_test(model, x, y, *, batch_size: int) -> dict:
@@ -435,10 +478,13 @@ def logged_model(tracker: tracking.Tracker, search: results.Search):
     return next((m for m in models if m.source_run_id == search.run_id), None)
 
 
-def _register(tracker, search, members, model, name: str, scores: dict | None) -> str:
+def _register(tracker, search, members, model, name: str, scores: dict | None,
+              final: bool) -> str:
     ids = ",".join(m.trial_id for m in members)
     logged = logged_model(tracker, search)
-    if logged is not None and logged.tags.get(tracking.TAG_TRIAL) == ids:
+    refit = search.tags.get(TAG_REFIT) == "1"
+    if logged is not None and logged.tags.get(tracking.TAG_TRIAL) == ids and (
+            final or not refit):  # after --refit the logged model is the retrained one
         return _register_uri(tracker, f"models:/{logged.model_id}", name, scores)
     # Not the search's logged model (another trial, or none was logged): log it on the
     # trial's own run (an ensemble: the search's) first, so that the registry points at

@@ -66,6 +66,7 @@ class SearchConfig:
     jit_compile: bool = False
     register: str | None = None  # Model Registry name for the final model
     ensemble: int = 2  # the final model averages the best this many trials (bench: quality)
+    refit: bool = False  # retrain the final model's trials on training + validation data
     # Scale-out (nas.distributed): "mirrored" trains one trial over all local GPUs;
     # `chief` HOST:PORT makes this process the chief (or, with `worker_id`, a worker).
     distribution: str | None = None
@@ -126,6 +127,7 @@ class SearchResult:
     test: dict = dataclasses.field(default_factory=dict)
     stopped_by_time: bool = False  # --time-limit ended it before --max-trials
     final_trials: list[str] = dataclasses.field(default_factory=list)  # the final model's
+    refit: bool = False  # the final model was retrained on training + validation data
 
     @property
     def finished(self) -> list[results.TrialRow]:
@@ -423,7 +425,7 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
             saved and running the same command resumes.
         SearchFailed: too many consecutive trials failed; finished trials are kept.
     """
-    from nas.data import make_datasets
+    from nas.data import make_datasets, refit_dataset
     import keras_tuner as kt
 
     from nas import distributed, export, tuning
@@ -507,10 +509,13 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
             pareto.log_plot(tracker, search_run_id, result.finished, result.objective,
                             result.direction, title=f"search {config.experiment_name}")
             # The only place the test data is read: the final model, scored once.
+            batch_size = config.batch_size or pipeline.batch_size
             result.test, result.final_trials = export.log_best_model(
                 tracker, search_run_id, tuner, result, register=config.register, echo=echo,
-                test=(arrays.x_test, arrays.y_test),
-                batch_size=config.batch_size or pipeline.batch_size, ensemble=config.ensemble)
+                test=(arrays.x_test, arrays.y_test), batch_size=batch_size,
+                ensemble=config.ensemble, seed=config.seed,
+                refit=refit_dataset(arrays, batch_size, config.seed) if config.refit else None)
+            result.refit = config.refit and bool(result.final_trials)
         finally:
             hooks.close()
             gc.unfreeze()
@@ -568,7 +573,7 @@ def _log_search(tracker, run_id: str, config: SearchConfig, arrays: Arrays) -> N
         "objective": config.pipeline.objective, "max_failures": config.max_failures,
         "max_params": constraints.max_params, "max_flops": constraints.max_flops,
         "mixed_precision": config.mixed_precision, "jit_compile": config.jit_compile,
-        "ensemble": config.ensemble,
+        "ensemble": config.ensemble, "refit": config.refit,
         "input_shape": list(arrays.input_shape), "num_classes": arrays.num_classes,
         "train_samples": len(arrays.x_train), "val_samples": len(arrays.x_val),
         "test_samples": len(arrays.x_test), "test_data": arrays.test_source,
@@ -588,7 +593,8 @@ def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> Se
                         test=search.test,
                         final_trials=[t for t in search.tags.get("nas.final_trials", "").split(",")
                                       if t],
-                        stopped_by_time=getattr(tuner.oracle, "stopped_by_time", False))
+                        stopped_by_time=getattr(tuner.oracle, "stopped_by_time", False),
+                        refit=search.tags.get("nas.refit") == "1")
 
 
 def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:

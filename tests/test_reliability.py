@@ -193,7 +193,7 @@ def test_nan_loss_stops_the_trial_at_once_and_max_failures_ends_the_search(tmp_p
 # --- interrupted searches ---------------------------------------------------------------------
 
 
-LONG = ["--pipeline", "long.yaml", "--epochs", "40"]
+LONG = ["--pipeline", "long.yaml", "--epochs", "20"]
 
 
 def start_search(tmp_path, *extra):
@@ -241,7 +241,7 @@ def wait_for_training(trial_id: str, process, timeout=180):
         begun = begun or any(run.data.tags.get("nas.trial_id") == trial_id
                              and run.info.status == "RUNNING" for run in runs_of())
         if begun:
-            time.sleep(1.5)  # into model.fit (a 40-epoch trial takes several seconds)
+            time.sleep(1.5)  # into model.fit (a 20-epoch trial takes several seconds)
             assert process.poll() is None, output_of(process)
             return
         time.sleep(0.2)
@@ -270,6 +270,10 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     assert sorted(finished) == ["0", "1", "2"]  # each trial id exactly once
     killed = [r for r in trials if r.info.status == "KILLED"]
     assert [r.data.tags["nas.trial_id"] for r in killed] == ["1"]
+    # The interrupted candidate is the one trained again, not a new proposal.
+    (again_1,) = [r for r in trials if r.data.tags["nas.trial_id"] == "1"
+                  and r.info.status == "FINISHED"]
+    assert again_1.data.params and again_1.data.params == killed[0].data.params
     first_trial_runs = [r for r in trials if r.data.tags["nas.trial_id"] == "0"]
     assert len(first_trial_runs) == 1  # the finished trial was not trained again
     assert "trial 1 (2/3)" in result.output and "trial 2 (3/3)" in result.output
