@@ -193,7 +193,8 @@ def load_model(tracker: tracking.Tracker, search: results.Search,
                                          c) for m, c in zip(members, checkpoints)]
         return (ensemble_of(models, [m.trial_id for m in members]),
                 f"the KerasTuner checkpoints in {checkpoints[0].parent.parent}")
-    found = _from_logged_model(tracker, search, ids)
+    found = (None if search.tags.get(TAG_REFIT) == "1"  # the logged model is the refit one
+             else _from_logged_model(tracker, search, ids))
     if found is not None:
         return found
     raise ExportError(

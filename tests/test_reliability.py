@@ -194,6 +194,8 @@ def test_nan_loss_stops_the_trial_at_once_and_max_failures_ends_the_search(tmp_p
 
 
 LONG = ["--pipeline", "long.yaml", "--epochs", "20"]
+# Trial 1 must still be training well after trial 0's line is read, on a busy machine too.
+LONGER = ["--pipeline", "long.yaml", "--epochs", "40"]
 
 
 def start_search(tmp_path, *extra):
@@ -249,7 +251,7 @@ def wait_for_training(trial_id: str, process, timeout=180):
 
 
 def test_sigkill_mid_trial_then_resume(tmp_path):
-    process = start_search(tmp_path)
+    process = start_search(tmp_path, "--epochs", "40")
     try:
         wait_for_training("1", process)
         os.killpg(process.pid, signal.SIGKILL)
@@ -260,7 +262,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     before = {r.info.run_id: r.info.status for r in runs_of()}
     assert sorted(before.values()) == ["FINISHED", "RUNNING"]  # trial 0 done, trial 1 dead
 
-    result = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", *LONG])
+    result = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", *LONGER])
     assert result.exit_code == 0, result.output
     assert "resuming the search" in result.output
     assert "closed 1 trial run(s) left running by an earlier process" in result.output
@@ -280,7 +282,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     (parent,) = runs_of(kind="search")
     assert parent.info.status == "FINISHED"
 
-    again = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", *LONG])
+    again = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", *LONGER])
     assert again.exit_code == 0, again.output
     assert "the search had already finished" in again.output
     assert len(runs_of()) == len(trials)  # nothing trained again
