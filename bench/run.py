@@ -83,6 +83,13 @@ def default_tuner() -> str:
     return next(p.default for p in cli.search.params if p.name == "tuner")
 
 
+def default_ensemble() -> int:
+    """The `--ensemble` default of `nas search`."""
+    from nas import cli
+
+    return next(p.default for p in cli.search.params if p.name == "ensemble")
+
+
 class NasSearches:
     """`nas search` runs as a user starts them (the CLI, as a subprocess), cached by settings."""
 
@@ -330,8 +337,10 @@ def _quality(table: Table, sizes: dict, root: Path, task: str, pipeline_text, se
     single = f"{default} --ensemble 1"  # the default strategy's final model without the ensemble
     # The default given random's measured search wall on the same split as --time-limit.
     matched = f"{default} --time-limit <random's wall>"
+    # ... and a third of it: the issue's "reaches random's test accuracy in 1/3 of its wall".
+    third = f"{default} --time-limit <random's wall / 3>"
     refit = f"{default} --refit"  # its final model retrained on training + validation data
-    extra_rows = ([single, refit] + ([matched] if "random" in methods else [])
+    extra_rows = ([single, refit] + ([matched, third] if "random" in methods else [])
                   if variants else [])
     found: dict[str, list[dict]] = {m: [] for m in methods + extra_rows + ["keras-tuner", "svc"]}
     methods.sort(key=lambda m: m != "random")  # random first: its wall sets the matched limit
@@ -347,10 +356,11 @@ def _quality(table: Table, sizes: dict, root: Path, task: str, pipeline_text, se
         if refit in found:
             found[refit].append(quality_search(folder / "refit", pipeline, default, trials, seed,
                                                "--refit"))
-        if matched in found:
-            limit = found["random"][-1]["wall"]
-            found[matched].append(quality_search(folder / "matched", pipeline, default, trials,
-                                                 seed, "--time-limit", f"{limit:.1f}s"))
+        for row, share in ((matched, 1), (third, 3)):
+            if row in found:
+                limit = found["random"][-1]["wall"] / share
+                found[row].append(quality_search(folder / f"limit-{share}", pipeline, default,
+                                                 trials, seed, "--time-limit", f"{limit:.1f}s"))
         log(f"quality baseline: hand-written KerasTuner RandomSearch, split seed {seed}")
         base, _ = run_worker("baseline", folder, build="small_cnn", autolog=False,
                              trials=trials, epochs=sizes["q_epochs"], seed=seed,
@@ -368,8 +378,9 @@ def _quality(table: Table, sizes: dict, root: Path, task: str, pipeline_text, se
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return statistics.mean(values), f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
-    labels = {default: f"nas {default} (default: --ensemble 2)",
+    labels = {default: f"nas {default} (default: --ensemble {default_ensemble()})",
               single: f"nas {single}", refit: f"nas {refit}", matched: f"nas {matched}",
+              third: f"nas {third}",
               "keras-tuner":
               "KerasTuner, hand-written", "svc": "SVC (C, gamma) grid"}
     means = {}
@@ -383,7 +394,8 @@ def _quality(table: Table, sizes: dict, root: Path, task: str, pipeline_text, se
         table.notes.append(f"quality, {task} ({label}): test accuracy per split seed "
                            + ", ".join(f"{r['test']:.4f}" for r in rows)
                            + f"; wall {wall} s{extra}")
-    others = {m: v for m, v in means.items() if m not in (default, single, refit, matched)}
+    others = {m: v for m, v in means.items()
+              if m not in (default, single, refit, matched, third)}
     best_other = max(others, key=others.get)
     if not targets:
         table.add(f"quality: {task}: default's mean test accuracy vs the best other "
@@ -410,12 +422,19 @@ def _quality(table: Table, sizes: dict, root: Path, task: str, pipeline_text, se
                       f"({best_other})", f"{means[matched]:.4f}", f"{others[best_other]:.4f}",
                       f"{means[matched] - others[best_other]:+.4f}",
                       ">= 0.99 and above every row", ok)
+        if third in found:
+            # The issue's "reaches random's test accuracy in at most 1/3 of its wall": the
+            # default given a third of random's wall, final model and test score included.
+            walls = [r["wall"] for r in found[third]], walls[1]
+            ratio = statistics.mean(walls[0]) / statistics.mean(walls[1])
+            ok = ratio <= 1 / 3 and means[third] >= means["random"]
+            table.add("quality: default with --time-limit at 1/3 of random's wall: mean test "
+                      "accuracy vs random's (wall ratio)", f"{means[third]:.4f}",
+                      f"{means['random']:.4f}", f"{means[third] - means['random']:+.4f} "
+                      f"({ratio:.2f})", ">= random's, wall <= 1/3", ok)
         # When the default's best validation score so far first matched random's final one.
         reach = [_time_to(d["curve"], r["best"]) / r["wall"]
                  for d, r in zip(found[default], found["random"])]
-        worst = max(reach)
-        table.add("quality: time to random's best val_accuracy / random's wall (worst seed)",
-                  f"{worst:.2f}", "1.00", f"{worst:.2f}", "ratio <= 0.33", worst <= 1 / 3)
         table.notes.append("quality: time for the default to reach random's final best "
                            "validation accuracy, over random's search wall, per split seed: "
                            + ", ".join(f"{x:.2f}" for x in reach))

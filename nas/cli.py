@@ -190,7 +190,7 @@ def main():
 @click.option("--jit-compile", is_flag=True, help="Compile training steps with XLA.")
 @click.option("--register", default=None, metavar="NAME",
               help="Register the final model in the MLflow Model Registry as NAME.")
-@click.option("--ensemble", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--ensemble", type=click.IntRange(min=1), default=3, show_default=True,
               metavar="K", help="The final model averages the best K trials' probabilities.")
 @click.option("--refit", is_flag=True,
               help="Retrain the final model's trials on training + validation data, for the "

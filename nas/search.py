@@ -65,7 +65,7 @@ class SearchConfig:
     mixed_precision: bool = False
     jit_compile: bool = False
     register: str | None = None  # Model Registry name for the final model
-    ensemble: int = 2  # the final model averages the best this many trials (bench: quality)
+    ensemble: int = 3  # the final model averages the best this many trials (bench: quality)
     refit: bool = False  # retrain the final model's trials on training + validation data
     # Scale-out (nas.distributed): "mirrored" trains one trial over all local GPUs;
     # `chief` HOST:PORT makes this process the chief (or, with `worker_id`, a worker).

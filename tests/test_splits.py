@@ -125,8 +125,8 @@ def test_the_search_never_reads_the_test_data_and_scores_the_final_model_once(
     metrics = search.data.metrics
     assert metrics["test_samples"] == 60 and search.data.params["test_data"] == "split"
     final = search.data.tags["nas.final_trials"].split(",")
-    # the default final model: the best two trials (on validation), averaged
-    assert len(final) == 2 and final[0] == search.data.tags["nas.best_trial_id"]
+    # the default final model: the best three trials (on validation), averaged
+    assert len(final) == 3 and final[0] == search.data.tags["nas.best_trial_id"]
     assert (f"final model: ensemble of trials {', '.join(final)} (their probabilities "
             f"averaged), test_accuracy {metrics['test_accuracy']:.4f}  test_loss "
             f"{metrics['test_loss']:.4f}  on 60 held-out samples") in result.output
