@@ -68,7 +68,7 @@ def user_errors(func):
 # come from one that is), so that catching them imports neither MLflow nor TensorFlow.
 _USER_ERRORS = {"nas.specs": "SpecError", "nas.data": "DataError", "nas.search": "SearchError",
                 "nas.tracking": "TrackingError", "nas.results": "ResultsError",
-                "nas.export": "ExportError"}
+                "nas.export": "ExportError", "nas.state": "StateError"}
 
 
 def _user_error_types() -> tuple[type, ...]:
@@ -199,6 +199,12 @@ def main():
 @click.option("--chief", default=None, metavar="HOST:PORT",
               help="Run as the chief of a distributed search: serve trials to `nas worker` "
                    "processes at this address (0.0.0.0:PORT for other machines).")
+@click.option("--tls-cert", default=None, metavar="CERT.pem",
+              type=click.Path(exists=True, dir_okay=False),
+              help="With --chief: serve workers over TLS with this certificate (PEM).")
+@click.option("--tls-key", default=None, metavar="KEY.pem",
+              type=click.Path(exists=True, dir_okay=False),
+              help="With --tls-cert: its private key (PEM).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
               help="Start a chief and N local worker processes on 127.0.0.1 and wait for them.")
 @click.option("--worker-timeout", type=click.FloatRange(min=1), default=60.0,
@@ -208,7 +214,7 @@ def main():
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
            mixed_precision, jit_compile, register, ensemble, refit, distribution, chief,
-           workers, worker_timeout):
+           tls_cert, tls_key, workers, worker_timeout):
     """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
     from nas import search as search_module
     from nas.specs import load_pipeline, load_space
@@ -221,14 +227,22 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
         max_flops=max_flops, mixed_precision=mixed_precision, jit_compile=jit_compile,
         register=register, ensemble=ensemble, refit=refit,
         distribution=_distribution(distribution),
-        chief=chief, worker_timeout=worker_timeout,
+        chief=chief, worker_timeout=worker_timeout, tls_cert=tls_cert, tls_key=tls_key,
     )
+    if (tls_cert or tls_key) and not chief:
+        raise click.UsageError("--tls-cert and --tls-key are for a chief: give --chief too")
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together: give both")
+    for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if path and b"-----BEGIN " not in open(path, "rb").read():
+            raise click.BadParameter(f"{path!r} is not a PEM file", param_hint=flag)
     if workers:
         _search_with_local_workers(config, workers)
     if chief:
         from nas import distributed
 
         distributed.check_address(chief)
+        config.worker_token = distributed.new_token()
     prepared = search_module.prepare(config)
     click.echo(f"searching {config.space.name} on {config.pipeline.name} with {tuner}: "
                f"{_plural(max_trials, 'trial')}, experiment {config.experiment_name!r}")
@@ -602,12 +616,18 @@ def _seconds(value) -> str:
 @click.option("--worker-id", default=None, metavar="ID",
               help="This worker's name, in the chief's log and as the nas.worker tag of its "
                    "trial runs.  [default: HOSTNAME-PID]")
+@click.option("--token", default=None, envvar="NAS_WORKER_TOKEN", metavar="TOKEN",
+              help="The search's worker token, as the chief printed it.  [env: "
+                   "NAS_WORKER_TOKEN]")
+@click.option("--tls-ca", default=None, metavar="CERT.pem",
+              type=click.Path(exists=True, dir_okay=False),
+              help="Reach a chief that serves TLS, trusting this certificate or CA (PEM).")
 @DISTRIBUTION
 @click.option("--wait", type=click.FloatRange(min=0), default=600.0, show_default=True,
               metavar="SECONDS", help="How long to wait for the chief's search to start.")
 @user_errors
-def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id, distribution,
-           wait):
+def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id, token,
+           tls_ca, distribution, wait):
     """Train trials for the chief of a distributed search, until the search ends.
 
     Give the chief's --space, --pipeline, --experiment and --tracking-uri (a tracking
@@ -625,8 +645,10 @@ def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id,
     config = search_module.SearchConfig(
         space=load_space(space), pipeline=load_pipeline(pipeline), experiment=experiment,
         tracking_uri=tracking_uri, workdir=workdir, distribution=_distribution(distribution),
-        chief=chief, worker_id=worker_id,
+        chief=chief, worker_id=worker_id, worker_token=token, tls_ca=tls_ca,
     )
+    if tls_ca and b"-----BEGIN " not in open(tls_ca, "rb").read():
+        raise click.BadParameter(f"{tls_ca!r} is not a PEM file", param_hint="--tls-ca")
     prepared = distributed.prepare_worker(config)
 
     def echo(line):
@@ -655,7 +677,13 @@ def _print_worker_command(prepared, space: str, pipeline: str) -> None:
     click.echo("start workers (any number, on any machine that reaches this one) with:")
     click.echo("  " + distributed.worker_command(config.chief, space, pipeline,
                                                  config.experiment_name, uri,
-                                                 config.distribution))
+                                                 config.distribution, config.worker_token,
+                                                 "CERT.pem" if config.tls_cert else None))
+    click.echo(f"  (the token is this search's; the chief refuses workers without it. Set "
+               f"{distributed.TOKEN_ENV} to choose it, e.g. to keep it when the chief restarts)")
+    if config.tls_cert:
+        click.echo(f"  (over TLS: CERT.pem is a copy of {config.tls_cert}, or of the CA that "
+                   f"signed it, on the worker's machine)")
     if not uri.startswith(("http://", "https://")):
         click.echo(f"  (workers on other machines need a tracking server both reach: "
                    f"--tracking-uri http://...; {uri} is local to this machine)")

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 from keras_tuner.src import protos
@@ -42,7 +43,7 @@ from keras_tuner.src.engine import trial as trial_module
 from nas import tracking
 from nas.search import Prepared, SearchConfig, SearchError
 
-__all__ = ["Chief", "parse_address", "check_address", "free_port",
+__all__ = ["Chief", "parse_address", "check_address", "free_port", "new_token", "TOKEN_ENV",
            "strategy", "serve", "prepare_worker", "find_search", "run_worker", "worker_command",
            "run_local"]
 
@@ -56,6 +57,8 @@ MAX_LOSSES = 3
 TAG_CHIEF = "nas.chief"
 TAG_SETTINGS = "nas.worker_settings"
 _WORKER_KEY = "nas-worker"  # gRPC metadata: the worker making a call
+_TOKEN_KEY = "nas-token"  # gRPC metadata: the search's worker token
+TOKEN_ENV = "NAS_WORKER_TOKEN"  # where the chief and its workers may take the token from
 _STATUS = trial_module.TrialStatus
 
 # KerasTuner 1.4.8's `Parent.to_proto` prints the first value of every condition, so each
@@ -100,6 +103,43 @@ def strategy(name: str | None):
 
     # One trial over every GPU this process sees (the single CPU when there is none).
     return tf.distribute.MirroredStrategy()
+
+
+def new_token() -> str:
+    """The token of a search's workers: NAS_WORKER_TOKEN if set, else a fresh secret."""
+    import secrets
+
+    return os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+
+
+class _TokenCheck(grpc.ServerInterceptor):
+    """Refuses, before the oracle sees it, every call that does not carry the token."""
+
+    def __init__(self, token: str):
+        import hmac
+
+        self._matches = lambda given: hmac.compare_digest(given.encode(), token.encode())
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "wrong or missing worker token for this search")
+
+        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
+
+    def intercept_service(self, continuation, handler_call_details):
+        given = dict(handler_call_details.invocation_metadata).get(_TOKEN_KEY, "")
+        return continuation(handler_call_details) if self._matches(given) else self._refusal
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor):
+    """Adds the worker's name and the search's token to every call a worker makes."""
+
+    def __init__(self, metadata: tuple):
+        self.metadata = metadata
+
+    def intercept_unary_unary(self, continuation, details, request):
+        extra = tuple(details.metadata or ()) + self.metadata
+        return continuation(details._replace(metadata=extra), request)
 
 
 def _digest(text: str) -> str:
@@ -298,9 +338,16 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
             echo(f"could not close the run of trial {trial_id} ({error.__class__.__name__})")
 
     servicer = _Servicer(oracle, config.worker_timeout, close_lost_run, echo)
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8),
+                         interceptors=[_TokenCheck(config.worker_token or new_token())])
     protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    if not server.add_insecure_port(f"{host}:{port}"):
+    if config.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
         raise RuntimeError(f"the chief cannot listen on {config.chief}")
     tracker.set_tags(search_run_id, {TAG_CHIEF: config.chief,
                                      TAG_SETTINGS: json.dumps(_settings(config))})
@@ -326,11 +373,19 @@ class _WorkerClient(oracle_client.OracleClient):
     """KerasTuner's client of the chief, naming its worker on every call, with a
     heartbeat thread, and patient when the chief has no trial to hand out yet."""
 
-    def __init__(self, oracle, multi_worker: bool = False, should_report: bool = True):
+    def __init__(self, oracle, multi_worker: bool = False, should_report: bool = True,
+                 token: str = "", tls_ca: str | None = None):
         super().__init__(oracle)
         self.multi_worker = multi_worker
         self.should_report = should_report
         self._metadata = ((_WORKER_KEY, self.tuner_id),)
+        # Every call, KerasTuner's own included, carries the token (over TLS if asked).
+        address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+        channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(
+                       Path(tls_ca).read_bytes())) if tls_ca
+                   else grpc.insecure_channel(address))
+        channel = grpc.intercept_channel(channel, _Metadata(((_TOKEN_KEY, token),)))
+        self.stub = protos.get_service_grpc().OracleStub(channel)
         self._stopped = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="nas-heartbeat",
                                            daemon=True)
@@ -347,6 +402,23 @@ class _WorkerClient(oracle_client.OracleClient):
 
     def close(self) -> None:
         self._stopped.set()
+
+    def check_token(self, chief: str, timeout: float = 60.0) -> None:
+        """Ask the chief once; `SearchError` if it refuses this worker's token, or cannot
+        be reached (its search's run says it listens)."""
+        try:
+            self.stub.GetBestTrials(protos.get_service().GetBestTrialsRequest(num_trials=0),
+                                    metadata=self._metadata, wait_for_ready=True,
+                                    timeout=timeout)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise SearchError(
+                    f"--token: the chief at {chief} refused this worker's token; give the "
+                    f"token the chief printed (--token or {TOKEN_ENV})") from None
+            raise SearchError(
+                f"--chief: no answer from the chief at {chief} in {timeout:.0f} s "
+                f"({error.code().name}); a chief with TLS needs --tls-ca, one without "
+                f"needs none") from None
 
     def create_trial(self, tuner_id):
         while True:
@@ -479,7 +551,10 @@ def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]
                                 directory=config.workdir,
                                 project_name=config.project_name, overwrite=False,
                                 distribution_strategy=strategy(config.distribution))
-        client = _WorkerClient(oracle, tuner.oracle.multi_worker, tuner.oracle.should_report)
+        client = _WorkerClient(oracle, tuner.oracle.multi_worker, tuner.oracle.should_report,
+                               token=config.worker_token or os.environ.get(TOKEN_ENV, ""),
+                               tls_ca=config.tls_ca)
+        client.check_token(config.chief)
         tuner.oracle = client
         datasets = make_datasets(arrays, config.batch_size, config.seed)
         tuner.search(datasets.train, validation_data=datasets.validation,
@@ -495,12 +570,17 @@ def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]
 
 
 def worker_command(chief: str, space: str, pipeline: str, experiment: str,
-                   tracking_uri: str, distribution: str | None = None) -> str:
+                   tracking_uri: str, distribution: str | None = None,
+                   token: str | None = None, tls_ca: str | None = None) -> str:
     """The command line that starts one more worker of this search."""
     import shlex
 
     parts = ["nas", "worker", "--chief", chief, "--space", space, "--pipeline", pipeline,
              "--experiment", experiment, "--tracking-uri", tracking_uri]
+    if tls_ca:
+        parts += ["--tls-ca", tls_ca]
+    if token:
+        parts += ["--token", token]
     if distribution:
         parts += ["--distribution", distribution]
     return shlex.join(parts)
@@ -520,6 +600,7 @@ def run_local(search_args: list[str], worker_args: list[str], workers: int, echo
     chief = f"127.0.0.1:{free_port()}"
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env[TOKEN_ENV] = new_token()  # the chief's and its workers' (not on their command lines)
     base = [sys.executable, "-m", "nas.cli"]
     processes: list[subprocess.Popen] = []
     previous = signal.signal(signal.SIGTERM, _stop_local)

@@ -187,7 +187,7 @@ def load_model(tracker: tracking.Tracker, search: results.Search,
         return found
     if len(members) == 1:
         return load_trial_model(tracker, search, members[0], workdir)
-    checkpoints = [_checkpoint(search, m, workdir) for m in members]
+    checkpoints = [_weights(tracker, search, m, workdir) for m in members]
     if None not in checkpoints:
         models = [_model_from_checkpoint(_read_json(tracker, m.run_id, "architecture.json"),
                                          c) for m, c in zip(members, checkpoints)]
@@ -243,7 +243,7 @@ def load_trial_model(tracker: tracking.Tracker, search: results.Search,
     Raises:
         ExportError: neither the KerasTuner checkpoint nor an MLflow model is found.
     """
-    checkpoint = _checkpoint(search, trial, workdir)
+    checkpoint = _weights(tracker, search, trial, workdir)
     if checkpoint is not None:
         architecture = _read_json(tracker, trial.run_id, "architecture.json")
         return (_model_from_checkpoint(architecture, checkpoint),
@@ -365,6 +365,8 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
                 models.append(_refit(tuner.hypermodel, trial, refit, seed))
                 continue
             checkpoint = Path(tuner.get_trial_dir(member.trial_id)) / _CHECKPOINT
+            if not checkpoint.is_file():  # a worker's disk, or a lost working folder
+                checkpoint = _logged_weights(tracker, member.run_id) or checkpoint
             architecture = tuner.hypermodel.architecture(trial.hyperparameters.values).to_dict()
             models.append(_model_from_checkpoint(architecture, checkpoint))
         model = ensemble_of(models, ids)
@@ -448,6 +450,30 @@ def _checkpoint(search: results.Search, trial: results.TrialRow, workdir) -> Pat
     if state.get("search_run_id") != search.run_id or not checkpoint.is_file():
         return None
     return checkpoint
+
+
+def _weights(tracker: tracking.Tracker, search: results.Search, trial: results.TrialRow,
+             workdir) -> Path | None:
+    """`trial`'s best-epoch weights: KerasTuner's checkpoint in `workdir`, else the copy
+    logged to its MLflow run (`tracking.WEIGHTS`), else None."""
+    return _checkpoint(search, trial, workdir) or _logged_weights(tracker, trial.run_id)
+
+
+_DOWNLOADS: list = []  # folders of weights downloaded from MLflow, removed at exit
+
+
+def _logged_weights(tracker: tracking.Tracker, run_id: str | None) -> Path | None:
+    """The weights logged to the trial run `run_id`, downloaded; None if it has none."""
+    if not run_id:
+        return None
+    try:
+        if not any(a.path == tracking.WEIGHTS for a in tracker.client.list_artifacts(run_id)):
+            return None
+        folder = tempfile.TemporaryDirectory(prefix="nas-weights-")
+        _DOWNLOADS.append(folder)
+        return Path(tracker.client.download_artifacts(run_id, tracking.WEIGHTS, folder.name))
+    except Exception:  # the run or its artifacts are gone: no weights from there
+        return None
 
 
 def _model_from_checkpoint(architecture: dict, checkpoint: Path):

@@ -76,7 +76,8 @@ class Search:
 
     @property
     def max_trials(self) -> int | None:
-        value = self.params.get("max_trials")
+        # A search grown past its first budget says so in a tag (params cannot change).
+        value = self.tags.get("nas.max_trials") or self.params.get("max_trials")
         return int(value) if value is not None else None
 
     @property

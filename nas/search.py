@@ -24,10 +24,13 @@ from nas import pareto, results, tracking
 from nas.data import Arrays, load_arrays
 from nas.space import search_problem
 from nas.specs import Constraints, Pipeline, SearchSpace
+from nas.state import SearchLock, StateError, read_json, write_atomic
 
 __all__ = ["SearchConfig", "SearchError", "SearchFailed", "SearchResult", "prepare", "run"]
 
 STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
+TAG_FINGERPRINT = "nas.fingerprint"  # on the search's run: found again by its settings
+TAG_MAX_TRIALS = "nas.max_trials"  # on the search's run, once it grew past its first budget
 FLUSH_SECONDS = 10.0  # longest a trial's epoch metrics wait before they reach MLflow
 
 
@@ -73,6 +76,13 @@ class SearchConfig:
     chief: str | None = None
     worker_id: str | None = None
     worker_timeout: float = 60.0  # seconds of silence after which a worker is lost
+    # The secret a worker shows the chief on every call (`nas.distributed`): the chief's
+    # own (given, or made for the search), or the one a worker was given.
+    worker_token: str | None = None
+    # TLS for the chief's gRPC port: its certificate and key (PEM); a worker's CA (PEM).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
     @property
     def experiment_name(self) -> str:
@@ -97,10 +107,10 @@ class SearchConfig:
         return Path(self.workdir) / self.project_name
 
     def fingerprint(self) -> str:
-        """What must match for a search to resume: the specs and the tuner settings."""
-        parts = [self.space.text, self.pipeline.text, self.tuner, str(self.max_trials),
-                 str(self.epochs_per_trial), str(self.batch_size), str(self.seed),
-                 str(self.constraints)]
+        """What must match for a search to resume: the specs and the tuner settings. Not
+        its budget (`max_trials`, `time_limit`): a larger one grows the search."""
+        parts = [self.space.text, self.pipeline.text, self.tuner, str(self.epochs_per_trial),
+                 str(self.batch_size), str(self.seed), str(self.constraints)]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
@@ -146,6 +156,7 @@ class Prepared:
     tracker: tracking.Tracker
     state: dict | None  # the saved state of the search being resumed
     previous: dict | None = None  # the state of a search that --overwrite replaces
+    lock: SearchLock | None = None  # taken by `run`; `prepare` only checks it is free
 
 
 def prepare(config: SearchConfig) -> Prepared:
@@ -175,27 +186,29 @@ def prepare(config: SearchConfig) -> Prepared:
     if problem:
         raise SearchError(problem)
     _check_workdir(config.project_dir)
+    lock = SearchLock(config.project_dir, config.experiment_name)
+    lock.check()  # another process runs this search: refused before anything is written
     state = None
     state_file = config.project_dir / STATE_FILE
     if state_file.exists():
         try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            if not config.overwrite:
-                raise SearchError(f"--workdir: {state_file} is not readable; pass --overwrite "
-                                  f"to start afresh") from None
-            state = {}
-        if not config.overwrite and state.get("fingerprint") != config.fingerprint():
-            raise SearchError(
-                f"--experiment: {config.experiment_name!r} already holds a search with other "
-                f"settings (in {config.project_dir}); pass --overwrite to start afresh, or "
-                f"choose another --experiment"
-            )
+            state = read_json(state_file)
+        except (OSError, StateError):
+            state = {}  # found again in the tracking store (`run`), or refused there
+        if (state and not config.overwrite
+                and state.get("fingerprint") != config.fingerprint()):
+            raise SearchError(_other_settings(config))
     tracker = tracking.Tracker(config.tracking_uri)
     tracker.check()
     if config.overwrite:
-        return Prepared(config, arrays, tracker, None, previous=state or None)
-    return Prepared(config, arrays, tracker, state)
+        return Prepared(config, arrays, tracker, None, previous=state or None, lock=lock)
+    return Prepared(config, arrays, tracker, state or None, lock=lock)
+
+
+def _other_settings(config: SearchConfig) -> str:
+    return (f"--experiment: {config.experiment_name!r} already holds a search with other "
+            f"settings (in {config.project_dir}); pass --overwrite to start afresh, or "
+            f"choose another --experiment")
 
 
 def _check_workdir(folder: Path) -> None:
@@ -256,6 +269,11 @@ class TrialRuns:
         self.total = total
         self.runs: dict[str, str] = {}
         self.best: float | None = None
+        # Every trial that enters the best `keep` so far has its weights logged to MLflow
+        # (what the final model needs, whatever happens to this machine's disk).
+        self.keep = max(1, config.ensemble)
+        self.project_dir = config.project_dir
+        self.scores: list[float] = []  # of the finished trials, this process's and earlier
         self.earlier = 0  # trials ended by earlier processes of a resumed search
         self.ended = 0  # trials ended by this process
         self.device = device_name()
@@ -281,20 +299,44 @@ class TrialRuns:
         self.earlier = len(ended)
         scores = [t.score for t in ended if t.status == "COMPLETED" and t.score == t.score
                   and t.score is not None]
+        self.scores = list(scores)
         if scores:
             self.best = max(scores) if self.direction == "max" else min(scores)
 
-    def trial_started(self, trial, architecture) -> None:
-        self._trial = (trial, architecture, int(time.time() * 1000))
+    def trial_started(self, trial, architecture, resumed: dict | None = None) -> None:
+        """`resumed`: the state an earlier process left of this trial (`tuning.Resume`);
+        its run is reopened and the trial goes on after its last finished epoch."""
+        self._trial = (trial, architecture, int(time.time() * 1000),
+                       (resumed or {}).get("run_id"))
         self._opened, self._flushes, self._pending = None, [], []
+        self._logged_until = -1  # epochs the reopened run holds already
         self._started = self._flushed = time.perf_counter()
+        if resumed is not None and resumed.get("run_id"):
+            try:  # read before training goes on, so no epoch is logged twice
+                history = self.tracker.client.get_metric_history(resumed["run_id"],
+                                                                 self.objective)
+                self._logged_until = max((m.step for m in history), default=-1)
+            except Exception:  # the run is gone: a new one is opened
+                pass
+        if resumed is not None:
+            self.echo(f"trial {trial.trial_id} resumes at epoch {resumed['epoch'] + 2} "
+                      f"(epochs 1-{resumed['epoch'] + 1} were trained by an earlier process)")
+
+    def current_run_id(self) -> str | None:
+        """The current trial's run, once it is written (None before)."""
+        opened = self._opened
+        if opened is None or not opened.done() or opened.exception() is not None:
+            return None
+        return opened.result()
 
     def batch_ended(self) -> None:
         if self._opened is None:
             self._opened = self._writer.submit(self._open_run, *self._trial)
 
-    def _open_run(self, trial, architecture, start_time: int) -> str:
+    def _open_run(self, trial, architecture, start_time: int, earlier: str | None) -> str:
         tracker = self.tracker
+        if earlier is not None and self._reopen(earlier, trial.trial_id):
+            return earlier
         run_id = tracker.start_run(
             self.experiment_id, f"trial-{trial.trial_id}",
             tags={tracking.TAG_KIND: "trial", tracking.TAG_TRIAL: trial.trial_id,
@@ -314,6 +356,21 @@ class TrialRuns:
         self._unclosed.add(run_id)
         return run_id
 
+    def _reopen(self, run_id: str, trial_id: str) -> bool:
+        """Reopen the run an earlier process trained this trial in; False if it is gone."""
+        try:
+            run = self.tracker.client.get_run(run_id)
+        except Exception:
+            return False
+        if (run.data.tags.get(tracking.TAG_TRIAL) != trial_id
+                or run.data.tags.get(tracking.TAG_SEARCH) != self.search_run_id):
+            return False
+        self.tracker.client.update_run(run_id, status="RUNNING")
+        if "nas.error" in run.data.tags:  # "the process running it died": it lives again
+            self.tracker.client.delete_tag(run_id, "nas.error")
+        self._unclosed.add(run_id)
+        return True
+
     def epoch_ended(self, trial, epoch: int, logs: dict) -> None:
         self.batch_ended()
         # A run that could not be written, or metrics that could not, stop the trial now.
@@ -322,9 +379,10 @@ class TrialRuns:
                 raise future.exception()
         # Batched: one store write per trial, plus one every FLUSH_SECONDS so a long
         # trial still shows its curves while it trains.
-        self._pending += self.tracker.metrics(
-            {k: float(v) for k, v in logs.items()
-             if k in ("loss", "accuracy", "val_loss", "val_accuracy")}, step=epoch)
+        if epoch > self._logged_until:  # each epoch's metrics once, a resumed trial's too
+            self._pending += self.tracker.metrics(
+                {k: float(v) for k, v in logs.items()
+                 if k in ("loss", "accuracy", "val_loss", "val_accuracy")}, step=epoch)
         if time.perf_counter() - self._flushed > FLUSH_SECONDS:
             self._flushes.append(self._writer.submit(self._flush, self._opened, self._pending))
             self._pending, self._flushed = [], time.perf_counter()
@@ -350,7 +408,7 @@ class TrialRuns:
         if error is None and failed_flush is not None:
             error = failed_flush  # its metrics could not be written: the trial fails
         status = "FINISHED"
-        metrics, tags = {"fit_time_s": fit_seconds}, {}
+        metrics, tags, weights = {"fit_time_s": fit_seconds}, {}, None
         if history is not None:
             values = [v for v in history.get(self.objective, []) if v == v]
             if values:
@@ -361,13 +419,16 @@ class TrialRuns:
                 better = self.best is None or (best > self.best if self.direction == "max"
                                                else best < self.best)
                 self.best = best if better and error is None else self.best
+                if error is None:
+                    weights = self._weights_to_keep(trial.trial_id, best)
         if error is not None:
             status = ("KILLED" if isinstance(error, (KeyboardInterrupt, tracking.Interrupted))
                       else "FAILED")
             tags["nas.error"] = (f"{error.__class__.__name__}: "
                                  f"{str(error) or 'interrupted'}")[:5000]
         self._writer.submit(self._close_run, run_id, status,
-                            self._pending + self.tracker.metrics(metrics), tags).result()
+                            self._pending + self.tracker.metrics(metrics), tags,
+                            weights).result()
         done = self.earlier + self.ended
         shown = f"{metrics.get('objective', float('nan')):.4f}" if error is None else status
         best = f"{self.best:.4f}" if self.best is not None else "-"
@@ -377,9 +438,19 @@ class TrialRuns:
         if failed_flush is not None and error is failed_flush:
             raise failed_flush  # KerasTuner records the trial as failed
 
-    def _close_run(self, run_id: str, status: str, metrics: list, tags: dict) -> None:
+    def _weights_to_keep(self, trial_id: str, score: float):
+        """The trial's checkpoint if it is among the best `keep` finished so far, else None."""
+        better = sum(s > score if self.direction == "max" else s < score for s in self.scores)
+        self.scores.append(score)
+        checkpoint = self.project_dir / f"trial_{trial_id}" / tracking.WEIGHTS
+        return checkpoint if better < self.keep and checkpoint.is_file() else None
+
+    def _close_run(self, run_id: str, status: str, metrics: list, tags: dict,
+                   weights=None) -> None:
         self._unclosed.discard(run_id)
         try:
+            if weights is not None:
+                self.tracker.log_artifact(run_id, weights)
             self.tracker.log_batch(run_id, metrics, tags=tags)
         finally:
             self.tracker.end(run_id, status)  # a trial's run is always closed
@@ -420,11 +491,25 @@ def raise_interrupted(signum, frame):
 def run(prepared: Prepared, echo=print) -> SearchResult:
     """Train the search's trials, logging each to MLflow; return what was found.
 
+    The search holds its lock (`nas.state.SearchLock`) from before it writes anything
+    until it returns or raises.
+
     Raises:
+        nas.state.StateError: another process holds the search's lock.
         nas.tracking.Interrupted / KeyboardInterrupt: stopped by a signal; the state is
             saved and running the same command resumes.
         SearchFailed: too many consecutive trials failed; finished trials are kept.
     """
+    config = prepared.config
+    lock = prepared.lock or SearchLock(config.project_dir, config.experiment_name)
+    lock.acquire()
+    try:
+        return _run(prepared, echo)
+    finally:
+        lock.release()
+
+
+def _run(prepared: Prepared, echo) -> SearchResult:
     from nas.data import make_datasets, refit_dataset
     import keras_tuner as kt
 
@@ -446,44 +531,61 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
     experiment_id = tracker.experiment_id(config.experiment_name)
     if prepared.previous:
         _close_search(tracker, prepared.previous, echo)
-    resumed = prepared.state is not None
+    state = prepared.state
+    if state is None and not config.overwrite:
+        state = _found_in_store(tracker, experiment_id, config, echo)
+    resumed = state is not None
     if resumed:
-        search_run_id = prepared.state["search_run_id"]
+        search_run_id = state["search_run_id"]
         closed = tracker.close_stale_runs(experiment_id, search_run_id)
         if closed:
             echo(f"closed {closed} trial run(s) left running by an earlier process")
+        budget = state.get("max_trials", config.max_trials)
+        if config.max_trials > budget:
+            echo(f"growing the search from {budget} to {config.max_trials} trials")
+            tracker.set_tags(search_run_id, {TAG_MAX_TRIALS: config.max_trials})
+        state = {**state, "max_trials": max(budget, config.max_trials)}
     else:
-        search_run_id = tracker.start_run(experiment_id, f"search-{config.experiment_name}",
-                                          tags={tracking.TAG_KIND: "search"})
+        search_run_id = tracker.start_run(
+            experiment_id, f"search-{config.experiment_name}",
+            tags={tracking.TAG_KIND: "search", TAG_FINGERPRINT: config.fingerprint()})
         _log_search(tracker, search_run_id, config, arrays)
         state = {"search_run_id": search_run_id, "experiment_id": experiment_id,
-                 "fingerprint": config.fingerprint()}
-        (project_dir / STATE_FILE).write_text(json.dumps(state))
+                 "fingerprint": config.fingerprint(), "max_trials": config.max_trials}
+    write_atomic(project_dir / STATE_FILE, json.dumps(state))
 
     hypermodel = tuning.CandidateModel(config.space, arrays.input_shape, arrays.num_classes,
                                        arrays.pixel_scale, jit_compile=config.jit_compile,
                                        mixed_precision=config.mixed_precision)
     constraints = config.constraints
-    oracle = tuning.make_oracle(
-        config.tuner, tuning.declare(config.space),
-        kt.Objective(pipeline.objective, pipeline.direction),
-        max_trials=config.max_trials, seed=config.seed, max_epochs=config.epochs_per_trial,
-        max_failures=config.max_failures,
-        check=lambda values: hypermodel.check(values, constraints),
-        time_limit=config.time_limit,
-    )
+
+    def new_oracle():
+        return tuning.make_oracle(
+            config.tuner, tuning.declare(config.space),
+            kt.Objective(pipeline.objective, pipeline.direction),
+            max_trials=config.max_trials, seed=config.seed, max_epochs=config.epochs_per_trial,
+            max_failures=config.max_failures,
+            check=lambda values: hypermodel.check(values, constraints),
+            time_limit=config.time_limit,
+        )
+
     hooks = TrialRuns(tracker, experiment_id, search_run_id, config, echo, config.max_trials)
+
+    def new_tuner(oracle):
+        with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading ..."
+            return tuning.NasTuner(
+                oracle, hypermodel, hooks,
+                stopping=tuning.stopping_rule(config.tuner, pipeline.objective,
+                                              pipeline.direction),
+                directory=config.workdir,
+                project_name=config.project_name, overwrite=False,
+                distribution_strategy=distributed.strategy(config.distribution))
+
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, raise_interrupted)}
     with tracker.run(experiment_id, "", run_id=search_run_id, reopen=resumed):
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading ..."
-                tuner = tuning.NasTuner(
-                    oracle, hypermodel, hooks,
-                    stopping=tuning.stopping_rule(config.tuner, pipeline.objective,
-                                                  pipeline.direction),
-                    directory=config.workdir,
-                    project_name=config.project_name, overwrite=False,
-                    distribution_strategy=distributed.strategy(config.distribution))
+            tuner = _open_tuner(config, tracker, experiment_id, search_run_id, resumed,
+                                new_oracle, new_tuner, echo)
             hooks.resume_from(tuner.oracle)
             if resumed and _finished(tuner.oracle, config.max_trials):
                 echo("the search had already finished; its results as logged (--overwrite "
@@ -522,6 +624,110 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
     return result
+
+
+def _open_tuner(config: SearchConfig, tracker, experiment_id: str, search_run_id: str,
+                resumed: bool, new_oracle, new_tuner, echo):
+    """The search's tuner, its KerasTuner state reloaded, or rebuilt from the tracking store
+    when it is missing or damaged (a resumed search only)."""
+    from nas import ktcompat, tuning
+
+    project_dir = config.project_dir
+    tuner_file = project_dir / f"{os.environ.get('KERASTUNER_TUNER_ID', 'tuner0')}.json"
+    if not resumed or tuner_file.exists():
+        try:
+            return new_tuner(new_oracle())
+        except (StateError, FileNotFoundError) as error:
+            if not resumed:
+                raise
+            echo(f"the search's state in {project_dir} is damaged ({error}); rebuilding it "
+                 f"from the tracking store")
+    else:
+        echo(f"the search's state is missing from {project_dir}; rebuilding it from the "
+             f"tracking store")
+    if config.tuner == "hyperband":  # its brackets are not in the tracking store
+        raise SearchError(
+            f"--workdir: the hyperband state of {config.experiment_name!r} in {project_dir} "
+            f"is missing or damaged and cannot be rebuilt (its trials are in MLflow); pass "
+            f"--overwrite to start afresh")
+    for stale in [project_dir / "oracle.json", tuner_file,
+                  *project_dir.glob("trial_*/trial.json")]:
+        stale.unlink(missing_ok=True)  # the checkpoints stay: the same trials' weights
+    oracle = new_oracle()
+    trials = _store_trials(tracker, experiment_id, search_run_id, config,
+                           tuning.declare(config.space))
+    ktcompat.rebuild(oracle, trials, config.workdir, config.project_name)
+    ended = sum(t["status"] != "RUNNING" for t in trials)
+    echo(f"rebuilt {_count(ended, 'ended trial')} from the tracking store"
+         + (f"; {len(trials) - ended} interrupted one(s) will run again"
+            if len(trials) > ended else ""))
+    return new_tuner(oracle)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _found_in_store(tracker, experiment_id: str, config: SearchConfig, echo) -> dict | None:
+    """The state of this search (same experiment and settings) as the tracking store holds
+    it, when its working folder lost it; None if the store holds no such search."""
+    runs = tracker.client.search_runs(
+        [experiment_id], f"tags.`{tracking.TAG_KIND}` = 'search' and "
+                         f"tags.`{TAG_FINGERPRINT}` = '{config.fingerprint()}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run = runs[0]
+    echo(f"found this search in the tracking store (run {run.info.run_id}); going on from "
+         f"there")
+    budget = run.data.tags.get(TAG_MAX_TRIALS) or run.data.params.get("max_trials")
+    return {"search_run_id": run.info.run_id, "experiment_id": experiment_id,
+            "fingerprint": config.fingerprint(),
+            "max_trials": int(budget) if budget else config.max_trials}
+
+
+def _store_trials(tracker, experiment_id: str, search_run_id: str, config: SearchConfig,
+                  hyperparameters) -> list[dict]:
+    """The search's trials as its trial runs hold them, for `nas.ktcompat.rebuild`."""
+    objective, direction = config.pipeline.objective, config.pipeline.direction
+    found: dict[str, dict] = {}
+    for run in tracker.trial_runs(experiment_id, search_run_id):  # oldest first
+        trial_id = run.data.tags.get(tracking.TAG_TRIAL)
+        if trial_id is None or found.get(trial_id, {}).get("status") == "COMPLETED":
+            continue  # a trial that finished once is that trial
+        status = {"FINISHED": "COMPLETED", "FAILED": "FAILED"}.get(run.info.status, "RUNNING")
+        score, best_step = run.data.metrics.get("objective"), 0
+        if status == "COMPLETED" and score is not None:
+            history = tracker.client.get_metric_history(run.info.run_id, objective)
+            if history:
+                best = (max if direction == "max" else min)(history, key=lambda m: m.value)
+                best_step = int(best.step)
+        found[trial_id] = {"trial_id": trial_id, "status": status, "score": score,
+                           "best_step": best_step,
+                           "values": _values(hyperparameters, run.data.params)}
+    return list(found.values())
+
+
+def _values(hyperparameters, params: dict) -> dict:
+    """A trial's hyperparameter values from its run's params (MLflow keeps strings)."""
+    import keras_tuner as kt
+
+    values = {}
+    for hp in hyperparameters.space:
+        text = params.get(hp.name)
+        if text is None:
+            continue
+        if isinstance(hp, kt.engine.hyperparameters.Boolean):
+            values[hp.name] = text in ("true", "True")
+        elif isinstance(hp, kt.engine.hyperparameters.Int):
+            values[hp.name] = int(float(text))
+        elif isinstance(hp, kt.engine.hyperparameters.Float):
+            values[hp.name] = float(text)
+        else:
+            choices = hp.values if hasattr(hp, "values") else [hp.value]
+            values[hp.name] = next((v for v in choices if text in (str(v), json.dumps(v))),
+                                   text)
+    return values
 
 
 def _finished(oracle, max_trials: int) -> bool:

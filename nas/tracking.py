@@ -24,6 +24,9 @@ __all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "
 TAG_KIND = "nas.kind"  # "search" or "trial"
 TAG_TRIAL = "nas.trial_id"
 TAG_SEARCH = "nas.search_run_id"
+# A trial's best-epoch weights (KerasTuner's checkpoint file name), logged as an artifact of
+# its run when it enters the search's best K so far: the final model never needs a disk.
+WEIGHTS = "checkpoint.weights.h5"
 # MLflow 3's UI opens an experiment on the view this tag names; without it, a new
 # experiment opens on the GenAI overview ("Traces: no data") instead of its runs.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"

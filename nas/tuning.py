@@ -11,10 +11,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import gc
+import json
 import math
+import os
 import random
 import re
 import time
+from pathlib import Path
 from typing import Callable
 
 import keras
@@ -23,9 +26,11 @@ import tensorflow as tf
 from keras_tuner.src.engine import trial as trial_module
 from tensorflow.python.framework import ops as _tf_ops
 
+from nas import ktcompat
 from nas.architecture import Architecture, hyperparameter_specs
 from nas.models import build_model
 from nas.specs import Knob, SearchSpace
+from nas.state import StateError, read_json, write_atomic
 
 __all__ = ["TUNERS", "DEFAULT_TUNER", "KNOWN_GOOD", "declare", "make_oracle", "CandidateModel",
            "NasTuner", "MedianStopping", "stopping_rule", "early_stopping"]
@@ -71,8 +76,9 @@ def _declare_knob(hp: kt.HyperParameters, name: str, knob: Knob) -> None:
         hp.Float(name, knob.min, knob.max, step=knob.step, sampling=knob.sampling)
 
 
-class _Guard:
-    """Oracle mixin: impossible or over-budget proposals never become trials.
+class _Guard(ktcompat.AtomicOracle):
+    """Oracle mixin: impossible or over-budget proposals never become trials (and its
+    state files are replaced atomically: `nas.ktcompat`).
 
     `check(values)` returns why a candidate must not be trained, or None.
     """
@@ -397,6 +403,7 @@ class CandidateModel(kt.HyperModel):
         self.jit_compile = jit_compile
         self.mixed_precision = mixed_precision
         self.last_fit_seconds = 0.0
+        self.resume: Resume | None = None  # set by NasTuner for the trial it runs
 
     def architecture(self, values: dict) -> Architecture:
         return Architecture.from_values(self.space, values, self.input_shape, self.num_classes,
@@ -413,14 +420,129 @@ class CandidateModel(kt.HyperModel):
                            mixed_precision=self.mixed_precision)
 
     def fit(self, hp, model, *args, **kwargs):
+        """`model.fit`, timed; continued from the trial's last finished epoch when an
+        earlier process left one (`Resume`), and saving each epoch for the next."""
+        resume = self.resume
+        prior = resume.prior if resume is not None else None
+        if resume is not None:
+            callbacks = list(kwargs.get("callbacks") or [])
+            if prior is not None:
+                model.optimizer.build(model.trainable_variables)  # its state is saved too
+                model.load_weights(str(resume.folder / prior["weights"]))
+                kwargs["initial_epoch"] = prior["epoch"] + 1
+                _restore(callbacks, prior["callbacks"])
+            callbacks.append(_EpochState(resume, hp.values, callbacks, prior))
+            kwargs["callbacks"] = callbacks
         start = time.perf_counter()
         try:
-            return model.fit(*args, **kwargs)
+            history = model.fit(*args, **kwargs)
         finally:
             self.last_fit_seconds = time.perf_counter() - start
+        if prior is not None:  # the whole trial's curves, as if it had never stopped
+            earlier = prior["history"]
+            history.history = {k: earlier.get(k, []) + list(history.history.get(k, []))
+                               for k in {*earlier, *history.history}}
+            history.epoch = list(range(max(map(len, history.history.values()), default=0)))
+        return history
 
 
-class NasTuner(kt.Hyperband):
+# --- a trial resumes at its last finished epoch (issue 12) ------------------------------
+
+RESUME_STATE = "resume.json"  # in a trial's folder: its last finished epoch, see `Resume`
+
+
+class Resume:
+    """Where a trial keeps what continuing it needs, and what an earlier process left.
+
+    After every epoch `_EpochState` writes the model's weights and optimizer state
+    (`resume-<epoch>.weights.h5`), then `resume.json`: that epoch, the file's name, the
+    trial's values, its MLflow run, its curves so far and the state of its callbacks
+    (early stopping's wait and best, the median rule's curve, KerasTuner's best value).
+    Each is replaced atomically and the json is written last, so it always names a whole
+    weights file. `prior` is that state when it belongs to this very candidate.
+    """
+
+    def __init__(self, folder: Path, run_id: Callable[[], str | None], values: dict):
+        self.folder, self.run_id = Path(folder), run_id
+        self.prior = None
+        try:
+            state = read_json(self.folder / RESUME_STATE)
+        except (FileNotFoundError, StateError):
+            return
+        if (state.get("values") == json.loads(json.dumps(values))
+                and (self.folder / state.get("weights", "")).is_file()):
+            self.prior = state
+
+    def clear(self) -> None:
+        """The trial has ended: nothing to resume."""
+        for path in [self.folder / RESUME_STATE, *self.folder.glob("resume-*.weights.h5")]:
+            path.unlink(missing_ok=True)
+
+
+class _EpochState(keras.callbacks.Callback):
+    """Saves, after every epoch, what continuing the trial from there needs (`Resume`).
+
+    Runs after every other callback of the fit (KerasTuner's checkpoint included)."""
+
+    def __init__(self, resume: Resume, values: dict, callbacks: list, prior: dict | None):
+        super().__init__()
+        self.resume, self.values, self.others = resume, dict(values), callbacks
+        self.history = {k: list(v) for k, v in (prior or {}).get("history", {}).items()}
+        self.run_id = (prior or {}).get("run_id")
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        self.run_id = self.resume.run_id() or self.run_id
+        folder, name = self.resume.folder, f"resume-{epoch}.weights.h5"
+        aside = folder / f".resume.{os.getpid()}.tmp.weights.h5"
+        self.model.save_weights(str(aside))
+        os.replace(aside, folder / name)
+        write_atomic(folder / RESUME_STATE, json.dumps({
+            "epoch": epoch, "weights": name, "values": self.values, "run_id": self.run_id,
+            "history": self.history, "callbacks": _callback_states(self.others)}))
+        for older in folder.glob("resume-*.weights.h5"):
+            if older.name != name:
+                older.unlink(missing_ok=True)
+
+
+def _callback_states(callbacks: list) -> dict:
+    states = {}
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.EarlyStopping):
+            states["early_stopping"] = {"wait": callback.wait, "best": callback.best,
+                                        "best_epoch": callback.best_epoch}
+        elif isinstance(callback, ktcompat.SaveBestEpoch):
+            states["best_value"] = callback.best_value
+        elif isinstance(getattr(callback, "curve", None), list):
+            states["curve"] = list(callback.curve)
+    return states
+
+
+def _restore(callbacks: list, states: dict) -> None:
+    for callback in callbacks:
+        if isinstance(callback, _EarlyStopping) and "early_stopping" in states:
+            callback.restored = states["early_stopping"]
+        elif isinstance(callback, ktcompat.SaveBestEpoch) and "best_value" in states:
+            callback.best_value = states["best_value"]
+        elif isinstance(getattr(callback, "curve", None), list) and "curve" in states:
+            callback.curve[:] = states["curve"]
+
+
+class _EarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' early stopping, carrying a resumed trial's wait and best over."""
+
+    restored: dict | None = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.restored:
+            self.wait = self.restored["wait"]
+            self.best = self.restored["best"]
+            self.best_epoch = self.restored["best_epoch"]
+
+
+class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
     """Runs trials for any of the guarded oracles and reports each one through `hooks`.
 
     It derives from `keras_tuner.Hyperband` only for Hyperband's `run_trial` and
@@ -435,6 +557,7 @@ class NasTuner(kt.Hyperband):
 
     def __init__(self, oracle, hypermodel: CandidateModel, hooks,
                  stopping: MedianStopping | None = None, **kwargs):
+        ktcompat.install()  # atomic checkpoints
         kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
         self.hooks = hooks
         self.stopping = stopping
@@ -466,20 +589,32 @@ class NasTuner(kt.Hyperband):
         pass
 
     def run_trial(self, trial, *args, **kwargs):
-        architecture = self.hypermodel.architecture(trial.hyperparameters.values)
-        self.hooks.trial_started(trial, architecture)
+        values = trial.hyperparameters.values
+        architecture = self.hypermodel.architecture(values)
+        # Hyperband's trials continue earlier trials by design (tuner/initial_epoch).
+        resume = (None if "tuner/epochs" in values else
+                  Resume(self.get_trial_dir(trial.trial_id), self.hooks.current_run_id, values))
+        prior = resume.prior if resume is not None else None
+        self.hooks.trial_started(trial, architecture, resumed=prior)
         self.hypermodel.last_fit_seconds = 0.0
+        self.hypermodel.resume = resume
         registered = _custom_gradients()
         if self.stopping is not None:
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), self.stopping.callback()]
         try:
             histories = super().run_trial(trial, *args, **kwargs)
         except BaseException as error:
+            if resume is not None and not isinstance(error, (KeyboardInterrupt,
+                                                             _interruptions())):
+                resume.clear()  # failed: it is not continued, it is over
             self.hooks.trial_ended(trial, architecture, None, self.hypermodel.last_fit_seconds,
                                    error)
             raise
         finally:
+            self.hypermodel.resume = None
             _forget_custom_gradients(registered)
+        if resume is not None:
+            resume.clear()
         self.hooks.trial_ended(trial, architecture, histories[-1].history,
                                self.hypermodel.last_fit_seconds, None)
         return histories
@@ -540,20 +675,24 @@ class MedianStopping:
 
     def callback(self) -> keras.callbacks.Callback:
         """A fresh callback for one trial's fit; its curve joins the others when it ends."""
-        rule, curve = self, []
+        rule = self
 
         class Stop(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.curve: list[float] = []  # carried over when a trial resumes
+
             def on_epoch_end(self, epoch, logs=None):
                 value = (logs or {}).get(rule.objective)
                 if value is None or value != value:
                     return
-                curve.append(float(value))
-                if rule.should_stop(curve):
+                self.curve.append(float(value))
+                if rule.should_stop(self.curve):
                     self.model.stop_training = True
 
             def on_train_end(self, logs=None):
-                if curve:
-                    rule.curves.append(list(curve))
+                if self.curve:
+                    rule.curves.append(list(self.curve))
 
         return Stop()
 
@@ -581,4 +720,10 @@ def early_stopping(objective: str, direction: str, patience: int | None) -> list
     """The callbacks every trial's fit gets: early stopping on the objective."""
     if not patience:
         return []
-    return [keras.callbacks.EarlyStopping(monitor=objective, mode=direction, patience=patience)]
+    return [_EarlyStopping(monitor=objective, mode=direction, patience=patience)]
+
+
+def _interruptions() -> tuple:
+    from nas.tracking import Interrupted
+
+    return (Interrupted,)

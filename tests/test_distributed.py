@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,21 +135,72 @@ def start_search(processes, uri, experiment, chief, *options):
         "--chief", chief, *options])
 
 
-def start_worker(processes, uri, experiment, chief, worker_id):
+def token_of(processes, timeout: float = DEADLINE) -> str:
+    """The worker token the chief printed in its worker command."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"nas worker .* --token (\S+)", processes.output("chief"))
+        if found:
+            return found.group(1)
+        assert processes.started["chief"].poll() is None, processes.logs()
+        time.sleep(0.2)
+    pytest.fail(f"the chief printed no worker command:\n{processes.logs()}")
+
+
+def start_worker(processes, uri, experiment, chief, worker_id, token=None, extra=()):
     # Each worker in its own folder: it shares no file with the chief, only MLflow.
     folder = processes.folder / worker_id
     folder.mkdir()
     return processes.start(worker_id, NAS + [
         "worker", *TINY, "--experiment", experiment, "--tracking-uri", uri,
-        "--workdir", str(folder / ".nas"), "--chief", chief, "--worker-id", worker_id],
-        cwd=folder)
+        "--workdir", str(folder / ".nas"), "--chief", chief, "--worker-id", worker_id,
+        "--token", token or token_of(processes), *extra], cwd=folder)
+
+
+def self_signed(folder) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files (MLflow's `cryptography`)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "chief.pem", folder / "chief.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
 
 
 def test_a_chief_and_two_workers_run_one_search(processes, mlflow_server):
     chief = f"127.0.0.1:{free_port()}"
-    start_search(processes, mlflow_server, "two-workers", chief)
-    start_worker(processes, mlflow_server, "two-workers", chief, "w1")
-    start_worker(processes, mlflow_server, "two-workers", chief, "w2")
+    cert, key = self_signed(processes.folder)  # over TLS (the other tests: plain gRPC)
+    start_search(processes, mlflow_server, "two-workers", chief, "--tls-cert", cert,
+                 "--tls-key", key)
+    tls = ["--tls-ca", cert]
+    start_worker(processes, mlflow_server, "two-workers", chief, "w1", extra=tls)
+    start_worker(processes, mlflow_server, "two-workers", chief, "w2", extra=tls)
+    # One that does not have the search's token is refused; the search goes on.
+    start_worker(processes, mlflow_server, "two-workers", chief, "intruder", token="guessed",
+                 extra=tls)
+    assert processes.wait("intruder", 60) == 2, processes.logs()
+    refusal = processes.output("intruder")
+    assert (f"Error: --token: the chief at {chief} refused this worker's token; give the "
+            f"token the chief printed (--token or NAS_WORKER_TOKEN)") in refusal
+    assert "Traceback" not in refusal
 
     assert processes.wait("chief") == 0, processes.logs()
     assert processes.wait("w1", 60) == 0, processes.logs()
@@ -156,7 +208,8 @@ def test_a_chief_and_two_workers_run_one_search(processes, mlflow_server):
 
     out = processes.output("chief")
     assert (f"nas worker --chief {chief} --space tiny --pipeline digits "
-            f"--experiment two-workers --tracking-uri {mlflow_server}") in out
+            f"--experiment two-workers --tracking-uri {mlflow_server} --tls-ca CERT.pem "
+            f"--token {token_of(processes)}") in out
     assert "4 trials finished, 0 failed" in out
     parents, trials = search_runs(mlflow_server, "two-workers")
     (parent,) = parents

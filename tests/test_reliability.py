@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -250,10 +252,26 @@ def wait_for_training(trial_id: str, process, timeout=180):
     raise AssertionError(f"trial {trial_id} never started training")
 
 
-def test_sigkill_mid_trial_then_resume(tmp_path):
+def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     process = start_search(tmp_path, "--epochs", "40")
     try:
         wait_for_training("1", process)
+        # A second search of the same experiment is refused while the first runs ...
+        second = CliRunner().invoke(main, SEARCH + ["--max-trials", "3", "--seed", "2",
+                                                    *LONGER])
+        assert second.exit_code == 2, second.output
+        (line,) = second.output.strip().splitlines()
+        assert line.startswith(f"Error: --experiment: the search 'rel' is running in "
+                               f"process {process.pid} on {socket.gethostname()} since ")
+        assert len(runs_of(kind="search")) == 1  # it wrote nothing
+        # ... while reading it works.
+        shown = CliRunner().invoke(main, ["trials", "--experiment", "rel"])
+        assert shown.exit_code == 0 and "RUNNING" in shown.output, shown.output
+        resume = tmp_path / ".nas" / "rel" / "trial_1" / "resume.json"
+        deadline = time.monotonic() + 120  # killed once trial 1 has finished 3 epochs
+        while not (resume.exists() and json.loads(resume.read_text())["epoch"] >= 2):
+            assert process.poll() is None and time.monotonic() < deadline, output_of(process)
+            time.sleep(0.05)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
@@ -261,21 +279,38 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     before = {r.info.run_id: r.info.status for r in runs_of()}
     assert sorted(before.values()) == ["FINISHED", "RUNNING"]  # trial 0 done, trial 1 dead
+    (dead,) = [r for r in runs_of() if r.info.status == "RUNNING"]
+    done = json.loads(resume.read_text())["epoch"] + 1  # epochs trial 1 finished
+    # What a kill -9 during a plain write would have left: half an oracle.json, an empty
+    # trial.json.
+    project = tmp_path / ".nas" / "rel"
+    oracle = (project / "oracle.json").read_text()
+    (project / "oracle.json").write_text(oracle[:len(oracle) // 2])
+    (project / "trial_0" / "trial.json").write_text("")
 
+    # The dead process's lock is taken over; the lost state is rebuilt from MLflow.
     result = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", *LONGER])
     assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
     assert "resuming the search" in result.output
     assert "closed 1 trial run(s) left running by an earlier process" in result.output
+    assert f"the search's state in {project} is damaged (" in result.output
+    assert ("rebuilt 1 ended trial from the tracking store; 1 interrupted one(s) will run "
+            "again") in result.output
 
     trials = runs_of()
     finished = [r.data.tags["nas.trial_id"] for r in trials if r.info.status == "FINISHED"]
     assert sorted(finished) == ["0", "1", "2"]  # each trial id exactly once
-    killed = [r for r in trials if r.info.status == "KILLED"]
-    assert [r.data.tags["nas.trial_id"] for r in killed] == ["1"]
-    # The interrupted candidate is the one trained again, not a new proposal.
-    (again_1,) = [r for r in trials if r.data.tags["nas.trial_id"] == "1"
-                  and r.info.status == "FINISHED"]
-    assert again_1.data.params and again_1.data.params == killed[0].data.params
+    assert len(trials) == 3 and not [r for r in trials if r.info.status != "FINISHED"]
+    # The interrupted trial went on after its last finished epoch, in its own run.
+    assert (f"trial 1 resumes at epoch {done + 1} (epochs 1-{done} were trained by an "
+            f"earlier process)") in result.output
+    (again_1,) = [r for r in trials if r.data.tags["nas.trial_id"] == "1"]
+    assert again_1.info.run_id == dead.info.run_id and "nas.error" not in again_1.data.tags
+    steps = [m.step for m in MlflowClient().get_metric_history(again_1.info.run_id,
+                                                               "val_accuracy")]
+    assert sorted(steps) == list(range(len(steps))) and len(steps) > done  # each epoch once
+    assert again_1.data.metrics["epochs_trained"] == len(steps)
     first_trial_runs = [r for r in trials if r.data.tags["nas.trial_id"] == "0"]
     assert len(first_trial_runs) == 1  # the finished trial was not trained again
     assert "trial 1 (2/3)" in result.output and "trial 2 (3/3)" in result.output
@@ -315,7 +350,9 @@ def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum,
     result = invoke(SEARCH + ["--max-trials", "2", "--seed", "2", *LONG])
     assert result.exit_code == 0, result.output
     statuses = sorted((r.data.tags["nas.trial_id"], r.info.status) for r in runs_of())
-    assert statuses == [("0", "FINISHED"), ("0", "KILLED"), ("1", "FINISHED")]
+    # Trial 0 went on from its last finished epoch, in the run the signal closed.
+    assert statuses == [("0", "FINISHED"), ("1", "FINISHED")]
+    assert "trial 0 resumes at epoch " in result.output
     assert [r.info.status for r in runs_of(kind="search")] == ["FINISHED"]
 
 
@@ -332,13 +369,18 @@ def test_overwrite_never_leaves_the_working_folder(tmp_path):
         ["_victim", str(victim).replace("/", "_"), "search"])
 
 
-def test_overwrite_recovers_from_a_damaged_state_file(tmp_path):
+def test_a_damaged_state_file_is_found_again_in_the_tracking_store(tmp_path):
     assert invoke(SEARCH + ["--max-trials", "1"]).exit_code == 0
+    (parent,) = runs_of(kind="search")
     (tmp_path / ".nas" / "rel" / "nas_search.json").write_text("{not json")
-    refused = CliRunner().invoke(main, SEARCH + ["--max-trials", "1"])
-    assert refused.exit_code == 2
-    assert "is not readable; pass --overwrite to start afresh" in refused.output
+    again = invoke(SEARCH + ["--max-trials", "1"])
+    assert again.exit_code == 0, again.output
+    assert (f"found this search in the tracking store (run {parent.info.run_id}); going on "
+            f"from there") in again.output
+    assert "the search had already finished" in again.output
+    assert len(runs_of(kind="search")) == 1 and len(runs_of()) == 1
     assert invoke(SEARCH + ["--max-trials", "1", "--overwrite"]).exit_code == 0
+    assert len(runs_of(kind="search")) == 2
 
 
 def test_overwrite_starts_afresh(tmp_path):

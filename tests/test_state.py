@@ -1,0 +1,107 @@
+"""A search's state: found again in MLflow when its folder is gone, and grown by a larger budget.
+
+(One owner and a damaged state after a kill -9: test_reliability.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from nas.cli import main
+from nas.state import SearchLock, StateError
+from test_reliability import SEARCH, output_of, runs_of, start_search
+
+import pytest
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def assert_whole(trial_ids: list[str]) -> None:
+    """Exactly these trials FINISHED, each once; one parent run, FINISHED; none RUNNING."""
+    trials = runs_of()
+    finished = sorted(r.data.tags["nas.trial_id"] for r in trials if r.info.status == "FINISHED")
+    assert finished == sorted(trial_ids)
+    assert not [r for r in trials if r.info.status == "RUNNING"]
+    (parent,) = runs_of(kind="search")
+    assert parent.info.status == "FINISHED"
+
+
+def test_sigkill_then_the_working_folder_deleted_goes_on_from_mlflow(tmp_path):
+    process = start_search(tmp_path, "--epochs", "3")
+    try:  # killed once trial 0 has ended (its line printed), whatever runs then
+        while not any("trial 0 (" in line for line in list(process.lines)):
+            assert process.poll() is None, output_of(process)
+            process.reader.join(timeout=0.1)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    (first,) = [r for r in runs_of() if r.info.status == "FINISHED"]
+    assert MlflowClient().list_artifacts(first.info.run_id, "")  # its weights are in MLflow
+    shutil.rmtree(tmp_path / ".nas")  # a new machine, a wiped disk
+
+    result = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", "--pipeline", "long.yaml",
+                              "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    (parent,) = runs_of(kind="search")
+    assert (f"found this search in the tracking store (run {parent.info.run_id}); going on "
+            f"from there") in result.output
+    assert "rebuilt 1 ended trial from the tracking store" in result.output
+    assert_whole(["0", "1", "2"])
+    assert [r.info.run_id for r in runs_of() if r.data.tags["nas.trial_id"] == "0"] == \
+        [first.info.run_id]  # the finished trial was not trained again
+    # The final model is made from the weights in MLflow where the folder lost them.
+    search = MlflowClient().get_run(parent.info.run_id)
+    assert "test_accuracy" in search.data.metrics
+    assert "nas.model_error" not in search.data.tags
+
+
+def test_a_finished_search_grows_with_a_larger_budget(tmp_path):
+    args = SEARCH + ["--seed", "3", "--epochs", "1", "--ensemble", "2"]
+    assert invoke(args + ["--max-trials", "3"]).exit_code == 0
+    before = {r.info.run_id: (r.data.tags["nas.trial_id"], r.info.status, r.info.end_time,
+                              r.data.metrics) for r in runs_of()}
+    (parent,) = runs_of(kind="search")
+
+    same = invoke(args + ["--max-trials", "3"])
+    assert "the search had already finished" in same.output
+    smaller = invoke(args + ["--max-trials", "2"])
+    assert smaller.exit_code == 0 and "the search had already finished" in smaller.output
+
+    grown = invoke(args + ["--max-trials", "5"])
+    assert grown.exit_code == 0, grown.output
+    assert "growing the search from 3 to 5 trials" in grown.output
+    assert "trial 3 (4/5)" in grown.output and "trial 4 (5/5)" in grown.output
+    assert "final model: " in grown.output and "test_accuracy" in grown.output
+    assert_whole(["0", "1", "2", "3", "4"])
+    after = {r.info.run_id: (r.data.tags["nas.trial_id"], r.info.status, r.info.end_time,
+                             r.data.metrics) for r in runs_of()}
+    assert {k: after[k] for k in before} == before  # the first three runs unchanged
+    search = MlflowClient().get_run(parent.info.run_id)
+    assert search.data.tags["nas.max_trials"] == "5"
+    assert search.data.metrics["finished_trials"] == 5
+    shown = invoke(["trials", "--experiment", "rel"])
+    assert "(FINISHED): 5 of 5 trials" in shown.output, shown.output
+
+    other = CliRunner().invoke(main, args + ["--max-trials", "6", "--epochs", "2"])
+    assert other.exit_code == 2 and "already holds a search with other settings" in \
+        other.output
+
+
+def test_the_lock_is_one_process_s_and_dies_with_it(tmp_path):
+    lock, again = SearchLock(tmp_path / "s", "s"), SearchLock(tmp_path / "s", "s")
+    lock.acquire()
+    with pytest.raises(StateError, match=f"process {os.getpid()} on "):
+        again.acquire()
+    lock.release()
+    again.acquire()  # free once released (or once its process died: the kernel's lock)
+    again.release()
