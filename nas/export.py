@@ -187,21 +187,29 @@ def load_model(tracker: tracking.Tracker, search: results.Search,
         return found
     if len(members) == 1:
         return load_trial_model(tracker, search, members[0], workdir)
-    checkpoints = [_weights(tracker, search, m, workdir) for m in members]
+    checkpoints = [_checkpoint(search, m, workdir) for m in members]
     if None not in checkpoints:
-        models = [_model_from_checkpoint(_read_json(tracker, m.run_id, "architecture.json"),
-                                         c) for m, c in zip(members, checkpoints)]
-        return (ensemble_of(models, [m.trial_id for m in members]),
+        return (_ensemble_from(tracker, members, checkpoints),
                 f"the KerasTuner checkpoints in {checkpoints[0].parent.parent}")
     found = (None if search.tags.get(TAG_REFIT) == "1"  # the logged model is the refit one
              else _from_logged_model(tracker, search, ids))
     if found is not None:
         return found
+    logged = [_logged_weights(tracker, m.run_id) for m in members]
+    if None not in logged:
+        return (_ensemble_from(tracker, members, logged),
+                f"the weights logged to the trials' MLflow runs ({tracking.WEIGHTS})")
     raise ExportError(
         f"experiment {search.experiment_name!r}: no weights found for the ensemble of trials "
         f"{ids}; neither KerasTuner's checkpoints (see --workdir) nor an MLflow model of "
         f"these trials on run {search.run_id}"
     )
+
+
+def _ensemble_from(tracker: tracking.Tracker, members, weights: list[Path]):
+    models = [_model_from_checkpoint(_read_json(tracker, m.run_id, "architecture.json"), w)
+              for m, w in zip(members, weights)]
+    return ensemble_of(models, [m.trial_id for m in members])
 
 
 def _from_logged_model(tracker: tracking.Tracker, search: results.Search, trial_ids: str):
@@ -243,7 +251,7 @@ def load_trial_model(tracker: tracking.Tracker, search: results.Search,
     Raises:
         ExportError: neither the KerasTuner checkpoint nor an MLflow model is found.
     """
-    checkpoint = _weights(tracker, search, trial, workdir)
+    checkpoint = _checkpoint(search, trial, workdir)
     if checkpoint is not None:
         architecture = _read_json(tracker, trial.run_id, "architecture.json")
         return (_model_from_checkpoint(architecture, checkpoint),
@@ -252,6 +260,11 @@ def load_trial_model(tracker: tracking.Tracker, search: results.Search,
              else _from_logged_model(tracker, search, trial.trial_id))
     if found is not None:
         return found
+    logged = _logged_weights(tracker, trial.run_id)
+    if logged is not None:
+        architecture = _read_json(tracker, trial.run_id, "architecture.json")
+        return (_model_from_checkpoint(architecture, logged),
+                f"the weights logged to its MLflow run runs:/{trial.run_id}/{tracking.WEIGHTS}")
     where = (Path(workdir) / project_folder(search.experiment_name) / f"trial_{trial.trial_id}"
              / _CHECKPOINT)
     raise ExportError(
@@ -450,13 +463,6 @@ def _checkpoint(search: results.Search, trial: results.TrialRow, workdir) -> Pat
     if state.get("search_run_id") != search.run_id or not checkpoint.is_file():
         return None
     return checkpoint
-
-
-def _weights(tracker: tracking.Tracker, search: results.Search, trial: results.TrialRow,
-             workdir) -> Path | None:
-    """`trial`'s best-epoch weights: KerasTuner's checkpoint in `workdir`, else the copy
-    logged to its MLflow run (`tracking.WEIGHTS`), else None."""
-    return _checkpoint(search, trial, workdir) or _logged_weights(tracker, trial.run_id)
 
 
 _DOWNLOADS: list = []  # folders of weights downloaded from MLflow, removed at exit

@@ -246,6 +246,9 @@ def device_name() -> str:
     return gpus[0].name if gpus else tf.config.list_logical_devices("CPU")[0].name
 
 
+_CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")  # a trial's per-epoch metrics
+
+
 class TrialRuns:
     """Tuner hooks: one nested MLflow run per trial, per-epoch metrics, a progress line.
 
@@ -319,6 +322,12 @@ class TrialRuns:
             except Exception:  # the run is gone: a new one is opened
                 pass
         if resumed is not None:
+            # Epochs the dead process trained but had not yet written to MLflow.
+            for epoch in range(self._logged_until + 1, resumed["epoch"] + 1):
+                self._pending += self.tracker.metrics(
+                    {k: v[epoch] for k, v in resumed["history"].items()
+                     if k in _CURVES and epoch < len(v)}, step=epoch)
+            self._logged_until = max(self._logged_until, resumed["epoch"])
             self.echo(f"trial {trial.trial_id} resumes at epoch {resumed['epoch'] + 2} "
                       f"(epochs 1-{resumed['epoch'] + 1} were trained by an earlier process)")
 
@@ -381,8 +390,7 @@ class TrialRuns:
         # trial still shows its curves while it trains.
         if epoch > self._logged_until:  # each epoch's metrics once, a resumed trial's too
             self._pending += self.tracker.metrics(
-                {k: float(v) for k, v in logs.items()
-                 if k in ("loss", "accuracy", "val_loss", "val_accuracy")}, step=epoch)
+                {k: float(v) for k, v in logs.items() if k in _CURVES}, step=epoch)
         if time.perf_counter() - self._flushed > FLUSH_SECONDS:
             self._flushes.append(self._writer.submit(self._flush, self._opened, self._pending))
             self._pending, self._flushed = [], time.perf_counter()

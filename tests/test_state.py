@@ -63,6 +63,13 @@ def test_sigkill_then_the_working_folder_deleted_goes_on_from_mlflow(tmp_path):
     search = MlflowClient().get_run(parent.info.run_id)
     assert "test_accuracy" in search.data.metrics
     assert "nas.model_error" not in search.data.tags
+    # And a trial exports from its weights in MLflow, with no checkpoint on this disk.
+    exported = invoke(["export", "--experiment", "rel", "--trial", "0", "--out",
+                       str(tmp_path / "trial0")])
+    assert exported.exit_code == 0, exported.output
+    assert (f"weights:     the weights logged to its MLflow run "
+            f"runs:/{first.info.run_id}/checkpoint.weights.h5") in exported.output
+    assert (tmp_path / "trial0" / "saved_model.pb").is_file()
 
 
 def test_a_finished_search_grows_with_a_larger_budget(tmp_path):
