@@ -448,13 +448,17 @@ class CandidateModel(kt.HyperModel):
 
 # --- a trial resumes at its last finished epoch (issue 12) ------------------------------
 
-RESUME_STATE = "resume.json"  # in a trial's folder: its last finished epoch, see `Resume`
+RESUME_STATE = "resume.json"  # in a trial's folder: its last saved epoch, see `Resume`
+# An epoch is saved once the training since the last save took this many times what that
+# save took: at most 1/20 (5%) of a trial's time goes to saving. Where an epoch takes 20
+# saves or more (any dataset bigger than the bundled digits), that is every epoch.
+RESUME_SAVE_FACTOR = 20
 
 
 class Resume:
     """Where a trial keeps what continuing it needs, and what an earlier process left.
 
-    After every epoch `_EpochState` writes the model's weights and optimizer state
+    After an epoch `_EpochState` writes the model's weights and optimizer state
     (`resume-<epoch>.weights.h5`), then `resume.json`: that epoch, the file's name, the
     trial's values, its MLflow run, its curves so far and the state of its callbacks
     (early stopping's wait and best, the median rule's curve, KerasTuner's best value).
@@ -480,7 +484,8 @@ class Resume:
 
 
 class _EpochState(keras.callbacks.Callback):
-    """Saves, after every epoch, what continuing the trial from there needs (`Resume`).
+    """Saves, after an epoch, what continuing the trial from there needs (`Resume`): every
+    epoch that is long against a save, else every few (`RESUME_SAVE_FACTOR`).
 
     Runs after every other callback of the fit (KerasTuner's checkpoint included)."""
 
@@ -489,10 +494,19 @@ class _EpochState(keras.callbacks.Callback):
         self.resume, self.values, self.others = resume, dict(values), callbacks
         self.history = {k: list(v) for k, v in (prior or {}).get("history", {}).items()}
         self.run_id = (prior or {}).get("run_id")
+        self._saved_at, self._cost = time.perf_counter(), 0.0
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
+        start = time.perf_counter()
+        if start - self._saved_at < RESUME_SAVE_FACTOR * self._cost:
+            return
+        self._save(epoch)
+        self._saved_at = time.perf_counter()
+        self._cost = self._saved_at - start
+
+    def _save(self, epoch: int) -> None:
         self.run_id = self.resume.run_id() or self.run_id
         folder, name = self.resume.folder, f"resume-{epoch}.weights.h5"
         aside = folder / f".resume.{os.getpid()}.tmp.weights.h5"

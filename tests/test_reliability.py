@@ -365,8 +365,10 @@ def test_overwrite_never_leaves_the_working_folder(tmp_path):
                          "--experiment", name, "--overwrite"])
         assert result.exit_code == 0, result.output
     assert (victim / "important.txt").read_text() == "keep me"
+    folders = ["_victim", str(victim).replace("/", "_"), "search"]
+    # Each search's folder, and its lock beside it (nas.state.SearchLock).
     assert sorted(os.listdir(tmp_path / ".nas")) == sorted(
-        ["_victim", str(victim).replace("/", "_"), "search"])
+        folders + [f"{name}.lock" for name in folders])
 
 
 def test_a_damaged_state_file_is_found_again_in_the_tracking_store(tmp_path):
