@@ -132,7 +132,7 @@ class _TokenCheck(grpc.ServerInterceptor):
 
 
 class _Metadata(grpc.UnaryUnaryClientInterceptor):
-    """Adds the worker's name and the search's token to every call a worker makes."""
+    """Adds the search's token to every call a worker makes, KerasTuner's own included."""
 
     def __init__(self, metadata: tuple):
         self.metadata = metadata
@@ -338,8 +338,12 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
             echo(f"could not close the run of trial {trial_id} ({error.__class__.__name__})")
 
     servicer = _Servicer(oracle, config.worker_timeout, close_lost_run, echo)
+    token = config.worker_token
+    if token is None:  # a chief started from the library: the token is made here
+        token = new_token()
+        echo(f"worker token: {token} (give it to workers: --token or {TOKEN_ENV})")
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8),
-                         interceptors=[_TokenCheck(config.worker_token or new_token())])
+                         interceptors=[_TokenCheck(token)])
     protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
     if config.tls_cert:
         credentials = grpc.ssl_server_credentials(

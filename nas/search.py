@@ -328,8 +328,10 @@ class TrialRuns:
                     {k: v[epoch] for k, v in resumed["history"].items()
                      if k in _CURVES and epoch < len(v)}, step=epoch)
             self._logged_until = max(self._logged_until, resumed["epoch"])
-            self.echo(f"trial {trial.trial_id} resumes at epoch {resumed['epoch'] + 2} "
-                      f"(epochs 1-{resumed['epoch'] + 1} were trained by an earlier process)")
+            done = resumed["epoch"] + 1
+            self.echo(f"trial {trial.trial_id} resumes at epoch {done + 1} "
+                      f"({'epoch 1 was' if done == 1 else f'epochs 1-{done} were'} trained "
+                      f"by an earlier process)")
 
     def current_run_id(self) -> str | None:
         """The current trial's run, once it is written (None before)."""
@@ -646,8 +648,9 @@ def _open_tuner(config: SearchConfig, tracker, experiment_id: str, search_run_id
         try:
             return new_tuner(new_oracle())
         except (StateError, FileNotFoundError) as error:
-            if not resumed:
-                raise
+            if not resumed:  # KerasTuner files of a search MLflow does not know
+                raise SearchError(f"--workdir: {error}; pass --overwrite to start "
+                                  f"afresh") from None
             echo(f"the search's state in {project_dir} is damaged ({error}); rebuilding it "
                  f"from the tracking store")
     else:
