@@ -7,10 +7,14 @@ SaveBestEpoch`): a kill -9 during a write leaves half a file. Here each is repla
 write aside and a rename (`nas.state.write_atomic`), and a state that is unreadable
 anyway becomes a `nas.state.StateError` rather than a `JSONDecodeError`.
 
+`rebuild` gives a fresh oracle the history of a search from MLflow's trial runs.
+
 The private names used (pinned version: setup.cfg): `Oracle._get_oracle_fname`,
 `Oracle._get_trial_dir`, `Oracle._save_trial`, `Oracle._project_dir`,
-`Oracle.ongoing_trials`, `Oracle._retry_queue`, `BaseTuner._get_tuner_fname`,
-`BaseTuner._is_worker`, `tuner_utils.SaveBestEpoch` and its `_save_model`.
+`Oracle._set_project_dir`, `Oracle._record_values`, `Oracle.ongoing_trials`,
+`Oracle._retry_queue`, `Oracle.start_order`, `Oracle.end_order`,
+`BaseTuner._get_tuner_fname`, `BaseTuner._is_worker`, `tuner_utils.SaveBestEpoch`, its
+`_save_model` and `best_value` (read and restored by `nas.tuning` for a resumed trial).
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ class AtomicOracle:
         """
         for fname in sorted(glob.glob(os.path.join(self._project_dir, "trial_*",
                                                    "trial.json"))):
-            trial = trial_module.Trial.from_state(read_json(fname))
+            try:
+                state = read_json(fname)  # StateError when not JSON
+                trial = trial_module.Trial.from_state(state)
+            except (KeyError, TypeError, AttributeError) as error:
+                raise StateError(f"{fname} does not hold a KerasTuner trial "
+                                 f"({error.__class__.__name__}: {error})") from None
             self.trials[trial.trial_id] = trial
         try:
             self.set_state(read_json(self._get_oracle_fname()))

@@ -494,8 +494,13 @@ def import_ahead() -> None:
 
 
 def raise_interrupted(signum, frame):
-    """A signal handler: stop what runs as an `Interrupted`, so runs close as KILLED."""
-    raise tracking.Interrupted(f"signal {signal.Signals(signum).name}")
+    """A signal handler: stop what runs as an `Interrupted` (SIGINT: KeyboardInterrupt), so
+    runs close as KILLED. The interruption is also kept (`tracking.pending_interruption`)
+    and raised again at the next batch, in case the code it landed in swallowed it."""
+    error = (KeyboardInterrupt() if signum == signal.SIGINT
+             else tracking.Interrupted(f"signal {signal.Signals(signum).name}"))
+    tracking.pending_interruption = error
+    raise error
 
 
 def run(prepared: Prepared, echo=print) -> SearchResult:
@@ -591,7 +596,11 @@ def _run(prepared: Prepared, echo) -> SearchResult:
                 project_name=config.project_name, overwrite=False,
                 distribution_strategy=distributed.strategy(config.distribution))
 
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, raise_interrupted)}
+    tracking.pending_interruption = None
+    previous = {signum: signal.signal(signum, raise_interrupted)
+                for signum in (signal.SIGTERM, signal.SIGINT)
+                if signum == signal.SIGTERM
+                or signal.getsignal(signum) is signal.default_int_handler}
     with tracker.run(experiment_id, "", run_id=search_run_id, reopen=resumed):
         try:
             tuner = _open_tuner(config, tracker, experiment_id, search_run_id, resumed,
@@ -633,6 +642,7 @@ def _run(prepared: Prepared, echo) -> SearchResult:
             gc.unfreeze()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            tracking.pending_interruption = None
     return result
 
 

@@ -44,6 +44,11 @@ class Interrupted(BaseException):
     """Raised by the signal handlers so runs close as KILLED (like KeyboardInterrupt)."""
 
 
+# The signal a handler raised for, kept so that training raises it again at its next batch
+# should library code have swallowed the first raise (None: none pending).
+pending_interruption: BaseException | None = None
+
+
 class Tracker:
     """Writes searches and trials to one MLflow tracking store.
 

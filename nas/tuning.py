@@ -637,6 +637,10 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         self._epoch = epoch
 
     def on_batch_end(self, trial, model, batch, logs=None):
+        from nas import tracking
+
+        if tracking.pending_interruption is not None:  # a signal's raise was swallowed
+            raise tracking.pending_interruption
         self.hooks.batch_ended()
         if self._collect:
             self._collect = False
