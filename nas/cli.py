@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -234,7 +235,7 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together: give both")
     for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
-        if path and b"-----BEGIN " not in open(path, "rb").read():
+        if path and b"-----BEGIN " not in Path(path).read_bytes():
             raise click.BadParameter(f"{path!r} is not a PEM file", param_hint=flag)
     if workers:
         _search_with_local_workers(config, workers)
@@ -647,7 +648,7 @@ def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id,
         tracking_uri=tracking_uri, workdir=workdir, distribution=_distribution(distribution),
         chief=chief, worker_id=worker_id, worker_token=token, tls_ca=tls_ca,
     )
-    if tls_ca and b"-----BEGIN " not in open(tls_ca, "rb").read():
+    if tls_ca and b"-----BEGIN " not in Path(tls_ca).read_bytes():
         raise click.BadParameter(f"{tls_ca!r} is not a PEM file", param_hint="--tls-ca")
     prepared = distributed.prepare_worker(config)
 

@@ -35,7 +35,7 @@ TAG_FINAL = "nas.final_trials"  # on a search's run: the trial(s) of its final m
 TAG_REFIT = "nas.refit"  # on a search's run: "1" when its final model was retrained (--refit)
 CHAMPION = "champion"  # the registry alias of the registered version best on its test data
 CLASS_NAMES_FILE = "class_names.json"
-_CHECKPOINT = "checkpoint.weights.h5"  # KerasTuner's per-trial best-epoch weights (Keras 3)
+_CHECKPOINT = tracking.WEIGHTS  # KerasTuner's per-trial best-epoch weights (Keras 3)
 
 
 class ExportError(ValueError):

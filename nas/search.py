@@ -202,7 +202,11 @@ def prepare(config: SearchConfig) -> Prepared:
     tracker.check()
     if config.overwrite:
         return Prepared(config, arrays, tracker, None, previous=state or None, lock=lock)
-    return Prepared(config, arrays, tracker, state or None, lock=lock)
+    state = state or _found_in_store(tracker, config)
+    problem = _unresumable(config, state)
+    if problem:
+        raise SearchError(problem)
+    return Prepared(config, arrays, tracker, state, lock=lock)
 
 
 def _other_settings(config: SearchConfig) -> str:
@@ -547,9 +551,10 @@ def _run(prepared: Prepared, echo) -> SearchResult:
     if prepared.previous:
         _close_search(tracker, prepared.previous, echo)
     state = prepared.state
-    if state is None and not config.overwrite:
-        state = _found_in_store(tracker, experiment_id, config, echo)
     resumed = state is not None
+    if resumed and state.pop("found_in_store", False):
+        echo(f"found this search in the tracking store (run {state['search_run_id']}); "
+             f"going on from there")
     if resumed:
         search_run_id = state["search_run_id"]
         closed = tracker.close_stale_runs(experiment_id, search_run_id)
@@ -652,25 +657,20 @@ def _open_tuner(config: SearchConfig, tracker, experiment_id: str, search_run_id
     when it is missing or damaged (a resumed search only)."""
     from nas import ktcompat, tuning
 
-    project_dir = config.project_dir
-    tuner_file = project_dir / f"{os.environ.get('KERASTUNER_TUNER_ID', 'tuner0')}.json"
-    if not resumed or tuner_file.exists():
+    project_dir, tuner_file = config.project_dir, _tuner_file(config)
+    # Damage shows as KerasTuner reloads (nas.ktcompat): the files are not read twice.
+    damage = "missing" if resumed and not tuner_file.exists() else None
+    if damage is None:
         try:
             return new_tuner(new_oracle())
         except (StateError, FileNotFoundError) as error:
-            if not resumed:  # KerasTuner files of a search MLflow does not know
-                raise SearchError(f"--workdir: {error}; pass --overwrite to start "
-                                  f"afresh") from None
-            echo(f"the search's state in {project_dir} is damaged ({error}); rebuilding it "
-                 f"from the tracking store")
-    else:
-        echo(f"the search's state is missing from {project_dir}; rebuilding it from the "
-             f"tracking store")
-    if config.tuner == "hyperband":  # its brackets are not in the tracking store
-        raise SearchError(
-            f"--workdir: the hyperband state of {config.experiment_name!r} in {project_dir} "
-            f"is missing or damaged and cannot be rebuilt (its trials are in MLflow); pass "
-            f"--overwrite to start afresh")
+            if not resumed:  # a race: `prepare` refuses such a folder
+                raise SearchError(_unknown_state(config)) from None
+            damage = f"damaged ({error})"
+    echo(f"the search's state in {project_dir} is {damage}; rebuilding it from the tracking "
+         f"store")
+    if config.tuner == "hyperband":  # a damage `prepare` could not see (it reads JSON only)
+        raise SearchError(_no_hyperband_rebuild(config))
     for stale in [project_dir / "oracle.json", tuner_file,
                   *project_dir.glob("trial_*/trial.json")]:
         stale.unlink(missing_ok=True)  # the checkpoints stay: the same trials' weights
@@ -689,21 +689,63 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
-def _found_in_store(tracker, experiment_id: str, config: SearchConfig, echo) -> dict | None:
+def _tuner_file(config: SearchConfig) -> Path:
+    return config.project_dir / f"{os.environ.get('KERASTUNER_TUNER_ID', 'tuner0')}.json"
+
+
+def _damage(project_dir: Path, tuner_file: Path) -> str | None:
+    """What is wrong with a search's KerasTuner state files, or None if they read back."""
+    if not tuner_file.exists():
+        return "missing"
+    for path in [project_dir / "oracle.json", tuner_file,
+                 *sorted(project_dir.glob("trial_*/trial.json"))]:
+        try:
+            read_json(path)
+        except (OSError, StateError) as error:
+            return f"damaged ({error})"
+    return None
+
+
+def _unresumable(config: SearchConfig, state: dict | None) -> str | None:
+    """Why the search's working folder cannot be used as it is, or None (read only)."""
+    tuner_file = _tuner_file(config)
+    if state is None:
+        if (config.project_dir / "oracle.json").exists() or tuner_file.exists():
+            return _unknown_state(config)
+        return None
+    if config.tuner == "hyperband" and _damage(config.project_dir, tuner_file) is not None:
+        return _no_hyperband_rebuild(config)
+    return None
+
+
+def _unknown_state(config: SearchConfig) -> str:
+    return (f"--workdir: {config.project_dir} holds the KerasTuner state of a search that "
+            f"neither it nor the tracking store knows; pass --overwrite to start afresh")
+
+
+def _no_hyperband_rebuild(config: SearchConfig) -> str:
+    return (f"--workdir: the hyperband state of {config.experiment_name!r} in "
+            f"{config.project_dir} is missing or damaged and cannot be rebuilt (its brackets "
+            f"are not in MLflow, its trials are); pass --overwrite to start afresh")
+
+
+def _found_in_store(tracker, config: SearchConfig) -> dict | None:
     """The state of this search (same experiment and settings) as the tracking store holds
-    it, when its working folder lost it; None if the store holds no such search."""
+    it, when its working folder lost it; None if the store holds no such search. Reads
+    only."""
+    experiment = tracker.client.get_experiment_by_name(config.experiment_name)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        return None
     runs = tracker.client.search_runs(
-        [experiment_id], f"tags.`{tracking.TAG_KIND}` = 'search' and "
-                         f"tags.`{TAG_FINGERPRINT}` = '{config.fingerprint()}'",
+        [experiment.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'search' and "
+                                    f"tags.`{TAG_FINGERPRINT}` = '{config.fingerprint()}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         return None
     run = runs[0]
-    echo(f"found this search in the tracking store (run {run.info.run_id}); going on from "
-         f"there")
     budget = run.data.tags.get(TAG_MAX_TRIALS) or run.data.params.get("max_trials")
-    return {"search_run_id": run.info.run_id, "experiment_id": experiment_id,
-            "fingerprint": config.fingerprint(),
+    return {"search_run_id": run.info.run_id, "experiment_id": experiment.experiment_id,
+            "fingerprint": config.fingerprint(), "found_in_store": True,
             "max_trials": int(budget) if budget else config.max_trials}
 
 

@@ -571,7 +571,10 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
 
     def __init__(self, oracle, hypermodel: CandidateModel, hooks,
                  stopping: MedianStopping | None = None, **kwargs):
+        from nas import tracking  # the MLflow side, loaded by now: imported once, not per batch
+
         ktcompat.install()  # atomic checkpoints
+        self._tracking = tracking
         kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
         self.hooks = hooks
         self.stopping = stopping
@@ -637,10 +640,8 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         self._epoch = epoch
 
     def on_batch_end(self, trial, model, batch, logs=None):
-        from nas import tracking
-
-        if tracking.pending_interruption is not None:  # a signal's raise was swallowed
-            raise tracking.pending_interruption
+        if self._tracking.pending_interruption is not None:  # a signal's raise was swallowed
+            raise self._tracking.pending_interruption
         self.hooks.batch_ended()
         if self._collect:
             self._collect = False

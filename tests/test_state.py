@@ -112,3 +112,37 @@ def test_the_lock_is_one_process_s_and_dies_with_it(tmp_path):
     lock.release()
     again.acquire()  # free once released (or once its process died: the kernel's lock)
     again.release()
+
+
+def own_lines(output: str) -> list[str]:
+    """What nas printed (the test process's MLflow creates its store with INFO lines)."""
+    return [line for line in output.strip().splitlines() if "mlflow.store.db" not in line]
+
+
+def test_what_cannot_be_resumed_is_refused_in_one_line_and_writes_nothing(tmp_path):
+    # KerasTuner files that neither nas_search.json nor the tracking store accounts for.
+    project = tmp_path / ".nas" / "rel"
+    project.mkdir(parents=True)
+    (project / "oracle.json").write_text("{}")
+    unknown = CliRunner().invoke(main, SEARCH + ["--max-trials", "1"])
+    assert unknown.exit_code == 2, unknown.output
+    assert own_lines(unknown.output) == [
+        f"Error: --workdir: {project} holds the KerasTuner state of a search that neither "
+        f"it nor the tracking store knows; pass --overwrite to start afresh"]
+    assert runs_of(kind="search") == [] and sorted(os.listdir(project)) == ["oracle.json"]
+    shutil.rmtree(tmp_path / ".nas")
+
+    # A Hyperband search whose folder is gone: its brackets are not in MLflow.
+    args = SEARCH + ["--tuner", "hyperband", "--max-trials", "2", "--epochs", "2"]
+    assert invoke(args).exit_code == 0
+    before = [(r.info.run_id, r.info.status, r.info.end_time) for r in runs_of(kind="search")]
+    shutil.rmtree(tmp_path / ".nas")
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2, refused.output
+    assert own_lines(refused.output) == [
+        f"Error: --workdir: the hyperband state of 'rel' in {project} is missing or damaged "
+        f"and cannot be rebuilt (its brackets are not in MLflow, its trials are); pass "
+        f"--overwrite to start afresh"]
+    assert [(r.info.run_id, r.info.status, r.info.end_time)
+            for r in runs_of(kind="search")] == before
+    assert not (project / "nas_search.json").exists()
