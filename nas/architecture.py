@@ -68,6 +68,7 @@ def hyperparameter_specs(space: SearchSpace) -> list[HyperparameterSpec]:
         specs.append(HyperparameterSpec(f"dense_{layer}/dropout", space.dropout, active))
     specs.append(HyperparameterSpec("optimizer", space.optimizer))
     specs.append(HyperparameterSpec("learning_rate", space.learning_rate))
+    specs.extend(HyperparameterSpec(f"augment/{name}", knob) for name, knob in space.augment)
     return specs
 
 
@@ -97,6 +98,8 @@ class Layer:
             return c["activation"]
         if self.kind == "Rescaling":
             return f"x {c['scale']:.6g}"
+        if self.kind.startswith("Random"):
+            return f"{c['factor']} (training only)"
         return ""
 
 
@@ -139,6 +142,14 @@ class Architecture:
     def rejection(self, constraints: Constraints) -> str | None:
         """Why this candidate must not be trained (impossible or over budget), or None."""
         return self.impossible or self.over_budget(constraints)
+
+    def for_serving(self) -> "Architecture":
+        """This network without its training-only layers (the augmentations): what is
+        exported and logged. Keras's `model.export` traces a model's call without
+        `training=False`, where Keras's Random* layers default to acting; the weights are
+        the same (those layers have none)."""
+        return dataclasses.replace(self, layers=tuple(
+            layer for layer in self.layers if layer.kind not in _AUGMENT_LAYERS.values()))
 
     def summary(self) -> dict:
         """The architecture choices a person compares trials by."""
@@ -217,6 +228,7 @@ class Architecture:
         builder = Builder(tuple(input_shape))
         builder.add("rescaling", "Rescaling", {"scale": 1.0 / pixel_scale, "offset": 0.0},
                     builder.shape, 0, 0)
+        builder.augment(chosen)
         try:
             for stage in range(1, chosen["depth"] + 1):
                 builder.stage(stage, chosen)
@@ -246,6 +258,12 @@ def _active_values(space: SearchSpace, values: dict) -> dict:
     return chosen
 
 
+# The Keras layer of each augmentation knob (`nas.specs.AUGMENTS`), in the order they run.
+_AUGMENT_LAYERS = {"flip": "RandomFlip", "rotation": "RandomRotation",
+                   "translation": "RandomTranslation", "zoom": "RandomZoom",
+                   "contrast": "RandomContrast"}
+
+
 def _conv_out(size: int, kernel: int, stride: int, padding: str) -> int:
     if padding == "same":
         return math.ceil(size / stride)
@@ -263,6 +281,17 @@ class Builder:
     def add(self, name, kind, config, shape, params, flops):
         self.layers.append(Layer(name, kind, config, tuple(shape), int(params), int(flops)))
         self.shape = tuple(shape)
+
+    def augment(self, v: dict) -> None:
+        """The augmentation layers `v` turns on (after the rescaling, so on [0, 1] pixels).
+
+        They act in training only: at inference, and in an exported model, each passes
+        its input through unchanged, so they cost nothing there (0 FLOPs).
+        """
+        for name, kind in _AUGMENT_LAYERS.items():
+            factor = v.get(f"augment/{name}", 0.0)
+            if factor not in (0.0, "none"):
+                self.add(f"augment_{name}", kind, {"factor": factor}, self.shape, 0, 0)
 
     def stage(self, stage: int, v: dict) -> None:
         p = f"stage_{stage}/"

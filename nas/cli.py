@@ -151,6 +151,12 @@ class _Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+SKIP_BAD_IMAGES = click.option(
+    "--skip-bad-images", is_flag=True,
+    help="Leave a directory's unreadable image files out (listed on the search's run) "
+         "instead of refusing the data.")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nas")
 def main():
@@ -196,6 +202,7 @@ def main():
 @click.option("--refit", is_flag=True,
               help="Retrain the final model's trials on training + validation data, for the "
                    "epochs each needed to reach its best validation score.")
+@SKIP_BAD_IMAGES
 @DISTRIBUTION
 @click.option("--chief", default=None, metavar="HOST:PORT",
               help="Run as the chief of a distributed search: serve trials to `nas worker` "
@@ -214,8 +221,8 @@ def main():
 @user_errors
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
-           mixed_precision, jit_compile, register, ensemble, refit, distribution, chief,
-           tls_cert, tls_key, workers, worker_timeout):
+           mixed_precision, jit_compile, register, ensemble, refit, skip_bad_images,
+           distribution, chief, tls_cert, tls_key, workers, worker_timeout):
     """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
     from nas import search as search_module
     from nas.specs import load_pipeline, load_space
@@ -226,7 +233,7 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
         seed=seed, experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
         overwrite=overwrite, max_failures=max_failures, max_params=max_params,
         max_flops=max_flops, mixed_precision=mixed_precision, jit_compile=jit_compile,
-        register=register, ensemble=ensemble, refit=refit,
+        register=register, ensemble=ensemble, refit=refit, skip_bad_images=skip_bad_images,
         distribution=_distribution(distribution),
         chief=chief, worker_timeout=worker_timeout, tls_cert=tls_cert, tls_key=tls_key,
     )
@@ -623,12 +630,13 @@ def _seconds(value) -> str:
 @click.option("--tls-ca", default=None, metavar="CERT.pem",
               type=click.Path(exists=True, dir_okay=False),
               help="Reach a chief that serves TLS, trusting this certificate or CA (PEM).")
+@SKIP_BAD_IMAGES
 @DISTRIBUTION
 @click.option("--wait", type=click.FloatRange(min=0), default=600.0, show_default=True,
               metavar="SECONDS", help="How long to wait for the chief's search to start.")
 @user_errors
 def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id, token,
-           tls_ca, distribution, wait):
+           tls_ca, skip_bad_images, distribution, wait):
     """Train trials for the chief of a distributed search, until the search ends.
 
     Give the chief's --space, --pipeline, --experiment and --tracking-uri (a tracking
@@ -647,6 +655,7 @@ def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id,
         space=load_space(space), pipeline=load_pipeline(pipeline), experiment=experiment,
         tracking_uri=tracking_uri, workdir=workdir, distribution=_distribution(distribution),
         chief=chief, worker_id=worker_id, worker_token=token, tls_ca=tls_ca,
+        skip_bad_images=skip_bad_images,
     )
     if tls_ca and b"-----BEGIN " not in Path(tls_ca).read_bytes():
         raise click.BadParameter(f"{tls_ca!r} is not a PEM file", param_hint="--tls-ca")
@@ -679,7 +688,8 @@ def _print_worker_command(prepared, space: str, pipeline: str) -> None:
     click.echo("  " + distributed.worker_command(config.chief, space, pipeline,
                                                  config.experiment_name, uri,
                                                  config.distribution, config.worker_token,
-                                                 "CERT.pem" if config.tls_cert else None))
+                                                 "CERT.pem" if config.tls_cert else None,
+                                                 config.skip_bad_images))
     click.echo(f"  (the token is this search's; the chief refuses workers without it. Set "
                f"{distributed.TOKEN_ENV} to choose it, e.g. to keep it when the chief restarts)")
     if config.tls_cert:
@@ -708,6 +718,7 @@ def _search_with_local_workers(config, workers: int) -> None:
                    "--experiment", config.experiment_name,
                    "--tracking-uri", prepared.tracker.tracking_uri,
                    "--workdir", config.workdir, "--distribution", params["distribution"]]
+    worker_args += ["--skip-bad-images"] if config.skip_bad_images else []
     sys.exit(distributed.run_local(chief_args, worker_args, workers, echo=click.echo))
 
 

@@ -1,22 +1,31 @@
 """`Pipeline` -> tf.data datasets, the input shape and the class names.
 
 Loading happens in two steps so that bad data is refused before anything is written:
-`load_arrays` reads and checks the data into memory (raising `DataError`) and splits it
-into training, validation and test data, and `make_datasets` turns the training and
-validation arrays into cached, prefetched `tf.data` pipelines, once per search. The test
-arrays never reach a `Datasets`: the search cannot read them; the final model is scored
-on them once, after the search.
+`load_arrays` reads and checks the data (raising `DataError`) and splits it into
+training, validation and test data, and `make_datasets` turns the training and
+validation data into shuffled, batched, prefetched `tf.data` pipelines, once per search.
+The test data never reaches a `Datasets`: the search cannot read it; the final model is
+scored on it once, after the search (`test_dataset`).
 
-Splits are stratified by class and seeded by `data.seed`: the test share is carved out
-first (`data.test_split` of all the data, unless the data holds a test set of its own:
-the official test split of mnist, fashion_mnist and cifar10, or an npz's `x_test`), then
-the validation share (`data.validation_split` of all the data, or of the training data
-when the test set is the data's own). The images stay raw (pixel values as stored); the model rescales them itself,
-so an exported model takes images exactly as the pipeline reads them.
+The bundled digits, the keras.datasets and npz files are arrays in memory. A
+`directory` source is listed once (its files checked from their headers, in parallel)
+and streamed: each file is read, decoded and resized inside `tf.data`, in parallel,
+cached in memory only when the decoded images fit `MEMORY_CACHE_BYTES` (see
+`ImageFiles`), so memory does not grow with the number of images.
+
+Splits are stratified by class and seeded by `data.seed`, by sample (a directory's: by
+file, from its sorted list, so a resumed search sees the same split): the test share is
+carved out first (`data.test_split` of all the data, unless the data holds a test set of
+its own: the official test split of mnist, fashion_mnist and cifar10, or an npz's
+`x_test`), then the validation share (`data.validation_split` of all the data, or of the
+training data when the test set is the data's own). The images stay raw (pixel values as
+stored); the model rescales them itself, so an exported model takes images exactly as
+the pipeline reads them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -27,7 +36,14 @@ import numpy as np
 
 from nas.specs import Pipeline
 
-__all__ = ["DataError", "Arrays", "Datasets", "class_folders", "load_arrays", "make_datasets"]
+__all__ = ["DataError", "Arrays", "Datasets", "ImageFiles", "class_folders", "load_arrays",
+           "make_datasets", "refit_dataset", "test_dataset"]
+
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # what a `directory` source reads
+# `cache: auto` keeps a directory's decoded images in memory up to this many bytes (uint8,
+# after resizing: 10,000 RGB images of 64x64), else reads them from disk every epoch.
+MEMORY_CACHE_BYTES = 128 * 2**20
+BAD_IMAGES_SHOWN = 3  # unreadable files named in the refusal
 
 _KERAS_FILES = {  # where keras.datasets looks, under $KERAS_HOME (default ~/.keras)
     "mnist": "datasets/mnist.npz",
@@ -47,9 +63,47 @@ class DataError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Arrays:
-    """A pipeline's data in memory, split into training, validation and test data.
+class ImageFiles:
+    """How the files of a `directory` source become images, inside `tf.data`.
 
+    Each file is read, decoded (PNG, JPEG, GIF's first frame, BMP; any mode, as RGB, then
+    gray for `channels` 1) and resized to `image_size` in parallel, as uint8. `cache`:
+    "memory" keeps the decoded images in memory after the first epoch, "none" reads them
+    from disk every epoch, "auto" caches when they take at most `MEMORY_CACHE_BYTES`.
+    """
+
+    image_size: tuple[int, int]
+    channels: int
+    cache: str = "auto"
+    skipped: tuple[str, ...] = ()  # unreadable files left out (--skip-bad-images)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.image_size, self.channels)
+
+    def in_memory(self, count: int) -> bool:
+        """Whether `count` decoded images are cached in memory."""
+        if self.cache == "auto":
+            return count * int(np.prod(self.shape)) <= MEMORY_CACHE_BYTES
+        return self.cache == "memory"
+
+    def read(self, path, label):
+        """One file's image (a `tf.data` map function)."""
+        import tensorflow as tf
+
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        if self.channels == 1:  # GIF and BMP decode to RGB only
+            image = tf.image.rgb_to_grayscale(image)
+        image = tf.image.resize(image, self.image_size, antialias=True)
+        return tf.cast(tf.round(tf.clip_by_value(image, 0, 255)), tf.uint8), label
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrays:
+    """A pipeline's data, split into training, validation and test data.
+
+    The images are in memory, or, for a `directory` source (`files` set), the `x_*`
+    arrays hold the images' file paths and `files` says how to read them.
     `x_test`/`y_test` hold no samples when the pipeline turns the test split off.
     """
 
@@ -62,9 +116,12 @@ class Arrays:
     x_test: np.ndarray
     y_test: np.ndarray
     test_source: str = "none"  # "split" (carved out here), "own" (the data's) or "none"
+    files: ImageFiles | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        if self.files is not None:
+            return self.files.shape
         return tuple(int(d) for d in self.x_train.shape[1:])
 
     @property
@@ -80,15 +137,18 @@ class Datasets:
     validation: object
 
 
-def load_arrays(pipeline: Pipeline) -> Arrays:
-    """Read the pipeline's data into memory and check it.
+def load_arrays(pipeline: Pipeline, skip_bad_images: bool = False) -> Arrays:
+    """Read the pipeline's data into memory (a `directory`'s file list only) and check it.
+
+    A `directory` source's files are all checked, in parallel and from their headers: an
+    unreadable one is refused, or left out with `skip_bad_images`.
 
     Raises:
         DataError: the data is missing, cannot be downloaded, or is malformed.
     """
     where = f"{pipeline.source_file}: data"
     source = pipeline.data_source
-    x_val = y_val = x_test = y_test = class_names = None
+    x_val = y_val = x_test = y_test = class_names = files = None
     if source == "digits":
         from sklearn.datasets import load_digits
 
@@ -102,10 +162,13 @@ def load_arrays(pipeline: Pipeline) -> Arrays:
         x, y, x_val, y_val, x_test, y_test, class_names = _npz(pipeline.path, where)
         default_scale = 255.0 if x.dtype == np.uint8 else max(float(np.max(x)), 1.0)
     else:
-        x, y, class_names = _directory(pipeline, where)
+        x, y, class_names, skipped = _directory(pipeline, where, skip_bad_images)
         default_scale = 255.0
+        files = ImageFiles(pipeline.image_size, 1 if pipeline.color_mode == "grayscale" else 3,
+                           pipeline.cache, skipped)
 
-    x = _as_images(x, f"{where}.x_train")
+    if files is None:
+        x = _as_images(x, f"{where}.x_train")
     y = _labels(y)
     if x_val is not None:
         x_val, y_val = _as_images(x_val, f"{where}.x_val"), _labels(y_val)
@@ -150,7 +213,8 @@ def load_arrays(pipeline: Pipeline) -> Arrays:
         share = pipeline.validation_split / (1 - (test_split if test_source == "split" else 0))
         x, y, x_val, y_val = _split(x, y, share, rng, class_names, where, "validation_split")
     return Arrays(x, y, x_val, y_val, tuple(class_names),
-                  float(pipeline.pixel_scale or default_scale), x_test, y_test, test_source)
+                  float(pipeline.pixel_scale or default_scale), x_test, y_test, test_source,
+                  files)
 
 
 def _labels(y) -> np.ndarray:
@@ -183,28 +247,53 @@ def _split(x, y, share: float, rng, class_names, where: str, field: str):
 
 
 def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
-    """Cached, shuffled, batched and prefetched `tf.data` pipelines over `arrays`."""
+    """Shuffled (training), batched and prefetched `tf.data` pipelines over `arrays`."""
     return Datasets(
-        train=_pipeline(arrays.x_train, arrays.y_train, batch_size, seed, shuffle=True),
-        validation=_pipeline(arrays.x_val, arrays.y_val, batch_size, seed, shuffle=False),
+        train=_pipeline(arrays, arrays.x_train, arrays.y_train, batch_size, seed, shuffle=True),
+        validation=_pipeline(arrays, arrays.x_val, arrays.y_val, batch_size, seed,
+                             shuffle=False),
     )
 
 
 def refit_dataset(arrays: Arrays, batch_size: int, seed: int = 0):
     """The training and validation data together, shuffled like the training data: what
     `--refit` retrains the final model on (never the test data)."""
-    return _pipeline(np.concatenate([arrays.x_train, arrays.x_val]),
+    return _pipeline(arrays, np.concatenate([arrays.x_train, arrays.x_val]),
                      np.concatenate([arrays.y_train, arrays.y_val]), batch_size, seed,
                      shuffle=True)
 
 
-def _pipeline(x, y, batch_size: int, seed: int, shuffle: bool):
+def test_dataset(arrays: Arrays, batch_size: int):
+    """The held-out test data, batched (None when there is none): read once, for the final
+    model's score."""
+    if not len(arrays.y_test):
+        return None
+    return _pipeline(arrays, arrays.x_test, arrays.y_test, batch_size, 0, shuffle=False,
+                     cache=False)
+
+
+def _pipeline(arrays: Arrays, x, y, batch_size: int, seed: int, shuffle: bool,
+              cache: bool = True):
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    files = arrays.files
+    if files is None:  # in memory already
+        ds = ds.cache() if cache else ds
+    elif cache and files.in_memory(len(x)):
+        ds = ds.map(files.read, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    else:  # shuffled as paths, then read: memory does not grow with the number of images
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+            shuffle = False
+        ds = ds.map(files.read, num_parallel_calls=tf.data.AUTOTUNE)
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if files is not None:  # the images stay raw pixel values, as float32 like the arrays'
+        ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32), labels),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def _as_images(x, field: str) -> np.ndarray:
@@ -278,25 +367,62 @@ def class_folders(pipeline: Pipeline) -> list[str]:
     return classes
 
 
-def _directory(pipeline: Pipeline, where: str):
+def _directory(pipeline: Pipeline, where: str, skip_bad_images: bool):
+    """A directory's image files (sorted per class), their labels, the class names and the
+    files left out as unreadable."""
     root = Path(pipeline.path)
     classes = class_folders(pipeline)
-    import tensorflow as tf
-
-    channels = 1 if pipeline.color_mode == "grayscale" else 3
-    images, labels = [], []
+    paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir()
-                       if p.is_file() and not p.name.startswith("."))
-        for file in files:
-            try:
-                image = tf.io.decode_image(file.read_bytes(), channels=channels,
-                                           expand_animations=False)
-            except (tf.errors.InvalidArgumentError, OSError):
-                raise DataError(f"{where}.path: {file} is not a readable image") from None
-            image = tf.image.resize(image, pipeline.image_size, antialias=True)
-            images.append(image.numpy())
-            labels.append(label)
-    if not images:
+        with os.scandir(root / name) as entries:
+            found = sorted(entry.path for entry in entries
+                           if not entry.name.startswith(".") and entry.is_file())
+        paths.extend(found)
+        labels.extend([label] * len(found))
+    if not paths:
         raise DataError(f"{where}.path: {root} holds no images (PNG, JPEG, GIF or BMP)")
-    return np.stack(images), np.array(labels), classes
+    with concurrent.futures.ThreadPoolExecutor(min(32, 4 * (os.cpu_count() or 1))) as pool:
+        problems = list(pool.map(_unreadable, paths, chunksize=64))
+    bad = [(path, why) for path, why in zip(paths, problems) if why]
+    if bad and not skip_bad_images:
+        shown = "; ".join(f"{os.path.relpath(path, root)} ({why})"
+                          for path, why in bad[:BAD_IMAGES_SHOWN])
+        more = f" and {len(bad) - BAD_IMAGES_SHOWN} more" if len(bad) > BAD_IMAGES_SHOWN else ""
+        raise DataError(f"{where}.path: {len(bad)} of {len(paths)} files are not readable "
+                        f"images: {shown}{more}; fix or remove them, or pass "
+                        f"--skip-bad-images to leave them out")
+    keep = [not why for why in problems]
+    paths = np.array([path for path, ok in zip(paths, keep) if ok])
+    labels = np.array([label for label, ok in zip(labels, keep) if ok], dtype="int64")
+    if not len(paths):
+        raise DataError(f"{where}.path: {root} holds no readable images (PNG, JPEG, GIF or BMP)")
+    return paths, labels, classes, tuple(path for path, _ in bad)
+
+
+def _unreadable(path: str) -> str | None:
+    """Why the file at `path` is not an image `ImageFiles.read` decodes, or None.
+
+    Reads what identifies the image and its structure (PIL's `verify`: PNG chunks and
+    their checksums, GIF and BMP headers), and a JPEG's end marker, not its pixels.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    kind = "image"  # until the header names it
+    try:
+        with Image.open(path) as image:
+            kind, mode = image.format, image.mode
+            if kind not in IMAGE_FORMATS:
+                return f"{kind} is not PNG, JPEG, GIF or BMP"
+            if kind == "BMP" and mode == "1":
+                return "a 1-bit BMP, which TensorFlow does not decode"
+            image.verify()
+        if kind == "JPEG":
+            with open(path, "rb") as file:
+                file.seek(max(0, os.path.getsize(path) - 64))
+                if b"\xff\xd9" not in file.read():
+                    return "a truncated JPEG"
+    except UnidentifiedImageError:
+        return "not an image" if os.path.getsize(path) else "an empty file"
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for broken files
+        return f"broken {kind}: {error}" if kind != "image" else f"broken: {error}"
+    return None

@@ -453,7 +453,7 @@ def prepare_worker(config: SearchConfig) -> Prepared:
     if not config.worker_id or "chief" in config.worker_id:
         raise SearchError(f"--worker-id: {config.worker_id!r} must be non-empty and must not "
                           f"contain 'chief' (KerasTuner's name for the chief)")
-    arrays = load_arrays(config.pipeline)
+    arrays = load_arrays(config.pipeline, config.skip_bad_images)
     tracker = tracking.Tracker(config.tracking_uri)
     tracker.check()
     return Prepared(config, arrays, tracker, None)
@@ -575,7 +575,8 @@ def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]
 
 def worker_command(chief: str, space: str, pipeline: str, experiment: str,
                    tracking_uri: str, distribution: str | None = None,
-                   token: str | None = None, tls_ca: str | None = None) -> str:
+                   token: str | None = None, tls_ca: str | None = None,
+                   skip_bad_images: bool = False) -> str:
     """The command line that starts one more worker of this search."""
     import shlex
 
@@ -587,6 +588,8 @@ def worker_command(chief: str, space: str, pipeline: str, experiment: str,
         parts += ["--token", token]
     if distribution:
         parts += ["--distribution", distribution]
+    if skip_bad_images:
+        parts += ["--skip-bad-images"]
     return shlex.join(parts)
 
 

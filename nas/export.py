@@ -347,7 +347,7 @@ def _map_packages() -> None:
 
 def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
                    register: str | None = None, echo=print, test=None,
-                   batch_size: int = 32, ensemble: int = 1, refit=None,
+                   ensemble: int = 1, refit=None,
                    seed: int = 0) -> dict:
     """At the end of `nas search`: make the final model, score it on the test data, log it.
 
@@ -356,8 +356,9 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
     like every choice of the search). With `refit` (a dataset of the training and
     validation data), each of its trials is trained again from scratch on it, for the
     epochs its trial needed to reach its best validation score (seeded by `seed`); the
-    run's tag `nas.refit` says so. `test` is the held-out `(x, y)` the search never
-    read (None or empty: no test score); the final model is evaluated on it once, and
+    run's tag `nas.refit` says so. `test` is the held-out data the search never read:
+    (batches as `nas.data.test_dataset` makes them, how many samples), or None (no test
+    score); the final model is evaluated on it once, and
     `test_loss` and `test_accuracy` are logged on the search's run and as tags of its
     MLflow model (and registered version); the tag `nas.final_trials` names its trials.
     A failure here does not fail the search (its trials are logged): it is printed and
@@ -384,8 +385,8 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
             models.append(_model_from_checkpoint(architecture, checkpoint))
         model = ensemble_of(models, ids)
         scores = {}
-        if test is not None and len(test[1]):
-            scores = score_on_test(model, *test, batch_size=batch_size)
+        if test is not None:
+            scores = score_on_test(model, *test)
         tags = {TAG_FINAL: ",".join(ids), TAG_REFIT: "1" if refit is not None else "0"}
         tracker.log_batch(search_run_id, tracker.metrics(scores), tags=tags)
         log_model(tracker, search_run_id, model, trial_id=",".join(ids),
@@ -400,25 +401,32 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
 
 
 def _refit(hypermodel, trial, data, seed: int):
-    """A trial's candidate trained afresh on `data` for the epochs its best score took."""
+    """A trial's candidate trained afresh on `data` for the epochs its best score took, as
+    it is served (`Architecture.for_serving`)."""
     import keras
+
+    from nas.models import build_model
 
     keras.utils.set_random_seed(seed)
     model = hypermodel.build(trial.hyperparameters)
     hypermodel.fit(trial.hyperparameters, model, data, epochs=trial.best_step + 1, verbose=0,
                    shuffle=False)  # `data` shuffles itself
-    return model
+    architecture = hypermodel.architecture(trial.hyperparameters.values).for_serving()
+    served = build_model(architecture, jit_compile=False)
+    served.set_weights(model.get_weights())
+    return served
 
 
-def score_on_test(model, x, y, *, batch_size: int) -> dict:
-    """`model` evaluated once on held-out (x, y): test_loss, test_accuracy, test_samples.
+def score_on_test(model, test, samples: int) -> dict:
+    """`model` evaluated once on the held-out batches `test` (`samples` images):
+    test_loss, test_accuracy, test_samples.
 
     Every objective (accuracy or loss, on validation or training data) has its test
     counterpart among them.
     """
-    scores = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+    scores = model.evaluate(test, verbose=0, return_dict=True)
     return {"test_loss": float(scores["loss"]), "test_accuracy": float(scores["accuracy"]),
-            "test_samples": int(len(y))}
+            "test_samples": samples}
 
 
 # --- the pieces ---------------------------------------------------------------------------
@@ -488,7 +496,7 @@ def _model_from_checkpoint(architecture: dict, checkpoint: Path):
     from nas.models import build_model
 
     # Served in float32 whatever the search trained with; the weights are float32 anyway.
-    model = build_model(Architecture.from_dict(architecture), jit_compile=False)
+    model = build_model(Architecture.from_dict(architecture).for_serving(), jit_compile=False)
     with _no_optimizer_warning():
         model.load_weights(str(checkpoint))
     return model

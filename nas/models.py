@@ -75,6 +75,16 @@ def _make_layer(layer, policy: str) -> keras.layers.Layer:
                   dtype="float32" if layer.name == "output" else policy)
     if layer.kind == "Rescaling":
         return keras.layers.Rescaling(c["scale"], c["offset"], **common)
+    if layer.kind == "RandomFlip":  # the augmentations act in training only
+        return keras.layers.RandomFlip(c["factor"], **common)
+    if layer.kind == "RandomRotation":
+        return keras.layers.RandomRotation(c["factor"], **common)
+    if layer.kind == "RandomTranslation":
+        return keras.layers.RandomTranslation(c["factor"], c["factor"], **common)
+    if layer.kind == "RandomZoom":
+        return keras.layers.RandomZoom(c["factor"], **common)
+    if layer.kind == "RandomContrast":  # on the rescaled pixels
+        return keras.layers.RandomContrast(c["factor"], value_range=(0, 1), **common)
     if layer.kind == "Conv2D":
         return keras.layers.Conv2D(c["filters"], c["kernel_size"], strides=c["strides"],
                                    padding=c["padding"], use_bias=c["use_bias"], **common)

@@ -70,6 +70,7 @@ class SearchConfig:
     register: str | None = None  # Model Registry name for the final model
     ensemble: int = 3  # the final model averages the best this many trials (bench: quality)
     refit: bool = False  # retrain the final model's trials on training + validation data
+    skip_bad_images: bool = False  # leave a directory's unreadable files out (else refused)
     # Scale-out (nas.distributed): "mirrored" trains one trial over all local GPUs;
     # `chief` HOST:PORT makes this process the chief (or, with `worker_id`, a worker).
     distribution: str | None = None
@@ -180,7 +181,7 @@ def prepare(config: SearchConfig) -> Prepared:
     for flag, budget in (("--max-params", config.max_params), ("--max-flops", config.max_flops)):
         if budget is not None and budget < 1:
             raise SearchError(f"{flag}: {budget} must be at least 1")
-    arrays = load_arrays(config.pipeline)
+    arrays = load_arrays(config.pipeline, config.skip_bad_images)
     # Before the tracking store is touched: a space nothing in can be trained is refused.
     problem = search_problem(config, arrays.input_shape, arrays.num_classes)
     if problem:
@@ -529,7 +530,7 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
 
 
 def _run(prepared: Prepared, echo) -> SearchResult:
-    from nas.data import make_datasets, refit_dataset
+    from nas.data import make_datasets, refit_dataset, test_dataset
     import keras_tuner as kt
 
     from nas import distributed, export, tuning
@@ -636,9 +637,10 @@ def _run(prepared: Prepared, echo) -> SearchResult:
                             result.direction, title=f"search {config.experiment_name}")
             # The only place the test data is read: the final model, scored once.
             batch_size = config.batch_size or pipeline.batch_size
+            test = test_dataset(arrays, batch_size)
             result.test, result.final_trials = export.log_best_model(
                 tracker, search_run_id, tuner, result, register=config.register, echo=echo,
-                test=(arrays.x_test, arrays.y_test), batch_size=batch_size,
+                test=None if test is None else (test, len(arrays.y_test)),
                 ensemble=config.ensemble, seed=config.seed,
                 refit=refit_dataset(arrays, batch_size, config.seed) if config.refit else None)
             result.refit = config.refit and bool(result.final_trials)
@@ -851,6 +853,10 @@ def _log_search(tracker, run_id: str, config: SearchConfig, arrays: Arrays) -> N
     tracker.log_text(run_id, config.pipeline.text, f"specs/{config.pipeline.name}.yaml")
     tracker.log_dict(run_id, {"class_names": list(arrays.class_names),
                               "pixel_scale": arrays.pixel_scale}, "classes.json")
+    skipped = arrays.files.skipped if arrays.files else ()
+    if skipped:  # --skip-bad-images: which files the search left out
+        tracker.log_params(run_id, {"skipped_images": len(skipped)})
+        tracker.log_text(run_id, "\n".join(skipped) + "\n", "skipped_images.txt")
 
 
 def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> SearchResult:

@@ -36,8 +36,13 @@ ACTIVATIONS = ("relu", "elu", "gelu", "selu", "swish", "tanh", "sigmoid", "leaky
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam")
 SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "directory", "npz")
 COLOR_MODES = ("grayscale", "rgb")
+CACHES = ("auto", "memory", "none")  # where a directory's decoded images are kept (nas.data)
 OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
 SAMPLINGS = ("linear", "log", "reverse_log")
+# Augmentation knobs (`augment:`), in the order their layers run; flip takes FLIPS, the
+# others a strength in [0, 1) as Keras's Random* layers read it (0: off).
+AUGMENTS = ("flip", "rotation", "translation", "zoom", "contrast")
+FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 
 
 class SpecError(ValueError):
@@ -145,6 +150,8 @@ class SearchSpace:
     optimizer: Knob
     learning_rate: Knob
     constraints: Constraints
+    # (name, knob) of each augmentation the space names, in `AUGMENTS` order
+    augment: tuple[tuple[str, Knob], ...] = ()
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
 
@@ -158,6 +165,7 @@ class Pipeline:
     path: str | None
     image_size: tuple[int, int] | None
     color_mode: str
+    cache: str  # a directory's decoded images: "auto", "memory" or "none" (nas.data)
     validation_split: float
     test_split: float | None  # None: 0.2 unless the data holds a test set of its own
     pixel_scale: float | None
@@ -341,7 +349,7 @@ def load_space(ref: str) -> SearchSpace:
     path, display = _resolve(ref, "search_spaces")
     data, text = _parse_yaml(path, display)
     r = _Reader(display)
-    r.mapping(data, "", ("name", "stages", "head", "optimizer", "constraints"),
+    r.mapping(data, "", ("name", "stages", "head", "optimizer", "augment", "constraints"),
               required=("stages", "head", "optimizer"))
     name = r.scalar(data.get("name", path.stem), "name", "str")
 
@@ -383,8 +391,21 @@ def load_space(ref: str) -> SearchSpace:
         optimizer=r.knob(opt["name"], "optimizer.name", "str", allowed=OPTIMIZERS),
         learning_rate=r.knob(opt["learning_rate"], "optimizer.learning_rate", "float", low=1e-12),
         constraints=_constraints(r, data.get("constraints")),
+        augment=_augment(r, data.get("augment")),
         text=text,
     )
+
+
+def _augment(reader: _Reader, value) -> tuple[tuple[str, Knob], ...]:
+    if value is None:
+        return ()
+    reader.mapping(value, "augment", AUGMENTS)
+    return tuple(
+        (name, reader.knob(value[name], f"augment.{name}", "str", allowed=FLIPS)
+         if name == "flip" else
+         reader.knob(value[name], f"augment.{name}", "float", low=0.0, high=1.0,
+                     high_open=True))
+        for name in AUGMENTS if name in value)
 
 
 def load_pipeline(ref: str) -> Pipeline:
@@ -401,7 +422,7 @@ def load_pipeline(ref: str) -> Pipeline:
     r.mapping(data, "", ("name", "data", "train", "objective", "constraints"), required=("data",))
     name = r.scalar(data.get("name", path.stem), "name", "str")
     d = r.mapping(data["data"], "data",
-                  ("source", "path", "image_size", "color_mode", "validation_split",
+                  ("source", "path", "image_size", "color_mode", "cache", "validation_split",
                    "test_split", "pixel_scale", "seed"),
                   required=("source",))
     train = r.mapping(data.get("train", {}), "train",
@@ -427,6 +448,8 @@ def load_pipeline(ref: str) -> Pipeline:
         image_size = tuple(r.scalar(v, "data.image_size", "int", low=1) for v in size)
     elif source == "directory":
         image_size = (32, 32)
+    if "cache" in d and source != "directory":
+        r.fail("data.cache", f"only applies to the directory source, not {source!r}")
 
     patience = train.get("early_stopping_patience", 3)
     if patience is not None:
@@ -452,6 +475,7 @@ def load_pipeline(ref: str) -> Pipeline:
         image_size=image_size,
         color_mode=r.scalar(d.get("color_mode", "grayscale"), "data.color_mode", "str",
                             allowed=COLOR_MODES),
+        cache=r.scalar(d.get("cache", "auto"), "data.cache", "str", allowed=CACHES),
         validation_split=validation_split,
         test_split=test_split,
         pixel_scale=pixel_scale,

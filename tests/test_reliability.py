@@ -197,7 +197,7 @@ def test_nan_loss_stops_the_trial_at_once_and_max_failures_ends_the_search(tmp_p
 
 LONG = ["--pipeline", "long.yaml", "--epochs", "20"]
 # Trial 1 must still be training well after trial 0's line is read, on a busy machine too.
-LONGER = ["--pipeline", "long.yaml", "--epochs", "40"]
+LONGER = ["--pipeline", "long.yaml", "--epochs", "15"]
 
 
 def start_search(tmp_path, *extra):
@@ -253,7 +253,7 @@ def wait_for_training(trial_id: str, process, timeout=180):
 
 
 def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
-    process = start_search(tmp_path, "--epochs", "40")
+    process = start_search(tmp_path, "--epochs", "15")
     try:
         wait_for_training("1", process)
         # A second search of the same experiment is refused while the first runs ...
@@ -410,7 +410,7 @@ def bad_inputs(tmp):
     yield (["--space", write(tmp / "k.yaml", "name: x\nstages: {}\nhead: {}\noptimizer: {}\n"
                                               "extra: 1\n")],
            f"Error: {tmp / 'k.yaml'}: extra: unknown key; allowed keys are "
-           f"['constraints', 'head', 'name', 'optimizer', 'stages']")
+           f"['augment', 'constraints', 'head', 'name', 'optimizer', 'stages']")
     yield (["--tuner", "annealing"],
            "Error: Invalid value for '--tuner': 'annealing' is not one of 'evolution', 'random', "
            "'bayesian', 'hyperband', 'grid'. (see 'nas search --help')")
@@ -452,8 +452,9 @@ def bad_inputs(tmp):
     make_shapes(tmp / "two", per_class=2, size=8)
     write(tmp / "two" / "square" / "broken.png", "not an image")
     yield (["--pipeline", write(tmp / "p4.yaml", f"data: {{source: directory, path: {tmp}/two}}")],
-           f"Error: {tmp / 'p4.yaml'}: data.path: {tmp}/two/square/broken.png is not a readable "
-           f"image")
+           f"Error: {tmp / 'p4.yaml'}: data.path: 1 of 7 files are not readable images: "
+           f"square/broken.png (not an image); fix or remove them, or pass --skip-bad-images "
+           f"to leave them out")
     np.savez(tmp / "nox.npz", y_train=np.zeros(3))
     yield (["--pipeline", write(tmp / "p5.yaml", f"data: {{source: npz, path: {tmp}/nox.npz}}")],
            f"Error: {tmp / 'p5.yaml'}: data.path: {tmp}/nox.npz has no x_train array")

@@ -65,7 +65,19 @@ def test_a_valid_space_file(tmp_path):
     "change, message",
     [
         (lambda d: d.update(colour="red"),
-         "colour: unknown key; allowed keys are ['constraints', 'head', 'name', 'optimizer', 'stages']"),
+         "colour: unknown key; allowed keys are ['augment', 'constraints', 'head', 'name', "
+         "'optimizer', 'stages']"),
+        (lambda d: d.update(augment={"blur": 0.1}),
+         "augment.blur: unknown key; allowed keys are ['contrast', 'flip', 'rotation', "
+         "'translation', 'zoom']"),
+        (lambda d: d.update(augment={"rotation": [0.0, 1.5]}),
+         "augment.rotation: 1.5 is not in [0.0, 1.0)"),
+        (lambda d: d.update(augment={"zoom": {"min": -0.1, "max": 0.2}}),
+         "augment.zoom.min: -0.1 is below the minimum 0.0"),
+        (lambda d: d.update(augment={"flip": "diagonal"}),
+         "augment.flip: 'diagonal' is not one of ['none', 'horizontal', 'vertical', "
+         "'horizontal_and_vertical']"),
+        (lambda d: d.update(augment=[0.1]), "augment: [0.1] is not a mapping"),
         (lambda d: d["stages"]["conv"].update(padding="full"),
          "stages.conv.padding: 'full' is not one of ['same', 'valid']"),
         (lambda d: d["stages"]["conv"].update(padding=["same", "full"]),
@@ -169,6 +181,10 @@ def test_pipeline_defaults_and_relative_paths(tmp_path):
         ("data: {source: digits}\ntrain: {epoch: 3}",
          "train.epoch: unknown key; allowed keys are ['batch_size', 'early_stopping_patience', "
          "'epochs']"),
+        ("data: {source: digits, cache: memory}",
+         "data.cache: only applies to the directory source, not 'digits'"),
+        ("data: {source: directory, path: ., cache: disk}",
+         "data.cache: 'disk' is not one of ['auto', 'memory', 'none']"),
         ("data: {source: digits}\nconstraints: {max_params: 0}",
          "constraints.max_params: 0 is below the minimum 1"),
     ],

@@ -105,8 +105,8 @@ def test_the_search_never_reads_the_test_data_and_scores_the_final_model_once(
     real_evaluate = tf.keras.Model.evaluate
 
     def evaluate(self, x, *args, **kwargs):
-        if isinstance(x, np.ndarray):  # not fit's own validation passes (datasets, seen above)
-            evaluated.append(numbers(x))
+        if not kwargs.get("_use_cached_eval_dataset"):  # not fit's validation passes (seen above)
+            evaluated.append(set().union(*(numbers(images.numpy()) for images, _ in x)))
         return real_evaluate(self, x, *args, **kwargs)
 
     monkeypatch.setattr(nas.tuning.CandidateModel, "fit", fit)

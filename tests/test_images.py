@@ -1,0 +1,174 @@
+"""A `directory` source: streamed through tf.data, checked up front, split by file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from nas.cli import main
+from nas.data import load_arrays, make_datasets
+from nas.specs import load_pipeline
+from shapes import CLASSES, draw
+
+# (PIL format, file suffix, PIL mode): every format and mode a directory may hold.
+FORMATS = (("PNG", "png", "L"), ("PNG", "png", "RGBA"), ("JPEG", "jpg", "RGB"),
+           ("GIF", "gif", "P"), ("BMP", "bmp", "RGB"), ("PNG", "png", "LA"))
+
+
+def make_folder(root: Path, per_class: int, order=1, seed: int = 0) -> Path:
+    """`per_class` shapes per class in mixed formats, modes and sizes, written in `order`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for kind in CLASSES:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in list(range(per_class))[::order]:
+            pil_format, suffix, mode = FORMATS[i % len(FORMATS)]
+            image = Image.fromarray(draw(kind, 12 + 4 * (i % 3), rng)).convert(mode)
+            image.save(root / kind / f"{kind}_{i:03d}.{suffix}", pil_format)
+    return root
+
+
+def break_some(root: Path) -> list[str]:
+    """Four unreadable files among the images; their paths relative to `root`."""
+    (root / "circle" / "notes.txt").write_text("not an image")
+    (root / "square" / "empty.png").write_bytes(b"")
+    whole = (root / "triangle" / "triangle_000.png").read_bytes()
+    (root / "triangle" / "cut.png").write_bytes(whole[:len(whole) // 2])
+    whole = (root / "triangle" / "triangle_002.jpg").read_bytes()
+    (root / "triangle" / "cut.jpg").write_bytes(whole[:len(whole) // 2])
+    return ["circle/notes.txt", "square/empty.png", "triangle/cut.jpg", "triangle/cut.png"]
+
+
+def pipeline(path: Path, folder: Path, extra: str = "") -> str:
+    path.write_text(f"name: {path.stem}\n"
+                    f"data: {{source: directory, path: {folder}, image_size: 16, {extra}}}\n"
+                    f"train: {{epochs: 2, batch_size: 16}}\n")
+    return str(path)
+
+
+def test_unreadable_files_are_refused_in_one_line_before_anything_is_written(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=6)
+    bad = break_some(folder)
+    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--pipeline",
+                                       pipeline(tmp_path / "p.yaml", folder)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        f"Error: {tmp_path / 'p.yaml'}: data.path: 4 of 22 files are not readable images: "
+        f"{bad[0]} (not an image); {bad[1]} (an empty file); {bad[2]} (broken: "
+        f"Truncated File Read) and 1 more; fix or remove them, or pass --skip-bad-images to "
+        f"leave them out\n")
+    assert not (tmp_path / ".nas").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_split_is_by_file_stratified_seeded_and_independent_of_the_listing_order(tmp_path):
+    one = load_arrays(load_pipeline(pipeline(tmp_path / "a.yaml",
+                                             make_folder(tmp_path / "a", per_class=20))))
+    # The same files, written in the reverse order (a different directory listing order).
+    again = load_arrays(load_pipeline(pipeline(tmp_path / "b.yaml",
+                                               make_folder(tmp_path / "b", 20, order=-1))))
+    assert (len(one.x_train), len(one.x_val), len(one.x_test)) == (36, 12, 12)
+    for split in ("x_train", "x_val", "x_test"):
+        names = [Path(p).name for p in getattr(one, split)]
+        assert names == [Path(p).name for p in getattr(again, split)]
+        assert {name.split("_")[0] for name in names} == set(CLASSES)  # each class in each
+    other = load_arrays(load_pipeline(pipeline(tmp_path / "c.yaml", tmp_path / "a", "seed: 1")))
+    assert sorted(other.x_test) != sorted(one.x_test)
+
+
+def test_streamed_and_cached_images_are_the_same_pixels(tmp_path):
+    from PIL import Image
+
+    folder = make_folder(tmp_path / "data", per_class=6)
+    batches = {}
+    for cache in ("memory", "none"):
+        arrays = load_arrays(load_pipeline(pipeline(tmp_path / f"{cache}.yaml", folder,
+                                                    f"cache: {cache}, color_mode: rgb")))
+        assert arrays.input_shape == (16, 16, 3)
+        batches[cache] = [(x.numpy(), y.numpy()) for x, y in
+                          make_datasets(arrays, batch_size=5).validation]
+    for (x_memory, y_memory), (x_disk, y_disk) in zip(batches["memory"], batches["none"]):
+        np.testing.assert_array_equal(x_memory, x_disk)
+        np.testing.assert_array_equal(y_memory, y_disk)
+    x, y = batches["none"][0]
+    assert x.dtype == np.float32 and x.shape[1:] == (16, 16, 3) and x.max() > 100  # raw pixels
+    first = arrays.x_val[0]  # what PIL sees, resized the same way, within rounding
+    expected = np.asarray(Image.open(first).convert("RGB").resize((16, 16), Image.BILINEAR),
+                          dtype="float32")
+    assert np.abs(x[0] - expected).mean() < 25
+    assert list(y) == [CLASSES.index(Path(p).parent.name) for p in arrays.x_val[:5]]
+
+
+def test_a_mixed_folder_streams_trains_skips_bad_files_and_augments_in_training_only(tmp_path):
+    """A search on a folder of mixed formats and modes, broken files skipped, with an
+    augmented space: the exported model serves exactly the trained network without its
+    augmentation layers."""
+    import tensorflow as tf
+
+    from nas import results
+    from nas.architecture import Architecture
+    from nas.models import build_model
+    from nas.specs import load_space
+    from nas.tracking import Tracker
+
+    folder = make_folder(tmp_path / "data", per_class=24)
+    bad = break_some(folder)
+    space = tmp_path / "augmented.yaml"
+    space.write_text(Path(__file__).parent.parent.joinpath("search_spaces", "tiny.yaml")
+                     .read_text().replace("name: tiny", "name: augmented")
+                     + "augment:\n  flip: horizontal\n  rotation: [0.05, 0.1]\n"
+                       "  translation: 0.1\n  zoom: 0.1\n  contrast: 0.2\n")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = CliRunner().invoke(main, [
+        "search", "--space", str(space), "--max-trials", "2", "--ensemble", "1",
+        "--pipeline", pipeline(tmp_path / "p.yaml", folder, "cache: none"),
+        "--skip-bad-images", "--experiment", "folder", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert "2 trials finished, 0 failed" in result.output
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("folder").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("nas.kind") == "search"]
+    trials = [r for r in runs if r.data.tags.get("nas.kind") == "trial"]
+    assert parent.data.params["skipped_images"] == "4"
+    listed = Path(client.download_artifacts(parent.info.run_id, "skipped_images.txt",
+                                            str(tmp_path))).read_text().split()
+    assert [str(Path(p).relative_to(folder)) for p in listed] == bad
+    assert int(parent.data.params["train_samples"]) + int(parent.data.params["val_samples"]) \
+        + int(parent.data.params["test_samples"]) == 72
+    for run in trials:  # the augmentation knobs are hyperparameters like any other
+        assert run.data.params["augment/flip"] == "horizontal"
+        assert run.data.params["augment/rotation"] in ("0.05", "0.1")
+
+    out = tmp_path / "model"
+    exported = CliRunner().invoke(main, ["export", "--experiment", "folder", "--out", str(out),
+                                         "--tracking-uri", uri])
+    assert exported.exit_code == 0, exported.output
+    arrays = load_arrays(load_pipeline(str(tmp_path / "p.yaml")), skip_bad_images=True)
+    x = np.concatenate([batch.numpy() for batch, _ in make_datasets(arrays, 16).validation])
+    served = tf.saved_model.load(str(out)).signatures["serving_default"]
+    probabilities = served(image=tf.constant(x))["output_0"].numpy()
+
+    tracker = Tracker(uri)
+    trial_id = json.loads((out / "class_names.json").read_text())["trial_id"]  # the final model's
+    (best,) = [t for t in results.list_trials(tracker, results.find_search(tracker, "folder"))
+               if t.trial_id == trial_id]
+    augmented = Architecture.from_values(load_space(str(space)), best.values, (16, 16, 1), 3,
+                                         255.0)
+    assert [layer.kind for layer in augmented.layers[1:6]] == [
+        "RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom", "RandomContrast"]
+    model = build_model(augmented)
+    model.load_weights(tmp_path / ".nas" / "folder" / f"trial_{best.trial_id}"
+                       / "checkpoint.weights.h5")
+    plain = build_model(Architecture(augmented.input_shape, 3, augmented.values,
+                                     tuple(l for l in augmented.layers
+                                           if not l.kind.startswith("Random"))))
+    plain.set_weights(model.get_weights())
+    np.testing.assert_allclose(probabilities, plain.predict(x, verbose=0), atol=1e-5)
+    trained = model(tf.constant(x), training=True).numpy()
+    assert np.abs(trained - probabilities).max() > 1e-3  # they do act in training
