@@ -32,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-FIGURES = ("overhead", "startup", "memory", "rejection", "data", "quality", "shapes")
+FIGURES = ("overhead", "startup", "memory", "rejection", "data", "quality", "shapes", "images",
+           "augment")
 _RESULT = "BENCH_RESULT "
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
 _ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -41,11 +42,13 @@ _ENV.pop("MLFLOW_TRACKING_URI", None)
 # --- sizes ---------------------------------------------------------------------------
 
 FULL = dict(q_trials=10, q_epochs=20, q_seeds=(0, 1, 2, 3, 4), s_per_class=200, s_size=16,
-            s_seeds=(0, 1, 2),
+            s_seeds=(0, 1, 2), i_small=2000, i_large=20000, i_size=64, a_seeds=(0, 1, 2, 3, 4),
+            a_trials=10,
             trials=10, epochs=10, seeds=(0, 1, 2), mem_trials=35, mem_epochs=2, mem_early=5,
             mem_late=30, decisions=5000, builds=30, data_epochs=5, data_rounds=5,
             startup_repeats=3)
 QUICK = dict(q_trials=3, q_epochs=3, q_seeds=(0, 1), s_per_class=30, s_size=16, s_seeds=(0,),
+             i_small=200, i_large=2000, i_size=32, a_seeds=(0,), a_trials=3,
              trials=3, epochs=3, seeds=(0,), mem_trials=8, mem_epochs=1, mem_early=2,
              mem_late=8, decisions=500, builds=5, data_epochs=2, data_rounds=2,
              startup_repeats=2)
@@ -289,6 +292,125 @@ def figure_data(table: Table, sizes: dict, root: Path) -> None:
         f"x {sizes['data_epochs']} epochs with validation, median of {sizes['data_rounds']} "
         f"alternating rounds after a warm-up; baseline = the same fit on the numpy arrays")
 
+
+
+def _image_folder(folder: Path, count: int, size: int) -> Path:
+    """`count` RGB PNG images of `size`x`size` in three class folders: tests/shapes.py's
+    shapes, each in its own colour."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import numpy as np
+    from PIL import Image
+    from shapes import CLASSES, draw
+
+    rng = np.random.default_rng(0)
+    for n in range(count):
+        kind = CLASSES[n % len(CLASSES)]
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        gray = draw(kind, size, rng).astype("float32") / 255
+        colour = rng.uniform(0.3, 1.0, 3)
+        Image.fromarray((gray[..., None] * colour * 255).astype("uint8")).save(
+            folder / kind / f"{n:06d}.png")
+    return folder
+
+
+def figure_images(table: Table, sizes: dict, root: Path) -> None:
+    """A `directory` source at two sizes: the peak RSS of a 1-trial search, its time to
+    the first batch, and training steps per second against the same images in memory."""
+    small, large, size = sizes["i_small"], sizes["i_large"], sizes["i_size"]
+    found = {}
+    for count in (small, large):
+        folder = root / f"images-{count}"
+        log(f"images: writing {count:,} {size}x{size} RGB PNG images")
+        _image_folder(folder / "data", count, size)
+        (folder / "pipeline.yaml").write_text(
+            f"data: {{source: directory, path: data, image_size: {size}, color_mode: rgb}}\n"
+            f"train: {{epochs: 1, batch_size: 32}}\n")
+        log(f"images: a 1-trial search on {count:,} images")
+        found[count], _ = run_worker("images_search", folder, pipeline=str(folder / "pipeline.yaml"))
+    rss = {count: found[count]["peak_rss_mb"] for count in found}
+    ratio = rss[large] / rss[small]
+    table.add(f"images: peak RSS of a 1-trial search, {large:,} / {small:,} images (MB)",
+              f"{rss[large]:.0f}", f"{rss[small]:.0f}", f"{ratio:.2f}", "ratio <= 1.3",
+              ratio <= 1.3)
+    for count in (small, large):
+        table.add(f"images: nas search to the first batch, {count:,} images (s)",
+                  f"{found[count]['first_batch_s']:.1f}", "-", "-", "(informational)", None)
+    log(f"images: steps per second on {small:,} images, streamed vs in memory")
+    steps, _ = run_worker("images_steps", root / f"images-{small}",
+                          pipeline=str(root / f"images-{small}" / "pipeline.yaml"),
+                          epochs=sizes["data_epochs"], rounds=sizes["data_rounds"])
+    ratio = steps["tfdata"] / steps["numpy"]
+    table.add(f"images: training steps per second, {small:,} images (tf.data vs arrays)",
+              f"{steps['tfdata']:.0f}", f"{steps['numpy']:.0f}", f"{ratio:.2f}",
+              "ratio >= 0.9", ratio >= 0.9)
+    table.add(f"images: training steps per second, {small:,} images read from disk every "
+              f"epoch (cache: none)", f"{steps['disk']:.0f}", f"{steps['numpy']:.0f}",
+              f"{steps['disk'] / steps['numpy']:.2f}", "(informational)", None)
+    for count in (small, large):
+        f = found[count]
+        table.notes.append(
+            f"images, {count:,} images of {size}x{size}x3: listing and header check "
+            f"{f['load_s']:.2f} s, cached in memory: {f['in_memory']}, trial "
+            f"{f['trial_s']:.1f} s, process peak RSS {f['peak_rss_mb']:.0f} MB")
+    table.notes.append(
+        f"images: steps per second over {steps['steps']} steps x {sizes['data_epochs']} "
+        f"epochs, median of {sizes['data_rounds']} alternating rounds after a warm-up, one "
+        f"model ({steps['params']:,} parameters), batch 32; baseline = the same fit on the "
+        f"decoded images as numpy arrays")
+
+
+def figure_augment(table: Table, sizes: dict, root: Path) -> None:
+    """The default space with and without its `augment:` section on tests/shapes.py's
+    shapes (100 per class, 32x32), each seed a new set of images and a new split: the best
+    validation accuracy of 10 trials (the issue's target) and the final model's test
+    accuracy."""
+    from nas.specs import load_space
+
+    default = load_space("cnn")
+    text = default.text
+    if default.augment:  # the row without: the same space, its augment: section cut
+        plain_text = text[:text.index("augment:")]
+        rows = {"cnn (default, with augment:)": None, "cnn without augment:": plain_text}
+    else:
+        rows = {"cnn (default, no augment:)": None,
+                "cnn + augment: translation, zoom, flip": text + (
+                    "augment:\n  translation: [0.1, 0.0]\n  zoom: [0.1, 0.0]\n"
+                    "  flip: [horizontal, none]\n")}
+    found = {row: [] for row in rows}
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from shapes import make_shapes
+
+    for seed in sizes["a_seeds"]:
+        folder = Path(tempfile.mkdtemp(prefix=f"augment-s{seed}-", dir=root))
+        images = make_shapes(folder / "data", per_class=100, size=32, seed=seed)
+        pipeline = folder / "pipeline.yaml"
+        pipeline.write_text(f"data: {{source: directory, path: {images}, image_size: 32, "
+                            f"validation_split: 0.2, seed: {seed}}}\n"
+                            f"train: {{epochs: 20, batch_size: 16, early_stopping_patience: 3}}\n")
+        for n, (row, space_text) in enumerate(rows.items()):
+            extra = []
+            if space_text is not None:
+                (folder / "space.yaml").write_text(space_text)
+                extra = ["--space", str(folder / "space.yaml")]
+            found[row].append(quality_search(folder / f"row{n}", pipeline, default_tuner(),
+                                             sizes["a_trials"], seed, *extra))
+
+    def spread(values, digits=4):
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+    for row, results in found.items():
+        best = [r["best"] for r in results]
+        table.add(f"augment: shapes 32x32, best val_accuracy of {sizes['a_trials']} trials "
+                  f"({row})", spread(best), "-", "-", "mean >= 0.95",
+                  statistics.mean(best) >= 0.95)
+        table.add(f"augment: shapes 32x32, test accuracy ({row})",
+                  spread([r["test"] for r in results]), "-", "-", "(informational)", None)
+        table.notes.append(
+            f"augment ({row}): per seed best val "
+            f"{', '.join(f'{v:.4f}' for v in best)}; test "
+            f"{', '.join(f'{r['test']:.4f}' for r in results)}; wall "
+            f"{spread([r['wall'] for r in results], 1)} s")
 
 def figure_quality(table: Table, sizes: dict, root: Path, tuners: list[str]) -> None:
     """Test accuracy of the final model over several digits splits, at equal compute.
@@ -811,8 +933,107 @@ def worker_data(epochs: int, rounds: int) -> dict:
             "params": architecture.params, "all": rates}
 
 
+
+def worker_images_search(pipeline: str) -> dict:
+    """`nas search` (tiny space, 1 trial) in this process: its peak RSS and the time from
+    the command to the first batch the trial trains on."""
+    import resource
+
+    import keras
+
+    from nas import tuning
+    from nas.cli import main
+
+    start = time.perf_counter()
+    marks = {}
+
+    class FirstBatch(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            marks.setdefault("first_batch", time.perf_counter())
+
+        def on_train_end(self, logs=None):
+            marks["trial_end"] = time.perf_counter()
+
+    real_fit = tuning.CandidateModel.fit
+
+    def fit(self, hp, model, *args, callbacks=(), **kwargs):
+        return real_fit(self, hp, model, *args, callbacks=[*callbacks, FirstBatch()], **kwargs)
+
+    tuning.CandidateModel.fit = fit
+    from nas.data import load_arrays
+    from nas.specs import load_pipeline
+
+    loaded = time.perf_counter()
+    arrays = load_arrays(load_pipeline(pipeline))
+    load_s = time.perf_counter() - loaded
+    try:
+        main(["search", "--space", "tiny", "--pipeline", pipeline, "--max-trials", "1",
+              "--tracking-uri", f"sqlite:///{Path.cwd()}/mlflow.db", "--experiment", "images"],
+             standalone_mode=False)
+    finally:
+        tuning.CandidateModel.fit = real_fit
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "first_batch_s": marks["first_batch"] - start - load_s,
+            "trial_s": marks["trial_end"] - marks["first_batch"], "load_s": load_s,
+            "in_memory": arrays.files.in_memory(len(arrays.x_train))}
+
+
+def worker_images_steps(pipeline: str, epochs: int, rounds: int) -> dict:
+    """Steps per second of one model's fit on a directory's images: nas's tf.data pipeline
+    (as a search uses it, and read from disk every epoch) vs the decoded images in memory."""
+    import dataclasses
+
+    import keras
+    import numpy as np
+
+    from nas.architecture import Architecture
+    from nas.data import load_arrays, make_datasets
+    from nas.models import build_model
+    from nas.specs import load_pipeline, load_space
+
+    loaded = load_pipeline(pipeline)
+    arrays = load_arrays(loaded)
+    disk = load_arrays(dataclasses.replace(loaded, cache="none"))
+    batch = loaded.batch_size
+    datasets, streamed = make_datasets(arrays, batch, seed=0), make_datasets(disk, batch, seed=0)
+
+    def decoded(dataset):
+        pairs = [(x.numpy(), y.numpy()) for x, y in dataset]
+        return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
+
+    # The same images, decoded once, as arrays (the training ones through an unshuffled pass).
+    x_train, y_train = decoded(make_datasets(
+        dataclasses.replace(disk, x_val=disk.x_train, y_val=disk.y_train), batch).validation)
+    x_val, y_val = decoded(streamed.validation)
+    keras.utils.set_random_seed(0)
+    space = load_space("tiny")
+    architecture = Architecture.from_values(space, {}, arrays.input_shape, arrays.num_classes,
+                                            arrays.pixel_scale)
+    model = build_model(architecture)
+    steps = math.ceil(len(arrays.x_train) / batch)
+    fits = {
+        "tfdata": lambda n: model.fit(datasets.train, validation_data=datasets.validation,
+                                      epochs=n, verbose=0, shuffle=False),
+        "disk": lambda n: model.fit(streamed.train, validation_data=streamed.validation,
+                                    epochs=n, verbose=0, shuffle=False),
+        "numpy": lambda n: model.fit(x_train, y_train, batch_size=batch,
+                                     validation_data=(x_val, y_val), epochs=n, verbose=0,
+                                     shuffle=True),
+    }
+    for fit in fits.values():
+        fit(1)
+    rates = {name: [] for name in fits}
+    for _ in range(rounds):
+        for name, fit in fits.items():
+            begin = time.perf_counter()
+            fit(epochs)
+            rates[name].append(steps * epochs / (time.perf_counter() - begin))
+    return {**{name: statistics.median(r) for name, r in rates.items()}, "steps": steps,
+            "params": architecture.params, "all": rates}
+
 WORKERS = {"baseline": worker_baseline, "svc": worker_svc, "memory": worker_memory, "decide": worker_decide,
-           "build": worker_build, "data": worker_data}
+           "build": worker_build, "data": worker_data, "images_search": worker_images_search,
+           "images_steps": worker_images_steps}
 
 
 # --- main ----------------------------------------------------------------------------
@@ -887,6 +1108,10 @@ def main(argv=None) -> int:
                 figure_quality(table, sizes, root, tuners)
             elif figure == "shapes":
                 figure_shapes(table, sizes, root, tuners)
+            elif figure == "images":
+                figure_images(table, sizes, root)
+            elif figure == "augment":
+                figure_augment(table, sizes, root)
     if args.quick:
         table.notes.append("--quick: smaller sizes than the targets are defined for")
     print(header + "\n")
