@@ -406,11 +406,10 @@ def figure_augment(table: Table, sizes: dict, root: Path) -> None:
                   statistics.mean(best) >= 0.95)
         table.add(f"augment: shapes 32x32, test accuracy ({row})",
                   spread([r["test"] for r in results]), "-", "-", "(informational)", None)
-        table.notes.append(
-            f"augment ({row}): per seed best val "
-            f"{', '.join(f'{v:.4f}' for v in best)}; test "
-            f"{', '.join(f'{r['test']:.4f}' for r in results)}; wall "
-            f"{spread([r['wall'] for r in results], 1)} s")
+        tests = ", ".join(f"{r['test']:.4f}" for r in results)
+        walls = spread([r["wall"] for r in results], 1)
+        table.notes.append(f"augment ({row}): per seed best val "
+                           f"{', '.join(f'{v:.4f}' for v in best)}; test {tests}; wall {walls} s")
 
 def figure_quality(table: Table, sizes: dict, root: Path, tuners: list[str]) -> None:
     """Test accuracy of the final model over several digits splits, at equal compute.

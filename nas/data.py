@@ -388,7 +388,7 @@ def _directory(pipeline: Pipeline, where: str, skip_bad_images: bool):
         shown = "; ".join(f"{os.path.relpath(path, root)} ({why})"
                           for path, why in bad[:BAD_IMAGES_SHOWN])
         more = f" and {len(bad) - BAD_IMAGES_SHOWN} more" if len(bad) > BAD_IMAGES_SHOWN else ""
-        raise DataError(f"{where}.path: {len(bad)} of {len(paths)} files are not readable "
+        raise DataError(f"{where}.path: {len(bad):,} of {len(paths):,} files are not readable "
                         f"images: {shown}{more}; fix or remove them, or pass "
                         f"--skip-bad-images to leave them out")
     keep = [not why for why in problems]
