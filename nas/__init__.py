@@ -14,7 +14,7 @@ _EXPORTS = {
     "Architecture": "nas.architecture",
     "DataError": "nas.data",
     "SearchConfig": "nas.search", "SearchError": "nas.search", "SearchFailed": "nas.search",
-    "prepare": "nas.search", "run": "nas.search",
+    "EpochEnded": "nas.search", "prepare": "nas.search", "run": "nas.search",
     "TrackingError": "nas.tracking",
     "ResultsError": "nas.results",
     "ExportError": "nas.export",

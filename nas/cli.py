@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -34,6 +37,12 @@ SPACE = click.option("--space", default="cnn", show_default=True, metavar="NAME|
                      help="Search space: a built-in name or a YAML file.")
 PIPELINE = click.option("--pipeline", default="digits", show_default=True, metavar="NAME|PATH",
                         help="Pipeline: a built-in name or a YAML file.")
+PROGRESS = click.option(
+    "--progress/--no-progress", envvar="NAS_PROGRESS", default=True, show_default=True,
+    help="A line per epoch of each trial: its objective and the time left in the trial "
+         "and in the search (updated in place on a terminal).  [env: NAS_PROGRESS=0 "
+         "turns it off]",
+)
 DISTRIBUTION = click.option(
     "--distribution", type=click.Choice(["none", "mirrored"]), default="none",
     show_default=True,
@@ -88,25 +97,60 @@ def _tensorflow_environment() -> None:
 
 
 def start_tensorflow() -> None:
-    """Import TensorFlow and find its devices, without its C++ start-up lines on stderr.
+    """Import TensorFlow and find its devices, its C++ start-up lines held to the log level.
 
-    TensorFlow 2.21 prints them (oneDNN, CUDA drivers) whatever TF_CPP_MIN_LOG_LEVEL says.
-    A user who sets TF_CPP_MIN_LOG_LEVEL themselves sees everything TensorFlow prints.
+    TensorFlow 2.21 writes them to stderr (absl's "All log messages before
+    absl::InitializeLog() is called are written to STDERR", oneDNN's custom operations,
+    "Could not find cuda drivers", the CPU instructions it was not built for, a failed
+    cuInit) before its logging reads TF_CPP_MIN_LOG_LEVEL, so the variable does not hide
+    them. They are caught while TensorFlow starts, and only those at or above the level
+    are written: none at the level nas sets when the user did not (3), nor at the user's
+    3; more at a lower level the user chose.
     """
-    if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    if "tensorflow" in sys.modules:
         return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow as tf
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow as tf
 
-        tf.config.list_logical_devices()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+            tf.config.list_logical_devices()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            shown = _tensorflow_lines(caught.read().decode(errors="replace"),
+                                      os.environ["TF_CPP_MIN_LOG_LEVEL"])
+            if shown:
+                sys.stderr.write(shown)
+                sys.stderr.flush()
+
+
+_LOG_PREFIX = re.compile(r"([IWEF])\d{4} ")  # absl/glog: I0000 00:00:... file.cc:12] ...
+_SEVERITIES = {"I": 0, "W": 1, "E": 2, "F": 3}  # the levels of TF_CPP_MIN_LOG_LEVEL
+
+
+def _tensorflow_lines(text: str, level: str) -> str:
+    """The lines of `text` (TensorFlow's start-up output) at or above `level`."""
+    try:
+        minimum = int(level)
+    except ValueError:  # as TensorFlow reads a value that is not a number
+        minimum = 0
+    severity = _SEVERITIES["W"]  # absl's "WARNING: All log messages before ..." comes first
+    kept = []
+    for line in text.splitlines(keepends=True):
+        found = _LOG_PREFIX.match(line)
+        if found:
+            severity = _SEVERITIES[found.group(1)]
+        elif line.startswith("WARNING: "):
+            severity = _SEVERITIES["W"]
+        if severity >= minimum:  # a line without a prefix continues the one before
+            kept.append(line)
+    return "".join(kept)
 
 
 class Duration(click.ParamType):
@@ -218,11 +262,12 @@ def main():
 @click.option("--worker-timeout", type=click.FloatRange(min=1), default=60.0,
               show_default=True, metavar="SECONDS",
               help="A worker silent this long is lost; its trial goes to another worker.")
+@PROGRESS
 @user_errors
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
            mixed_precision, jit_compile, register, ensemble, refit, skip_bad_images,
-           distribution, chief, tls_cert, tls_key, workers, worker_timeout):
+           distribution, chief, tls_cert, tls_key, workers, worker_timeout, progress):
     """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
     from nas import search as search_module
     from nas.specs import load_pipeline, load_space
@@ -262,8 +307,11 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
 
     export_module.prepare_model_logging()  # in the background, while TensorFlow loads
     start_tensorflow()
+    shown = _Progress(terminal=sys.stdout.isatty())
     try:
-        result = search_module.run(prepared, echo=click.echo)
+        with shown:
+            result = search_module.run(prepared, echo=shown.echo,
+                                       on_epoch=shown.epoch if progress else None)
     except (KeyboardInterrupt, _interrupted()) as error:
         click.echo(f"Interrupted ({str(error) or 'Ctrl-C'}): the trial and the search were "
                    f"closed as KILLED and the state saved; run the same command to resume.",
@@ -275,6 +323,61 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
             click.echo(f"  {line}", err=True)
         sys.exit(1)
     _print_result(result)
+
+
+class _Progress:
+    """Prints a search's lines and its epochs: on a terminal, the epoch line is one line
+    rewritten in place (a carriage return) and the next line of the search replaces it;
+    elsewhere (a file, a pipe) each epoch is a plain line, without control characters."""
+
+    def __init__(self, terminal: bool):
+        self.terminal = terminal
+        self.width = 0  # of the epoch line on the screen; 0: none
+
+    def epoch(self, event) -> None:
+        line = _epoch_line(event)
+        if not self.terminal:
+            click.echo(line)
+            return
+        # Never wider than the terminal: a wrapped line cannot be rewritten in place.
+        line = line[:max(20, shutil.get_terminal_size().columns - 1)]
+        click.echo("\r" + line.ljust(self.width), nl=False)
+        self.width = len(line)
+
+    def echo(self, message: str = "", **kwargs) -> None:
+        self.clear()
+        click.echo(message, **kwargs)
+
+    def clear(self) -> None:
+        if self.width:
+            click.echo("\r" + " " * self.width + "\r", nl=False)
+            self.width = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.clear()  # before whatever is printed next, an error too
+
+
+def _epoch_line(event) -> str:
+    """One epoch of a trial. Not `trial ID (k/N): ...`, the line that ends a trial."""
+    search = (f"<={_duration(event.search_left)} (time limit)" if event.time_limited
+              else f"~{_duration(event.search_left)}")
+    return (f"trial {event.trial_id} epoch {event.epoch}/{event.epochs}  {event.objective} "
+            f"{event.value:.4f} (trial best {event.best:.4f})  left: trial "
+            f"<={_duration(event.trial_left)}, search {search}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 9.95:
+        return f"{max(0.0, seconds):.1f}s"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _plural(number: int, noun: str) -> str:
@@ -500,6 +603,16 @@ def ui(host, port, tracking_uri):
     tracker.check()
     click.echo(f"MLflow UI of {tracker.tracking_uri} on http://{host}:{port} "
                f"(Ctrl-C stops it)")
+    try:
+        latest = results.find_search(tracker)
+    except results.ResultsError:  # no search yet: the UI shows the store as it is
+        latest = None
+    if latest is not None:
+        # This link opens the experiment on its runs; from MLflow's front page it opens on
+        # the GenAI overview ("Traces: no data").
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        link = results.ui_link(tracker.tracking_uri, latest, server=f"http://{local}:{port}")
+        click.echo(f"  the latest search (experiment {latest.experiment_name!r}): {link}")
     sys.stdout.flush()
     sys.stderr.flush()
     # Replaced by the server: Ctrl-C and signals reach it directly.
@@ -730,7 +843,7 @@ def _options_of(ctx: click.Context, skip: set[str]) -> list[str]:
         if not isinstance(param, click.Option) or param.name in skip or value is None:
             continue
         if param.is_flag:
-            args += [param.opts[0]] if value else []
+            args += [param.opts[0]] if value else param.secondary_opts[:1]
         else:
             args += [param.opts[0], str(value)]
     return args

@@ -267,13 +267,25 @@ def layer_table(store: Reader | tracking.Tracker, row: TrialRow) -> str:
             return f.read().rstrip("\n")
 
 
-def ui_link(tracking_uri: str, search: Search, run_id: str) -> str:
-    """Where a person sees `run_id` in the MLflow UI."""
-    if tracking_uri.startswith(("http://", "https://")):
-        base = tracking_uri.rstrip("/")
-    else:
-        base = "http://127.0.0.1:5000"  # what `nas ui` serves by default
-    return f"{base}/#/experiments/{search.experiment_id}/runs/{run_id}"
+# MLflow 3.17's UI opens an experiment on the view of its "workflow type", GenAI apps
+# (its default, kept in the browser) or machine learning, whatever the experiment's tag
+# `mlflow.experimentKind` says (nas.tracking sets it, for the UIs that read it); this
+# parameter of a link chooses machine learning: the experiment opens on its runs.
+UI_WORKFLOW = "workflowType=machine_learning"
+
+
+def ui_link(tracking_uri: str, search: Search, run_id: str | None = None,
+            server: str | None = None) -> str:
+    """Where a person sees the search's experiment, or its run `run_id`, in the MLflow UI.
+
+    `server` is the UI's address; by default the tracking server, or for a local store
+    what `nas ui` serves by default.
+    """
+    if server is None and tracking_uri.startswith(("http://", "https://")):
+        server = tracking_uri
+    base = (server or "http://127.0.0.1:5000").rstrip("/")  # `nas ui`'s default
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base}/#/experiments/{search.experiment_id}/{page}?{UI_WORKFLOW}"
 
 
 def ui_command(tracking_uri: str, host: str, port: int) -> list[str]:

@@ -26,7 +26,8 @@ from nas.space import search_problem
 from nas.specs import Constraints, Pipeline, SearchSpace
 from nas.state import SearchLock, StateError, read_json, write_atomic
 
-__all__ = ["SearchConfig", "SearchError", "SearchFailed", "SearchResult", "prepare", "run"]
+__all__ = ["EpochEnded", "SearchConfig", "SearchError", "SearchFailed", "SearchResult",
+           "prepare", "run"]
 
 STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
 TAG_FINGERPRINT = "nas.fingerprint"  # on the search's run: found again by its settings
@@ -150,6 +151,29 @@ class SearchResult:
         return self.finished[0] if self.finished else None
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochEnded:
+    """An epoch of a trial has ended: what `run(on_epoch=...)` receives, once an epoch.
+
+    The times left are estimates, in seconds: `trial_left` is the trial's remaining
+    epochs at the mean time of its epochs so far (early stopping may end it sooner);
+    `search_left` adds the trials left at the mean time of a trial, or is what the time
+    limit leaves when that is less (`time_limited`; the search starts no trial after).
+    """
+
+    trial_id: str
+    trial: int  # its place in the search, 1-based, as in the line that ends it
+    trials: int  # the search's budget of trials
+    epoch: int  # epochs trained, 1-based
+    epochs: int  # the trial's epochs, unless early stopping ends it first
+    objective: str
+    value: float  # this epoch's objective (nan when the epoch did not report it)
+    best: float  # the trial's best so far
+    trial_left: float
+    search_left: float
+    time_limited: bool
+
+
 @dataclasses.dataclass
 class Prepared:
     config: SearchConfig
@@ -267,14 +291,17 @@ class TrialRuns:
     """
 
     def __init__(self, tracker: tracking.Tracker, experiment_id: str, search_run_id: str,
-                 config: SearchConfig, echo, total: int):
+                 config: SearchConfig, echo, total: int, on_epoch=None):
         self.tracker = tracker
         self.experiment_id = experiment_id
         self.search_run_id = search_run_id
         self.objective = config.pipeline.objective
         self.direction = config.pipeline.direction
         self.echo = echo
+        self.on_epoch = on_epoch  # called with an `EpochEnded` after each epoch
         self.total = total
+        self.epochs = config.epochs_per_trial
+        self.time_limit = config.time_limit
         self.runs: dict[str, str] = {}
         self.best: float | None = None
         # Every trial that enters the best `keep` so far has its weights logged to MLflow
@@ -293,6 +320,13 @@ class TrialRuns:
         self._flushes: list[concurrent.futures.Future] = []  # its metrics written so far
         self._pending: list = []
         self._started = self._flushed = time.perf_counter()
+        self._epoch_ends: list[float] = []  # when the current trial's epochs ended
+        self._trial_best: float | None = None
+        self._trial_seconds: list[float] = []  # of the trials this process ended
+        # The search's time spent (the time limit's clock): the oracle's, which counts
+        # earlier processes of a resumed search, once `resume_from` has it.
+        search_started = time.perf_counter()
+        self._spent = lambda: time.perf_counter() - search_started
 
     def close(self) -> None:
         """Wait for every write queued; the search's run must not end before them."""
@@ -305,6 +339,8 @@ class TrialRuns:
         """Count and rank what an earlier process of this search already finished."""
         ended = [t for t in oracle.trials.values() if t.status in ("COMPLETED", "FAILED")]
         self.earlier = len(ended)
+        if callable(getattr(oracle, "elapsed", None)):
+            self._spent = oracle.elapsed
         scores = [t.score for t in ended if t.status == "COMPLETED" and t.score == t.score
                   and t.score is not None]
         self.scores = list(scores)
@@ -319,6 +355,7 @@ class TrialRuns:
         self._opened, self._flushes, self._pending = None, [], []
         self._logged_until = -1  # epochs the reopened run holds already
         self._started = self._flushed = time.perf_counter()
+        self._epoch_ends, self._trial_best = [], None
         if resumed is not None and resumed.get("run_id"):
             try:  # read before training goes on, so no epoch is logged twice
                 history = self.tracker.client.get_metric_history(resumed["run_id"],
@@ -401,6 +438,40 @@ class TrialRuns:
         if time.perf_counter() - self._flushed > FLUSH_SECONDS:
             self._flushes.append(self._writer.submit(self._flush, self._opened, self._pending))
             self._pending, self._flushed = [], time.perf_counter()
+        if self.on_epoch is not None:
+            self.on_epoch(self._epoch_event(trial, epoch, logs))
+
+    def _epoch_event(self, trial, epoch: int, logs: dict) -> EpochEnded:
+        now = time.perf_counter()
+        self._epoch_ends.append(now)
+        value = float(logs.get(self.objective, float("nan")))
+        if value == value and (self._trial_best is None or (
+                value > self._trial_best if self.direction == "max"
+                else value < self._trial_best)):
+            self._trial_best = value
+        ends = [self._started, *self._epoch_ends]
+        steps = [later - earlier for earlier, later in zip(ends, ends[1:])]
+        # The first epoch also builds the model and traces its training step; once there
+        # are later ones, they say better what an epoch takes.
+        per_epoch = sum(steps[1:]) / len(steps[1:]) if len(steps) > 1 else steps[0]
+        # Hyperband's trials have their own number of epochs; a resumed trial's epoch
+        # numbers count the epochs an earlier process trained.
+        epochs = max(int(trial.hyperparameters.values.get("tuner/epochs", self.epochs)),
+                     epoch + 1)
+        trial_left = per_epoch * (epochs - epoch - 1)
+        place = self.earlier + self.ended + 1
+        finished = self._trial_seconds
+        per_trial = (sum(finished) / len(finished) if finished
+                     else now - self._started + trial_left)
+        search_left = trial_left + max(0, self.total - place) * per_trial
+        time_limited = False
+        if self.time_limit is not None:
+            limit_left = max(0.0, self.time_limit - self._spent())
+            if limit_left < search_left:
+                search_left, time_limited = limit_left, True
+        best = self._trial_best if self._trial_best is not None else float("nan")
+        return EpochEnded(trial.trial_id, place, self.total, epoch + 1, epochs,
+                          self.objective, value, best, trial_left, search_left, time_limited)
 
     def _flush(self, opened: concurrent.futures.Future, metrics: list) -> None:
         if opened.exception() is None:  # else the trial fails on that error already
@@ -445,6 +516,7 @@ class TrialRuns:
                             self._pending + self.tracker.metrics(metrics), tags,
                             weights).result()
         done = self.earlier + self.ended
+        self._trial_seconds.append(time.perf_counter() - self._started)
         shown = f"{metrics.get('objective', float('nan')):.4f}" if error is None else status
         best = f"{self.best:.4f}" if self.best is not None else "-"
         self.echo(f"trial {trial.trial_id} ({done}/{self.total}): {self.objective} {shown}  "
@@ -508,8 +580,11 @@ def raise_interrupted(signum, frame):
     raise error
 
 
-def run(prepared: Prepared, echo=print) -> SearchResult:
+def run(prepared: Prepared, echo=print, on_epoch=None) -> SearchResult:
     """Train the search's trials, logging each to MLflow; return what was found.
+
+    `echo` receives each line the search reports (a trial's end, a resume, ...);
+    `on_epoch`, if given, an `EpochEnded` after each epoch of a trial.
 
     The search holds its lock (`nas.state.SearchLock`) from before it writes anything
     until it returns or raises.
@@ -524,12 +599,12 @@ def run(prepared: Prepared, echo=print) -> SearchResult:
     lock = prepared.lock or SearchLock(config.project_dir, config.experiment_name)
     lock.acquire()
     try:
-        return _run(prepared, echo)
+        return _run(prepared, echo, on_epoch)
     finally:
         lock.release()
 
 
-def _run(prepared: Prepared, echo) -> SearchResult:
+def _run(prepared: Prepared, echo, on_epoch) -> SearchResult:
     from nas.data import make_datasets, refit_dataset, test_dataset
     import keras_tuner as kt
 
@@ -590,7 +665,8 @@ def _run(prepared: Prepared, echo) -> SearchResult:
             time_limit=config.time_limit,
         )
 
-    hooks = TrialRuns(tracker, experiment_id, search_run_id, config, echo, config.max_trials)
+    hooks = TrialRuns(tracker, experiment_id, search_run_id, config, echo, config.max_trials,
+                      on_epoch)
 
     def new_tuner(oracle):
         with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading ..."

@@ -31,6 +31,11 @@ WEIGHTS = "checkpoint.weights.h5"
 # experiment opens on the GenAI overview ("Traces: no data") instead of its runs.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# On an http store MLflow writes "🏃 View run NAME at: URL" and "🧪 View experiment at: URL"
+# to stdout whenever a run ends (after asking the server for the run), unless this is
+# true; nas prints its own lines. Read by MLflow at each run's end; the processes a
+# search starts (its workers) inherit it.
+NO_RUN_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 _MAX_BATCH_PARAMS = 100  # MLflow's limits per log_batch call
 _MAX_BATCH_METRICS = 1000
 _MAX_PARAM_LENGTH = 6000
@@ -52,12 +57,15 @@ pending_interruption: BaseException | None = None
 class Tracker:
     """Writes searches and trials to one MLflow tracking store.
 
+    Creating one sets `NO_RUN_LINKS` in the process's environment, unless it is set.
+
     Args:
         tracking_uri: Where to log; None means MLflow's own rule
             (`MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` beside `./mlruns`).
     """
 
     def __init__(self, tracking_uri: str | None = None):
+        os.environ.setdefault(NO_RUN_LINKS, "true")
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = self.client.tracking_uri
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -112,3 +117,116 @@ def test_every_tuner_runs_a_search_to_its_end(tuner):
     parent = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'search'")[0]
     assert parent.data.params["tuner"] == tuner
     assert parent.data.metrics["finished_trials"] == 3
+
+
+# --- what a person sees while a search runs (issue 13) ----------------------------------
+
+EPOCH_LINE = re.compile(r"trial (\S+) epoch (\d+)/(\d+)  val_accuracy (\d\.\d{4}) \(trial best "
+                        r"(\d\.\d{4})\)  left: trial <=(\S+s), search ~(\S+s)$")
+TRIAL_LINE = re.compile(r"trial \S+ \((\d+)/")  # how bench/run.py finds a trial's end
+
+
+def test_progress_lines_in_non_terminal_output(tmp_path):
+    uri = f"sqlite:///{tmp_path}/store.db"
+    result = CliRunner().invoke(main, [
+        "search", "--space", "tiny", "--max-trials", "2", "--epochs", "3", "--seed", "4",
+        "--experiment", "progress", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output and "\x1b" not in result.output
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("progress")
+    # MLflow 3 shows it as a machine-learning experiment (see also nas.results.UI_WORKFLOW).
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.data.tags["nas.trial_id"]: r for r in client.search_runs(
+        [experiment.experiment_id], "tags.`nas.kind` = 'trial'")}
+    lines = result.output.splitlines()
+    for trial_id, run in runs.items():
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        shown = [EPOCH_LINE.match(line) for line in lines
+                 if line.startswith(f"trial {trial_id} epoch ")]
+        assert all(shown), lines
+        assert [int(m[2]) for m in shown] == list(range(1, len(history) + 1))
+        assert {m[3] for m in shown} == {"3"}
+        assert [m[4] for m in shown] == [f"{h.value:.4f}" for h in history]
+        assert shown[-1][5] == f"{run.data.metrics['objective']:.4f}"
+        # The trial's end follows its last epoch, in the format it always had.
+        end = lines[lines.index(shown[-1][0]) + 1]
+        assert end.startswith(f"trial {trial_id} (") and TRIAL_LINE.match(end)
+    assert not [line for line in lines if EPOCH_LINE.match(line) and TRIAL_LINE.match(line)]
+
+
+@pytest.mark.parametrize("switch", [["--no-progress"], "NAS_PROGRESS=0"], ids=["flag", "env"])
+def test_progress_off(switch, monkeypatch):
+    if isinstance(switch, str):
+        monkeypatch.setenv(*switch.split("="))
+    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-trials", "1",
+                                       "--epochs", "2", "--experiment", "quiet",
+                                       *(switch if isinstance(switch, list) else [])])
+    assert result.exit_code == 0, result.output
+    assert " epoch " not in result.output
+    assert TRIAL_LINE.search(result.output)
+
+
+def test_progress_on_a_terminal_is_one_line_rewritten(capsys, monkeypatch):
+    from nas.cli import _Progress
+    from nas.search import EpochEnded
+
+    def event(epoch, value):
+        return EpochEnded("7", 1, 5, epoch, 10, "val_accuracy", value, value, 300.0 - epoch,
+                          1500.0, time_limited=epoch > 1)
+
+    monkeypatch.setenv("COLUMNS", "120")  # the terminal's width
+    shown = _Progress(terminal=True)
+    shown.epoch(event(1, 0.5))
+    shown.epoch(event(2, 0.75))
+    shown.echo("trial 7 (1/5): val_accuracy 0.7500  best 0.7500  params 1,000  9.0 s")
+    out = capsys.readouterr().out
+    first = ("trial 7 epoch 1/10  val_accuracy 0.5000 (trial best 0.5000)  left: trial "
+             "<=4m59s, search ~25m00s")
+    second = ("trial 7 epoch 2/10  val_accuracy 0.7500 (trial best 0.7500)  left: trial "
+              "<=4m58s, search <=25m00s (time limit)")
+    assert out == (f"\r{first}\r{second.ljust(len(first))}\r{' ' * len(second)}\r"
+                   f"trial 7 (1/5): val_accuracy 0.7500  best 0.7500  params 1,000  9.0 s\n")
+
+    monkeypatch.setenv("COLUMNS", "50")  # never wider: a wrapped line is not rewritten
+    shown.epoch(event(1, 0.5))
+    shown.echo("end")
+    assert capsys.readouterr().out == f"\r{first[:49]}\r{' ' * 49}\rend\n"
+
+
+def test_tensorflow_start_up_lines_kept_to_the_log_level():
+    from nas.cli import _tensorflow_lines
+
+    caught = ("WARNING: All log messages before absl::InitializeLog() is called are written "
+              "to STDERR\n"
+              "I0000 00:00:1.1 12 port.cc:153] oneDNN custom operations are on.\n"
+              "I0000 00:00:1.2 12 cpu_feature_guard.cc:227] This TensorFlow binary is ...\n"
+              "To enable the following instructions: AVX2 FMA, in other operations, ...\n"
+              "E0000 00:00:1.3 12 cuda_platform.cc:52] failed call to cuInit: ...\n")
+    lines = caught.splitlines(keepends=True)
+    assert _tensorflow_lines(caught, "3") == ""
+    assert _tensorflow_lines(caught, "2") == lines[4]
+    assert _tensorflow_lines(caught, "1") == lines[0] + lines[4]
+    assert _tensorflow_lines(caught, "0") == caught
+
+
+def test_a_users_tf_cpp_min_log_level_does_not_add_lines(tmp_path):
+    """TF_CPP_MIN_LOG_LEVEL=3 set by the user: no more on stderr than when nas sets it."""
+    def stderr_of(name, **env):
+        folder = tmp_path / name
+        folder.mkdir()
+        environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+        done = subprocess.run(
+            [sys.executable, "-m", "nas.cli", "search", "--space", "tiny", "--max-trials", "1",
+             "--epochs", "1", "--ensemble", "1", "--tracking-uri",
+             f"sqlite:///{folder}/mlflow.db", "--workdir", str(folder / ".nas")],
+            cwd=folder, env={**environment, **env}, capture_output=True, text=True,
+            timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stderr.splitlines()
+
+    unset, user = stderr_of("unset"), stderr_of("user", TF_CPP_MIN_LOG_LEVEL="3")
+    assert len(user) <= len(unset), user
+    for line in user + unset:
+        assert "absl::InitializeLog" not in line and "oneDNN" not in line, line

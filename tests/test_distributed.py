@@ -41,6 +41,8 @@ class Processes:
         self.folder = folder
         self.started: dict[str, subprocess.Popen] = {}
         self.env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+        # As a user's shell has it: not set by the Trackers of this test process.
+        self.env.pop("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", None)
 
     def start(self, name: str, args: list[str], cwd=None) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "w")
@@ -224,6 +226,31 @@ def test_a_chief_and_two_workers_run_one_search(processes, mlflow_server):
         assert run.data.tags["nas.search_run_id"] == parent.info.run_id
         assert run.data.metrics["epochs_trained"] == 2  # the chief's --epochs
     assert "[w1] the search has ended; this worker trained" in processes.output("w1")
+    for name in ("chief", "w1", "w2"):  # MLflow's own links, on an http store
+        assert "View run" not in processes.output(name), processes.output(name)
+
+
+def test_no_mlflow_run_links_in_the_output_on_an_http_store(mlflow_server, monkeypatch,
+                                                           capsys):
+    from nas.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    result = CliRunner().invoke(main, [
+        "search", *TINY, "--max-trials", "1", "--epochs", "1", "--ensemble", "1",
+        "--experiment", "http-output", "--tracking-uri", mlflow_server])
+    assert result.exit_code == 0, result.output
+    assert "1 trial finished" in result.output
+    assert "View run" not in result.output and "View experiment" not in result.output
+    experiment = MlflowClient(mlflow_server).get_experiment_by_name("http-output")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # What the search kept out: MLflow's lines, when the user asks for them.
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
+    tracker = Tracker(mlflow_server)
+    run_id = tracker.start_run(experiment.experiment_id, "shown")
+    capsys.readouterr()
+    tracker.end(run_id, "FINISHED")
+    assert "View run shown at: " in capsys.readouterr().out
 
 
 def test_a_killed_worker_loses_only_its_trial(processes, mlflow_server):

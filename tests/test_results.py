@@ -97,8 +97,10 @@ def test_best_shows_scores_layer_table_and_where_it_is(digits_search):
         in result.output
     assert (f"  model:     runs:/{digits_search.result.search_run_id}/model (the final model: "
             f"trial {best.trial_id})") in out
-    assert any(line.startswith("  UI:        http://127.0.0.1:5000/#/experiments/") and
-               line.split()[1].endswith(f"/runs/{best.run_id}") for line in out)
+    # On its training runs: MLflow 3.17's UI opens the GenAI view unless a link says so.
+    assert (f"  UI:        http://127.0.0.1:5000/#/experiments/"
+            f"{digits_search.result.experiment_id}/runs/{best.run_id}"
+            f"?workflowType=machine_learning  (start it with `nas ui`)") in out
 
 
 def test_trials_and_best_do_not_import_tensorflow(digits_search):
@@ -194,8 +196,11 @@ def test_ui_serves_the_store_on_localhost(digits_search, tmp_path):
         output = log.read()
         assert body is not None, output
         assert '"name": "shared"' in body or '"name":"shared"' in body
-        assert output.startswith(f"MLflow UI of {digits_search.tracking_uri} on "
-                                 f"http://127.0.0.1:{port} (Ctrl-C stops it)")
+        assert output.startswith(
+            f"MLflow UI of {digits_search.tracking_uri} on http://127.0.0.1:{port} (Ctrl-C "
+            f"stops it)\n  the latest search (experiment 'shared'): http://127.0.0.1:{port}/#/"
+            f"experiments/{digits_search.result.experiment_id}/runs"
+            f"?workflowType=machine_learning\n")
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

@@ -26,3 +26,23 @@ def test_a_read_only_lookup_writes_no_tag(tmp_path):
 
     assert Tracker(uri).experiment_id("seen", create=False) == experiment_id
     assert "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags
+
+
+def test_a_tracker_keeps_mlflow_run_links_out_of_the_output(tmp_path, monkeypatch):
+    """MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, for this process and those it starts (a
+    search's workers); a value the user set stays (see test_distributed for an http store)."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "import os; print(os.environ['MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT'])"],
+        capture_output=True, text=True, check=True)
+    assert child.stdout == "true\n"
+
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
+    Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "false"
