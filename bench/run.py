@@ -985,9 +985,9 @@ def worker_images_steps(pipeline: str, epochs: int, rounds: int) -> dict:
     import keras
     import numpy as np
 
-    from nas.architecture import Architecture
     from nas.data import load_arrays, make_datasets
     from nas.models import build_model
+    from nas.space import sample
     from nas.specs import load_pipeline, load_space
 
     loaded = load_pipeline(pipeline)
@@ -1005,9 +1005,8 @@ def worker_images_steps(pipeline: str, epochs: int, rounds: int) -> dict:
         dataclasses.replace(disk, x_val=disk.x_train, y_val=disk.y_train), batch).validation)
     x_val, y_val = decoded(streamed.validation)
     keras.utils.set_random_seed(0)
-    space = load_space("tiny")
-    architecture = Architecture.from_values(space, {}, arrays.input_shape, arrays.num_classes,
-                                            arrays.pixel_scale)
+    (architecture,), _ = sample(load_space("tiny"), arrays.input_shape, arrays.num_classes, 1,
+                                pixel_scale=arrays.pixel_scale)
     model = build_model(architecture)
     steps = math.ceil(len(arrays.x_train) / batch)
     fits = {
