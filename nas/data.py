@@ -68,8 +68,9 @@ class ImageFiles:
 
     Each file is read, decoded (PNG, JPEG, GIF's first frame, BMP; any mode, as RGB, then
     gray for `channels` 1) and resized to `image_size` in parallel, as uint8. `cache`:
-    "memory" keeps the decoded images in memory after the first epoch, "none" reads them
-    from disk every epoch, "auto" caches when they take at most `MEMORY_CACHE_BYTES`.
+    "memory" keeps a dataset's decoded images (the training data's, apart from them the
+    validation data's) in memory after the first epoch, "none" reads them from disk every
+    epoch, "auto" keeps them when they take at most `MEMORY_CACHE_BYTES`.
     """
 
     image_size: tuple[int, int]
