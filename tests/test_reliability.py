@@ -198,6 +198,7 @@ def test_nan_loss_stops_the_trial_at_once_and_max_failures_ends_the_search(tmp_p
 LONG = ["--pipeline", "long.yaml", "--epochs", "20"]
 # Trial 1 must still be training well after trial 0's line is read, on a busy machine too.
 LONGER = ["--pipeline", "long.yaml", "--epochs", "15"]
+SHORTER = ["--epochs", "10"]  # still seconds of training to interrupt, half the resume
 
 
 def start_search(tmp_path, *extra):
@@ -326,7 +327,7 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
 @pytest.mark.parametrize("signum, shown", [(signal.SIGTERM, "signal SIGTERM"),
                                            (signal.SIGINT, "Ctrl-C")])
 def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum, shown):
-    process = start_search(tmp_path, "--max-trials", "2")
+    process = start_search(tmp_path, "--max-trials", "2", *SHORTER)
     try:
         wait_for_training("0", process)
         process.send_signal(signum)
@@ -347,7 +348,7 @@ def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum,
     assert result.exit_code == 2  # other settings than the interrupted search
     assert "already holds a search with other settings" in result.output
 
-    result = invoke(SEARCH + ["--max-trials", "2", "--seed", "2", *LONG])
+    result = invoke(SEARCH + ["--max-trials", "2", "--seed", "2", *LONG, *SHORTER])
     assert result.exit_code == 0, result.output
     statuses = sorted((r.data.tags["nas.trial_id"], r.info.status) for r in runs_of())
     # Trial 0 went on from its last finished epoch, in the run the signal closed.
