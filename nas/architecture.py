@@ -1,7 +1,10 @@
 """A candidate network as plain data: layers, output shapes, parameters, FLOPs.
 
 Nothing here imports TensorFlow, so deciding that a candidate is impossible (a feature
-map shrinks below 1x1) or over a budget costs microseconds and builds no graph.
+map shrinks below 1x1) or over a budget costs microseconds and builds no graph. A
+stage's arithmetic is written once, branch-free, so that `Builder` runs it on one
+option's numbers and `conv_costs` / `pool_costs` on numpy arrays of many (for
+`nas.space`, which weighs every option of a space's stages at once).
 
 FLOPs count a multiply-add as two operations for conv and dense layers, one
 operation per input element read by a pooling window, two per element for batch
@@ -11,13 +14,13 @@ normalization and one per element for an activation.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from nas.specs import Constraints, Knob, SearchSpace
 
 __all__ = ["Architecture", "Builder", "Impossible", "Layer", "HyperparameterSpec",
-           "hyperparameter_specs"]
+           "hyperparameter_specs", "CONV_SHAPE_KNOBS", "POOL_KNOBS", "ConvKnobs", "PoolKnobs",
+           "conv_costs", "pool_costs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,10 +267,116 @@ _AUGMENT_LAYERS = {"flip": "RandomFlip", "rotation": "RandomRotation",
                    "contrast": "RandomContrast"}
 
 
-def _conv_out(size: int, kernel: int, stride: int, padding: str) -> int:
-    if padding == "same":
-        return math.ceil(size / stride)
-    return (size - kernel) // stride + 1 if size >= kernel else 0
+# The stage knobs the feature map's height and width after a stage's convolutions
+# depend on, and its pool's knobs (each also says why a stage does not fit); the other
+# knobs change only channels and costs. No condition joins the pool's to the others.
+CONV_SHAPE_KNOBS = ("kernel_size", "stride", "padding")
+POOL_KNOBS = ("pool", "pool_size", "pool_stride")
+
+
+class ConvKnobs(NamedTuple):
+    """The numbers a stage's convolutions read from its knobs (flags are 0 or 1).
+
+    `Builder.stage` reads one option's; `conv_costs` reads numpy arrays of many
+    options'. The activation only names layers: it changes no number.
+    """
+
+    filters: Any
+    kernel: Any
+    stride: Any
+    same: Any  # 1: same padding, 0: valid
+    batch_norm: Any
+    pointwise: Any
+
+    @classmethod
+    def of(cls, values: dict, prefix: str = "") -> "ConvKnobs":
+        """The numbers of the stage whose knobs are named `prefix` + knob in `values`."""
+        return cls(values[prefix + "filters"], values[prefix + "kernel_size"],
+                   values[prefix + "stride"], int(values[prefix + "padding"] == "same"),
+                   int(values[prefix + "batch_norm"]), int(values[prefix + "pointwise"]))
+
+
+class PoolKnobs(NamedTuple):
+    """The numbers a stage's pool reads from its knobs, as `ConvKnobs` (the pool's type,
+    beyond whether there is one, changes no number)."""
+
+    pooled: Any
+    size: Any  # 1 when the stage does not pool
+    stride: Any
+
+    @classmethod
+    def of(cls, values: dict, prefix: str = "") -> "PoolKnobs":
+        if values[prefix + "pool"] == "none":
+            return cls(0, 1, 1)
+        size = values[prefix + "pool_size"]
+        return cls(1, size, values.get(prefix + "pool_stride", size))
+
+
+# The arithmetic of a stage's layers, on numbers and numpy arrays alike (no branches).
+
+
+def _conv_size(size, k: ConvKnobs):
+    """A conv's output size along one side; below 1 when the kernel does not fit."""
+    valid = (size - k.kernel) // k.stride + 1
+    return valid + k.same * (-(-size // k.stride) - valid)
+
+
+def _pooled_size(size, k: PoolKnobs):
+    """A pool's output size along one side; below 1 when the window does not fit."""
+    return (size - k.size) // k.stride + 1
+
+
+def _conv_cost(k: ConvKnobs, channels, pixels):
+    # Batch norm's shift makes the conv bias redundant.
+    weights = k.kernel * k.kernel * channels * k.filters
+    return weights + k.filters * (1 - k.batch_norm), 2 * weights * pixels
+
+
+def _batch_norm_cost(k: ConvKnobs, pixels):
+    return 4 * k.filters, 2 * pixels * k.filters
+
+
+def _activation_flops(k: ConvKnobs, pixels):
+    return pixels * k.filters
+
+
+def _pointwise_cost(k: ConvKnobs, pixels):
+    return k.filters * k.filters + k.filters, 2 * k.filters * k.filters * pixels
+
+
+def _pool_flops(k: PoolKnobs, channels, pixels):
+    return k.size * k.size * pixels * channels
+
+
+def conv_costs(shape, k: ConvKnobs):
+    """(height, width, channels, parameters, FLOPs) after a stage's convolutions.
+
+    The conv, batch norm, activation and pointwise layers of `Builder.stage`, summed,
+    for many options at once: `k`'s fields (and the channels of `shape`) may be numpy
+    arrays that broadcast together. A height or width below 1 means the option does not
+    fit (`Builder.stage` raises `Impossible`, saying why); its costs then mean nothing.
+    """
+    h, w, c = shape
+    oh, ow = _conv_size(h, k), _conv_size(w, k)
+    pixels = oh * ow
+    conv_params, conv_flops = _conv_cost(k, c, pixels)
+    bn_params, bn_flops = _batch_norm_cost(k, pixels)
+    pointwise_params, pointwise_flops = _pointwise_cost(k, pixels)
+    activation = _activation_flops(k, pixels)
+    params = conv_params + k.batch_norm * bn_params + k.pointwise * pointwise_params
+    flops = (conv_flops + k.batch_norm * bn_flops + activation
+             + k.pointwise * (pointwise_flops + activation))
+    return oh, ow, k.filters, params, flops
+
+
+def pool_costs(shape, k: PoolKnobs):
+    """(height, width, channels, parameters, FLOPs) after a stage's pool, as `conv_costs`
+    (no pool: the feature map unchanged, at no cost)."""
+    h, w, c = shape
+    ph, pw = _pooled_size(h, k), _pooled_size(w, k)
+    no_params = 0 * ph  # zeros shaped like the other results
+    return (h + k.pooled * (ph - h), w + k.pooled * (pw - w), c, no_params,
+            k.pooled * _pool_flops(k, c, ph * pw))
 
 
 class Builder:
@@ -296,49 +405,48 @@ class Builder:
     def stage(self, stage: int, v: dict) -> None:
         p = f"stage_{stage}/"
         h, w, c = self.shape
-        filters, kernel = v[p + "filters"], v[p + "kernel_size"]
-        stride, padding = v[p + "stride"], v[p + "padding"]
-        batch_norm, activation = v[p + "batch_norm"], v[p + "activation"]
-        oh, ow = _conv_out(h, kernel, stride, padding), _conv_out(w, kernel, stride, padding)
+        k = ConvKnobs.of(v, p)
+        padding, activation = v[p + "padding"], v[p + "activation"]
+        oh, ow = _conv_size(h, k), _conv_size(w, k)
         if oh < 1 or ow < 1:
             raise Impossible(
-                f"stage {stage}: a {kernel}x{kernel} conv with {padding} padding and stride "
-                f"{stride} does not fit the {h}x{w} feature map"
+                f"stage {stage}: a {k.kernel}x{k.kernel} conv with {padding} padding and "
+                f"stride {k.stride} does not fit the {h}x{w} feature map"
             )
-        bias = not batch_norm  # batch norm's shift makes the conv bias redundant
+        pixels = oh * ow
         self.add(p + "conv", "Conv2D",
-                 {"filters": filters, "kernel_size": kernel, "strides": stride,
-                  "padding": padding, "use_bias": bias},
-                 (oh, ow, filters), kernel * kernel * c * filters + (filters if bias else 0),
-                 2 * kernel * kernel * c * filters * oh * ow)
-        if batch_norm:
-            self.add(p + "bn", "BatchNormalization", {}, self.shape, 4 * filters,
-                     2 * oh * ow * filters)
+                 {"filters": k.filters, "kernel_size": k.kernel, "strides": k.stride,
+                  "padding": padding, "use_bias": not k.batch_norm},
+                 (oh, ow, k.filters), *_conv_cost(k, c, pixels))
+        if k.batch_norm:
+            self.add(p + "bn", "BatchNormalization", {}, self.shape, *_batch_norm_cost(k, pixels))
         self.add(p + "act", "Activation", {"activation": activation}, self.shape, 0,
-                 oh * ow * filters)
-        if v[p + "pointwise"]:
+                 _activation_flops(k, pixels))
+        if k.pointwise:
             self.add(p + "pointwise", "Conv2D",
-                     {"filters": filters, "kernel_size": 1, "strides": 1, "padding": "same",
+                     {"filters": k.filters, "kernel_size": 1, "strides": 1, "padding": "same",
                       "use_bias": True},
-                     self.shape, filters * filters + filters, 2 * filters * filters * oh * ow)
+                     self.shape, *_pointwise_cost(k, pixels))
             self.add(p + "pointwise_act", "Activation", {"activation": activation}, self.shape,
-                     0, oh * ow * filters)
-        pool = v[p + "pool"]
-        if pool != "none":
-            size = v[p + "pool_size"]
-            pool_stride = v.get(p + "pool_stride", size)
-            ph = (oh - size) // pool_stride + 1 if oh >= size else 0
-            pw = (ow - size) // pool_stride + 1 if ow >= size else 0
+                     0, _activation_flops(k, pixels))
+        pool, q = v[p + "pool"], PoolKnobs.of(v, p)
+        if q.pooled:
+            ph, pw = _pooled_size(oh, q), _pooled_size(ow, q)
             if ph < 1 or pw < 1:
                 raise Impossible(
-                    f"stage {stage}: a {size}x{size} {pool} pool does not fit the "
+                    f"stage {stage}: a {q.size}x{q.size} {pool} pool does not fit the "
                     f"{oh}x{ow} feature map"
                 )
             kind = "MaxPooling2D" if pool == "max" else "AveragePooling2D"
-            self.add(p + "pool", kind, {"pool_size": size, "strides": pool_stride},
-                     (ph, pw, filters), 0, size * size * ph * pw * filters)
+            self.add(p + "pool", kind, {"pool_size": q.size, "strides": q.stride},
+                     (ph, pw, k.filters), 0, _pool_flops(q, k.filters, ph * pw))
 
     def head(self, v: dict, num_classes: int) -> None:
+        self.reduce(v)
+        self.dense(v, num_classes)
+
+    def reduce(self, v: dict) -> None:
+        """The layer that turns the feature map into a vector."""
         h, w, c = self.shape
         reduce = v["reduce"]
         if reduce == "flatten":
@@ -346,6 +454,9 @@ class Builder:
         else:
             kind = "GlobalAveragePooling2D" if reduce == "global_avg" else "GlobalMaxPooling2D"
             self.add(reduce, kind, {}, (c,), 0, h * w * c)
+
+    def dense(self, v: dict, num_classes: int) -> None:
+        """The dense layers on that vector, then the output layer."""
         for layer in range(1, v["dense_layers"] + 1):
             (width,) = self.shape
             units, rate = v[f"dense_{layer}/units"], v[f"dense_{layer}/dropout"]
@@ -356,4 +467,3 @@ class Builder:
         (width,) = self.shape
         self.add("output", "Dense", {"units": num_classes, "activation": "softmax"},
                  (num_classes,), width * num_classes + num_classes, 2 * width * num_classes)
-

@@ -460,7 +460,9 @@ def space_show(space_ref, pipeline, samples, seed, max_params, max_flops):
 
     SPACE is a built-in name or a YAML file. Counts are exact and cover the discrete
     knobs (only those active under each choice); continuous ranges are named, not
-    counted. The pipeline gives the input shape. No model is built.
+    counted. Cost ranges are exact too, except in a space too large to weigh exactly
+    (deep, many choices per stage, large inputs): they are then bounds, and say so. The
+    pipeline gives the input shape. No model is built.
     """
     from nas import space as space_module
     from nas.specs import Constraints, load_pipeline, load_space

@@ -412,18 +412,18 @@ def _unreadable(path: str) -> str | None:
     try:
         with Image.open(path) as image:
             kind, mode = image.format, image.mode
+            kind = "JPEG" if kind == "MPO" else kind  # a phone's multi-picture JPEG
             if kind not in IMAGE_FORMATS:
                 return f"{kind} is not PNG, JPEG, GIF or BMP"
-            if kind == "BMP" and mode == "1":
-                return "a 1-bit BMP, which TensorFlow does not decode"
+            if kind == "BMP" and mode in ("1", "P"):
+                return "a 1-bit or colour-palette BMP, which TensorFlow does not decode"
             image.verify()
-        if kind == "JPEG":
-            with open(path, "rb") as file:
-                file.seek(max(0, os.path.getsize(path) - 64))
-                if b"\xff\xd9" not in file.read():
-                    return "a truncated JPEG"
+        if kind == "JPEG":  # its scan data ends with an end marker (a video may follow)
+            data = Path(path).read_bytes()
+            if data.rfind(b"\xff\xd9") < data.find(b"\xff\xda"):
+                return "a truncated JPEG"
     except UnidentifiedImageError:
         return "not an image" if os.path.getsize(path) else "an empty file"
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for broken files
+    except Exception as error:  # PIL's errors for broken files: OSError, EOFError, ...
         return f"broken {kind}: {error}" if kind != "image" else f"broken: {error}"
     return None

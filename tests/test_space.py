@@ -6,11 +6,12 @@ import collections
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from nas.architecture import Architecture, hyperparameter_specs
+from nas.architecture import Architecture, Builder, Impossible, hyperparameter_specs
 from nas.cli import main
 from nas.space import analyse, budget_problem, sample
 from nas.specs import Constraints, load_space
@@ -330,3 +331,283 @@ def test_a_search_under_a_tight_budget_trains_only_candidates_within_it(tmp_path
     # The trade-off plot rides on the search's run.
     artifacts = [a.path for a in client.list_artifacts(search.info.run_id)]
     assert "pareto.png" in artifacts
+
+
+# --- deep spaces: counted at once, bounded where exactness is dear ----------------------
+
+# 20 stages of 8 x 4 x 2 x 2 x 2 x 2 x 2 x 9 = 9,216 options each.
+DEEP = """
+    stages:
+      depth: {min: 1, max: 20}
+      conv:
+        filters: [8, 16, 24, 32, 48, 64, 96, 128]
+        kernel_size: [1, 3, 5, 7]
+        stride: [1, 2]
+        padding: [same, valid]
+        activation: [relu, gelu]
+        batch_norm: [false, true]
+      pointwise: [false, true]
+      pool: {type: [max, avg, none], size: [2, 3], stride: [1, 2]}
+    head:
+      reduce: [flatten, global_avg, global_max]
+      dense: {layers: {min: 0, max: 2}, units: [64, 128, 256], dropout: [0.0, 0.25, 0.5]}
+    optimizer: {name: [adam, sgd], learning_rate: {min: 0.0001, max: 0.01, sampling: log}}
+"""
+DEEP_PER_STAGE = 8 * 4 * 2 * 2 * 2 * 2 * 2 * (1 + 2 * 2 * 2)
+DEEP_HEADS = 3 * (1 + 9 + 9 ** 2)
+
+
+def directory_pipeline(folder, size: int):
+    """A `directory` pipeline of `size`x`size` RGB images in 2 (empty) class folders."""
+    for name in ("a", "b"):
+        (folder / "images" / name).mkdir(parents=True, exist_ok=True)
+    path = folder / f"p{size}.yaml"
+    path.write_text(f"data: {{source: directory, path: images, image_size: {size}, "
+                    f"color_mode: rgb}}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("inputs", ["digits", 64])
+def test_a_20_stage_space_with_thousands_of_choices_per_stage_is_described_at_once(
+        tmp_path, inputs):
+    import time
+
+    path = write_space(tmp_path, "deep", DEEP)
+    pipeline = inputs if inputs == "digits" else directory_pipeline(tmp_path, inputs)
+    started = time.perf_counter()
+    result = CliRunner().invoke(main, ["space", "show", str(path), "--pipeline", pipeline,
+                                       "--samples", "1", "--max-params", "100000"])
+    took = time.perf_counter() - started
+    assert result.exit_code == 0, result.output
+    # Listing the 9,216 ** 20 architectures, or even every option of every stage on
+    # every feature map it meets (the old way: 73 s for 12 stages), takes far longer.
+    assert took < 2, f"{took:.2f} s"
+    total = DEEP_HEADS * sum(DEEP_PER_STAGE ** depth for depth in range(1, 21))
+    assert f"architectures      {total:,} " in result.output
+    assert "stage 20 collapses in" in result.output
+    assert "\nparameters         " in result.output and "(bounds" not in result.output
+    assert "budget             max_params 100,000: some candidates fit" in result.output
+    assert "\ncandidate 1: " in result.output
+
+
+def exhaustive_program(space, input_shape, num_classes=10):
+    """(front, max params, max FLOPs) as `analyse` once found them: every option of every
+    stage built on every feature-map shape it meets, fronts never thinned."""
+    specs = [s for s in hyperparameter_specs(space) if s.name not in ("optimizer",
+                                                                        "learning_rate")]
+
+    def assignments(chosen_specs):
+        names, out = {s.name for s in chosen_specs}, [{}]
+        for spec in chosen_specs:
+            grown = []
+            for chosen in out:
+                if all(chosen.get(p) in allowed for p, allowed in spec.conditions if p in names):
+                    grown += [{**chosen, spec.name: v} for v in spec.knob.values()]
+                else:
+                    grown.append(chosen)
+            out = grown
+        return out
+
+    def prune(points):
+        front, best = [], None
+        for p, f in sorted(set(points)):
+            if best is None or f < best:
+                front.append((p, f))
+                best = f
+        return front
+
+    def cost(builder):
+        return (sum(layer.params for layer in builder.layers),
+                sum(layer.flops for layer in builder.layers))
+
+    stage = [s for s in specs if s.name.startswith("stage_1/")]
+    heads = assignments([s for s in specs if s.name == "reduce" or s.name.startswith("dense_")])
+    depths = set(space.depth.values())
+    level = {tuple(input_shape): ([(0, 0)], 0, 0)}
+    final, most_params, most_flops = [], None, None
+    for number in range(1, max(depths) + 1):
+        reached = collections.defaultdict(lambda: ([], -1, -1))
+        for shape, (front, top_params, top_flops) in level.items():
+            for option in assignments(stage):
+                builder = Builder(shape)
+                try:
+                    builder.stage(number, {name.replace("stage_1/", f"stage_{number}/"): v
+                                           for name, v in option.items()})
+                except Impossible:
+                    continue
+                params, flops = cost(builder)
+                points, p, f = reached[builder.shape]
+                reached[builder.shape] = (points + [(a + params, b + flops) for a, b in front],
+                                          max(p, top_params + params), max(f, top_flops + flops))
+        level = {shape: (prune(points), p, f) for shape, (points, p, f) in reached.items()}
+        if number in depths:
+            for shape, (front, top_params, top_flops) in level.items():
+                for head in heads:
+                    builder = Builder(shape)
+                    builder.head(head, num_classes)
+                    params, flops = cost(builder)
+                    final += [(a + params, b + flops) for a, b in front]
+                    most_params = max(most_params or 0, top_params + params)
+                    most_flops = max(most_flops or 0, top_flops + flops)
+    return prune(final), most_params, most_flops
+
+
+@pytest.mark.parametrize("input_shape", [(8, 8, 1), (16, 16, 1)])
+def test_a_20_stage_space_is_weighed_exactly_as_the_exhaustive_program_weighs_it(
+        tmp_path, input_shape):
+    # At least 16 stages: a valid 2x2 or 3x3 conv shrinks the map (more parameters,
+    # fewer FLOPs downstream), so the front holds more than the cheapest candidate.
+    space = load_space(str(write_space(tmp_path, "deep", """
+        stages:
+          depth: {min: 16, max: 20}
+          conv:
+            filters: [2, 3]
+            kernel_size: [1, 2, 3]
+            padding: valid
+            batch_norm: [false, true]
+          pool: {type: [max, none], size: 2}
+        head: {reduce: [flatten, global_avg], dense: {layers: [0, 1], units: [4, 8]}}
+        optimizer: {name: adam, learning_rate: 0.01}
+    """)))
+    front, most_params, most_flops = exhaustive_program(space, input_shape)
+
+    report = analyse(space, input_shape, 10)
+
+    assert report.costs_exact and report.front_exact
+    assert list(report.front) == front and len(front) > 1
+    assert (report.max_params, report.max_flops) == (most_params, most_flops)
+
+
+def dominated(point, front):
+    return any(p <= point[0] and f <= point[1] for p, f in front)
+
+
+# Whether one point per feature map is fewer than the front holds somewhere.
+THINNED = {"pools": True, "strides": True, "dense": False, "continuous": False}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SPACES))
+def test_thinned_fronts_and_bounded_costs_never_rule_out_what_fits(tmp_path, monkeypatch,
+                                                                   name):
+    import nas.space
+
+    space = load_space(str(write_space(tmp_path, name, SMALL_SPACES[name])))
+    possible = [a for a in brute_force(space, (8, 8, 1)) if not a.impossible]
+    costs = {(a.params, a.flops) for a in possible}
+    exact = analyse(space, (8, 8, 1), 10)
+
+    thinned = analyse(space, (8, 8, 1), 10, work=1)  # one point per feature map
+    monkeypatch.setattr(nas.space, "EXACT_WORK", 0)  # too large to weigh exactly
+    bounded = analyse(space, (8, 8, 1), 10)
+
+    for report in (thinned, bounded):
+        assert (report.architectures, report.impossible_reasons) == (
+            exact.architectures, exact.impossible_reasons)  # counts stay exact
+        assert all(dominated(cost, report.front) for cost in costs)
+        assert all(report.fits(Constraints(p, f)) for p, f in costs)
+        assert set(report.reached) <= costs
+    assert thinned.costs_exact and thinned.front_exact is not THINNED[name]
+    assert (thinned.min_params, thinned.max_params, thinned.min_flops, thinned.max_flops) == (
+        exact.min_params, exact.max_params, exact.min_flops, exact.max_flops)
+    assert not bounded.costs_exact and not bounded.front_exact and bounded.reached == ()
+    assert bounded.min_params <= exact.min_params and bounded.min_flops <= exact.min_flops
+    assert bounded.max_params >= exact.max_params and bounded.max_flops >= exact.max_flops
+
+
+def test_a_space_too_large_to_weigh_exactly_gets_bounds_that_say_so(tmp_path):
+    import time
+
+    path = write_space(tmp_path, "deep", DEEP.replace("[1, 3, 5, 7]", "[1, 2, 3, 4, 5, 6, 7]"))
+    pipeline = directory_pipeline(tmp_path, 224)
+    started = time.perf_counter()
+    result = CliRunner().invoke(main, ["space", "show", str(path), "--pipeline", pipeline,
+                                       "--samples", "0", "--max-params", "100000",
+                                       "--max-flops", "5000000"])
+    took = time.perf_counter() - started
+    assert result.exit_code == 0, result.output
+    assert took < 2, f"{took:.2f} s"
+    assert "\nparameters         at least " in result.output
+    assert "\nFLOPs              at least " in result.output
+    assert ("  (bounds, not the exact range: the space is too large to weigh its costs "
+            "exactly; the counts above are exact)") in result.output
+    assert ("budget             max_params 100,000, max_flops 5,000,000: some candidates may "
+            "fit (an estimate from bounds: the space is too large to check this budget "
+            "exactly; only what cannot fit is ruled out)") in result.output
+
+
+def test_bounds_still_refuse_what_cannot_fit_and_say_they_are_bounds(monkeypatch):
+    import nas.space
+
+    monkeypatch.setattr(nas.space, "EXACT_WORK", 0)
+    space = load_space("tiny")
+    assert budget_problem(space, (8, 8, 1), 10, Constraints(max_params=90)) is None
+    assert budget_problem(space, (8, 8, 1), 10, Constraints(max_params=89)) == (
+        "max_params 89: no candidate of search_spaces/tiny.yaml fits on 8x8x1 inputs; the "
+        "smallest the space reaches is at least 90 parameters and at least 2,960 FLOPs")
+
+
+def test_a_deep_space_nothing_in_can_be_trained_is_refused_at_once(tmp_path):
+    import time
+
+    # From stage 2 on, a valid 7x7 conv meets a 2x2 map: every architecture collapses.
+    path = write_space(tmp_path, "deep", DEEP.replace("{min: 1, max: 20}", "{min: 2, max: 20}")
+                       .replace("[same, valid]", "valid").replace("[1, 3, 5, 7]", "7")
+                       .replace("[1, 2]", "1").replace("[max, avg, none]", "none"))
+    space = load_space(str(path))
+    started = time.perf_counter()
+    problem = budget_problem(space, (8, 8, 1), 10, Constraints())
+    assert time.perf_counter() - started < 2
+    assert problem.startswith(f"{path}: every one of the ")
+    assert problem.endswith(" architectures is impossible on 8x8x1 inputs (e.g. stage 2: a "
+                            "7x7 conv with valid padding and stride 1 does not fit the 2x2 "
+                            "feature map)")
+
+    result = CliRunner().invoke(main, ["search", "--space", str(path)])
+    assert result.exit_code == 2
+    assert result.output == f"Error: {problem}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.yaml"]
+
+
+def test_a_budget_below_a_deep_space_is_refused_at_once(tmp_path):
+    path = write_space(tmp_path, "deep", DEEP)
+    smallest = analyse(load_space(str(path)), (8, 8, 1), 10)
+    result = CliRunner().invoke(main, ["search", "--space", str(path), "--max-params", "50"])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"Error: --max-params 50: no candidate of {path} fits on 8x8x1 inputs; the smallest "
+        f"the space reaches is {smallest.min_params:,} parameters and "
+        f"{smallest.min_flops:,} FLOPs\n")
+    assert smallest.costs_exact and smallest.min_params > 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.yaml"]
+
+
+@pytest.mark.parametrize("scale", [None, 8.0])
+def test_the_digits_are_known_without_reading_them_as_search_reads_them(tmp_path, scale):
+    from nas.data import load_arrays
+    from nas.space import input_signature
+    from nas.specs import load_pipeline
+
+    pipeline = load_pipeline("digits")
+    if scale:
+        (tmp_path / "d.yaml").write_text(f"data: {{source: digits, pixel_scale: {scale}}}\n")
+        pipeline = load_pipeline(str(tmp_path / "d.yaml"))
+    arrays = load_arrays(pipeline)
+    assert input_signature(pipeline) == (arrays.input_shape, arrays.num_classes,
+                                         arrays.pixel_scale)
+
+
+def test_augmentation_knobs_are_counted_as_training_settings(tmp_path):
+    from nas.space import analyse, describe
+    from nas.specs import load_space
+
+    text = (Path(__file__).parent.parent / "search_spaces" / "tiny.yaml").read_text()
+    plain = load_space("tiny")
+    path = tmp_path / "augmented.yaml"
+    path.write_text(text + "augment:\n  flip: [none, horizontal]\n  zoom: [0.0, 0.1, 0.2]\n"
+                           "  rotation: {min: 0.0, max: 0.2}\n")
+    before, after = analyse(plain, (8, 8, 1), 10), analyse(load_space(str(path)), (8, 8, 1), 10)
+    assert after.architectures == before.architectures  # no layer that changes the network
+    assert after.training_settings == before.training_settings * 6
+    shown = describe(after)
+    assert f"x {after.training_settings:,} optimizer and augmentation settings" in shown
+    assert "not counted: rotation: continuous, linear from 0 to 0.2" in shown
