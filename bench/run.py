@@ -852,8 +852,8 @@ def worker_decide(count: int) -> dict:
                      if name.split(".")[0] in ("tensorflow", "keras", "tf_keras")})
     return {"count": count, "mean_s": statistics.mean(times), "max_s": max(times),
             "mean_rejected_s": statistics.mean(rejected) if rejected else 0.0,
-            "impossible": sum(bool(r) and "max_" not in r for r in reasons),
-            "over_budget": sum(bool(r) and "max_" in r for r in reasons),
+            "impossible": sum(bool(r) and not r.over_budget for r in reasons),
+            "over_budget": sum(bool(r) and r.over_budget for r in reasons),
             "constraints": f"max_params {constraints.max_params:,}, "
                            f"max_flops {constraints.max_flops:,}",
             "loaded": loaded}

@@ -107,6 +107,24 @@ class Layer:
 
 
 @dataclasses.dataclass(frozen=True)
+class Rejection:
+    """Why a candidate must not be trained: `kind` is "impossible" (its feature map
+    vanishes at `stage`), "max_params" or "max_flops" (it breaks that budget). Reads as
+    its `reason`."""
+
+    kind: str
+    reason: str
+    stage: int | None = None
+
+    def __str__(self) -> str:
+        return self.reason
+
+    @property
+    def over_budget(self) -> bool:
+        return self.kind != "impossible"
+
+
+@dataclasses.dataclass(frozen=True)
 class Architecture:
     """A candidate CNN as data. Build one with `Architecture.from_values`.
 
@@ -136,15 +154,25 @@ class Architecture:
 
     def over_budget(self, constraints: Constraints) -> str | None:
         """Why this candidate breaks a budget, or None when it fits."""
+        broken = self._budget_broken(constraints)
+        return None if broken is None else broken.reason
+
+    def _budget_broken(self, constraints: Constraints) -> Rejection | None:
         if constraints.max_params is not None and self.params > constraints.max_params:
-            return f"{self.params:,} parameters > max_params {constraints.max_params:,}"
+            return Rejection("max_params", f"{self.params:,} parameters > max_params "
+                                           f"{constraints.max_params:,}")
         if constraints.max_flops is not None and self.flops > constraints.max_flops:
-            return f"{self.flops:,} FLOPs > max_flops {constraints.max_flops:,}"
+            return Rejection("max_flops", f"{self.flops:,} FLOPs > max_flops "
+                                          f"{constraints.max_flops:,}")
         return None
 
-    def rejection(self, constraints: Constraints) -> str | None:
+    def rejection(self, constraints: Constraints) -> Rejection | None:
         """Why this candidate must not be trained (impossible or over budget), or None."""
-        return self.impossible or self.over_budget(constraints)
+        if self.impossible:
+            stage = self.impossible.split(":", 1)[0].removeprefix("stage ")  # "stage N: ..."
+            return Rejection("impossible", self.impossible,
+                             int(stage) if stage.isdigit() else None)
+        return self._budget_broken(constraints)
 
     def for_serving(self) -> "Architecture":
         """This network without its training-only layers (the augmentations): what is

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import click
 
+from nas import events
+from nas.errors import InputError, Interrupted, SearchFailed
+from nas.events import Printer
+
 __all__ = ["main"]
 
 # Shared options, as constants (the MLflow CLI's way): same flag, same help everywhere.
@@ -60,30 +64,26 @@ class UserError(click.ClickException):
 
 
 def user_errors(func):
-    """Turn the library's input errors into `UserError` at the CLI edge."""
+    """Turn the library's input errors (`nas.errors.InputError`) into `UserError` at the CLI
+    edge, each parameter they name shown as its flag."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except Exception as error:
-            if isinstance(error, _user_error_types()):
-                raise UserError(str(error)) from None
-            raise
+        except InputError as error:
+            raise UserError(error.render(_flag)) from None
 
     return wrapper
 
 
-# module -> its input error. Looked up only in modules already imported (an error can only
-# come from one that is), so that catching them imports neither MLflow nor TensorFlow.
-_USER_ERRORS = {"nas.specs": "SpecError", "nas.data": "DataError", "nas.search": "SearchError",
-                "nas.tracking": "TrackingError", "nas.results": "ResultsError",
-                "nas.export": "ExportError", "nas.state": "StateError"}
-
-
-def _user_error_types() -> tuple[type, ...]:
-    found = (getattr(sys.modules.get(name), error, None) for name, error in _USER_ERRORS.items())
-    return tuple(kind for kind in found if kind is not None)
+def _flag(parameter: str) -> str:
+    """The flag of a library parameter: the running command's option of that name."""
+    context = click.get_current_context(silent=True)
+    for option in (context.command.params if context is not None else ()):
+        if option.name == parameter and isinstance(option, click.Option):
+            return option.opts[0]
+    return "--" + parameter.replace("_", "-")
 
 
 def _tensorflow_environment() -> None:
@@ -303,39 +303,48 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
         click.echo(f"resuming the search in {config.project_dir} (--overwrite starts afresh)")
     if chief:
         _print_worker_command(prepared, space, pipeline)
-    from nas import export as export_module
+    from nas import final_model
 
-    export_module.prepare_model_logging()  # in the background, while TensorFlow loads
+    final_model.prepare_model_logging()  # in the background, while TensorFlow loads
     start_tensorflow()
-    shown = _Progress(terminal=sys.stdout.isatty())
+    shown = _Progress(terminal=sys.stdout.isatty(), epochs=progress)
     try:
         with shown:
-            result = search_module.run(prepared, echo=shown.echo,
-                                       on_epoch=shown.epoch if progress else None)
-    except (KeyboardInterrupt, _interrupted()) as error:
+            if chief:  # workers train the trials; this process serves the oracle
+                from nas import distributed
+
+                result = distributed.run_chief(prepared, shown)
+            else:
+                result = search_module.run(prepared, shown)
+    except (KeyboardInterrupt, Interrupted) as error:
         click.echo(f"Interrupted ({str(error) or 'Ctrl-C'}): the trial and the search were "
                    f"closed as KILLED and the state saved; run the same command to resume.",
                    err=True)
         sys.exit(130)
-    except search_module.SearchFailed as error:
-        click.echo(f"Error: the search failed: {error}", err=True)
+    except SearchFailed as error:
+        click.echo(f"Error: the search failed: {error.render(_flag)}", err=True)
         for line in error.errors:
             click.echo(f"  {line}", err=True)
         sys.exit(1)
     _print_result(result)
 
 
-class _Progress:
-    """Prints a search's lines and its epochs: on a terminal, the epoch line is one line
-    rewritten in place (a carriage return) and the next line of the search replaces it;
-    elsewhere (a file, a pipe) each epoch is a plain line, without control characters."""
+class _Progress(Printer):
+    """Prints a search's events (`nas.events`) and, with `epochs`, its epochs: on a
+    terminal, the epoch line is one line rewritten in place (a carriage return) and the
+    next line of the search replaces it; elsewhere (a file, a pipe) each epoch is a plain
+    line, without control characters."""
 
-    def __init__(self, terminal: bool):
+    def __init__(self, terminal: bool, epochs: bool = True):
+        super().__init__(self.echo_line)
         self.terminal = terminal
+        self.epochs = epochs
         self.width = 0  # of the epoch line on the screen; 0: none
 
-    def epoch(self, event) -> None:
-        line = _epoch_line(event)
+    def on_epoch_end(self, event) -> None:
+        if not self.epochs:
+            return
+        line = events.line(event)
         if not self.terminal:
             click.echo(line)
             return
@@ -344,7 +353,7 @@ class _Progress:
         click.echo("\r" + line.ljust(self.width), nl=False)
         self.width = len(line)
 
-    def echo(self, message: str = "", **kwargs) -> None:
+    def echo_line(self, message: str = "", **kwargs) -> None:
         self.clear()
         click.echo(message, **kwargs)
 
@@ -360,34 +369,8 @@ class _Progress:
         self.clear()  # before whatever is printed next, an error too
 
 
-def _epoch_line(event) -> str:
-    """One epoch of a trial. Not `trial ID (k/N): ...`, the line that ends a trial."""
-    search = (f"<={_duration(event.search_left)} (time limit)" if event.time_limited
-              else f"~{_duration(event.search_left)}")
-    return (f"trial {event.trial_id} epoch {event.epoch}/{event.epochs}  {event.objective} "
-            f"{event.value:.4f} (trial best {event.best:.4f})  left: trial "
-            f"<={_duration(event.trial_left)}, search {search}")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 9.95:
-        return f"{max(0.0, seconds):.1f}s"
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def _plural(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "s")
-
-
-def _interrupted():
-    from nas.tracking import Interrupted
-
-    return Interrupted
 
 
 def _print_result(result) -> None:
@@ -551,8 +534,7 @@ def best(experiment, tracking_uri):
     """The best trial of a search: its scores, choices, layer table and MLflow run."""
     import textwrap
 
-    from nas import export as export_module
-    from nas import results
+    from nas import final_model, results
 
     tracker = results.open_store(tracking_uri)
     found = results.find_search(tracker, experiment)
@@ -576,9 +558,9 @@ def best(experiment, tracking_uri):
     click.echo(f"MLflow: trial run {top.run_id}, search run {found.run_id}, experiment "
                f"{found.experiment_name!r} (id {found.experiment_id}) in {tracker.tracking_uri}")
     click.echo(f"  artifacts: {top.artifact_uri}")
-    logged = export_module.logged_model(tracker, found)
+    logged = final_model.logged_model(tracker, found)
     if logged is not None and final and logged.tags.get("nas.trial_id") == ",".join(final):
-        click.echo(f"  model:     runs:/{found.run_id}/{export_module.MODEL_NAME} (the final "
+        click.echo(f"  model:     runs:/{found.run_id}/{final_model.MODEL_NAME} (the final "
                    f"model: {_final_model(final, refit)})")
     hint = "" if tracker.tracking_uri.startswith("http") else "  (start it with `nas ui`)"
     click.echo(f"  UI:        {results.ui_link(tracker.tracking_uri, found, top.run_id)}{hint}")
@@ -781,8 +763,8 @@ def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id,
 
     start_tensorflow()
     try:
-        trained = distributed.run_worker(prepared, echo=echo, wait=wait)
-    except (KeyboardInterrupt, _interrupted()) as error:
+        trained = distributed.run_worker(prepared, Printer(echo), wait=wait)
+    except (KeyboardInterrupt, Interrupted) as error:
         click.echo(f"Interrupted ({str(error) or 'Ctrl-C'}): the trial was closed as KILLED; the "
                    f"chief hands it to another worker.", err=True)
         sys.exit(130)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nas.errors import InputError
 from nas.specs import Pipeline
 
 __all__ = ["DataError", "Arrays", "Datasets", "ImageFiles", "class_folders", "load_arrays",
@@ -58,7 +59,7 @@ _KERAS_CLASSES = {
 }
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The pipeline's data is missing or unusable; the message says which and why."""
 
 
@@ -391,7 +392,7 @@ def _directory(pipeline: Pipeline, where: str, skip_bad_images: bool):
         more = f" and {len(bad) - BAD_IMAGES_SHOWN} more" if len(bad) > BAD_IMAGES_SHOWN else ""
         raise DataError(f"{where}.path: {len(bad):,} of {len(paths):,} files are not readable "
                         f"images: {shown}{more}; fix or remove them, or pass "
-                        f"--skip-bad-images to leave them out")
+                        f"`skip_bad_images` to leave them out")
     keep = [not why for why in problems]
     paths = np.array([path for path, ok in zip(paths, keep) if ok])
     labels = np.array([label for label, ok in zip(labels, keep) if ok], dtype="int64")

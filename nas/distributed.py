@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -41,10 +39,12 @@ from keras_tuner.src.engine import conditions as _conditions
 from keras_tuner.src.engine import trial as trial_module
 
 from nas import tracking
-from nas.search import Prepared, SearchConfig, SearchError
+from nas.errors import SearchError
+from nas.search import Prepared
+from nas.settings import SearchConfig
 
-__all__ = ["Chief", "parse_address", "check_address", "free_port", "new_token", "TOKEN_ENV",
-           "strategy", "serve", "prepare_worker", "find_search", "run_worker", "worker_command",
+__all__ = ["parse_address", "check_address", "free_port", "new_token", "TOKEN_ENV",
+           "run_chief", "serve", "prepare_worker", "find_search", "run_worker", "worker_command",
            "run_local"]
 
 HEARTBEAT_SECONDS = 2.0
@@ -66,7 +66,7 @@ _STATUS = trial_module.TrialStatus
 _conditions.print = lambda *args, **kwargs: None
 
 
-def parse_address(address: str, flag: str = "--chief") -> tuple[str, int]:
+def parse_address(address: str, flag: str = "`chief`") -> tuple[str, int]:
     """`HOST:PORT` as (host, port); SearchError when it is not one."""
     host, _, port = (address or "").rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -83,7 +83,7 @@ def check_address(address: str) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise SearchError(f"--chief: cannot listen on {address} ({error.strerror})") from None
+            raise SearchError(f"`chief`: cannot listen on {address} ({error.strerror})") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,18 +91,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
-
-
-def strategy(name: str | None):
-    """The `tf.distribute` strategy for `--distribution`, or None (one device)."""
-    if not name:
-        return None
-    if name != "mirrored":
-        raise ValueError(f"--distribution: {name!r} is not one of ['mirrored']")
-    import tensorflow as tf
-
-    # One trial over every GPU this process sees (the single CPU when there is none).
-    return tf.distribute.MirroredStrategy()
 
 
 def new_token() -> str:
@@ -140,20 +128,6 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor):
     def intercept_unary_unary(self, continuation, details, request):
         extra = tuple(details.metadata or ()) + self.metadata
         return continuation(details._replace(metadata=extra), request)
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _settings(config: SearchConfig) -> dict:
-    """What every worker must train with; stored on the parent run by the chief."""
-    return {"space": config.space.name, "space_sha": _digest(config.space.text),
-            "pipeline": config.pipeline.name, "pipeline_sha": _digest(config.pipeline.text),
-            "tuner": config.tuner, "max_trials": config.max_trials,
-            "epochs": config.epochs_per_trial,
-            "batch_size": config.batch_size or config.pipeline.batch_size, "seed": config.seed,
-            "mixed_precision": config.mixed_precision, "jit_compile": config.jit_compile}
 
 
 # --- the chief ----------------------------------------------------------------------
@@ -288,30 +262,24 @@ class _Servicer(oracle_chief.OracleServicer):
             return all(now - self.heard.get(w, 0.0) > linger for w in oracle.tuner_ids)
 
 
-class Chief:
-    """The chief's tuner: `search` serves the oracle to workers instead of training.
+def run_chief(prepared: Prepared, callback=None):
+    """Run the search as its chief: its oracle served to the workers, which train the
+    trials (`nas.search.run`, with `serve` in place of training here). Returns the
+    search's `SearchResult`."""
+    from nas import search
+    from nas.events import Printer
 
-    Everything else (`oracle`, `hypermodel`, `get_trial_dir`, ...) is the wrapped tuner's,
-    so `nas.search.run` reads the results of a distributed search as of a local one.
-    """
-
-    def __init__(self, tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
-                 echo):
-        self._tuner = tuner
-        self._serve = lambda: serve(tuner, prepared, experiment_id, search_run_id, echo)
-
-    def search(self, *fit_args, **fit_kwargs) -> None:
-        self._serve()
-
-    def __getattr__(self, name):
-        return getattr(self._tuner, name)
+    callback = callback if callback is not None else Printer()
+    return search.run(prepared, callback, serve=lambda tuner, experiment_id, search_run_id:
+                      serve(tuner, prepared, experiment_id, search_run_id,
+                            callback.on_message))
 
 
 def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, echo) -> None:
     """Run the oracle of `tuner` for remote workers until the search has ended.
 
-    Called by `nas.search.run` in place of `tuner.search` when `config.chief` is set;
-    the parent run stays open around it.
+    Called by `nas.search.run` in place of `tuner.search` (`run_chief`); the parent run
+    stays open around it.
 
     Raises:
         RuntimeError: the chief cannot listen, or too many consecutive trials failed.
@@ -354,7 +322,7 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
     if not bound:
         raise RuntimeError(f"the chief cannot listen on {config.chief}")
     tracker.set_tags(search_run_id, {TAG_CHIEF: config.chief,
-                                     TAG_SETTINGS: json.dumps(_settings(config))})
+                                     TAG_SETTINGS: json.dumps(config.worker_settings())})
     server.start()
     echo(f"chief listening on {config.chief}: waiting for workers")
     try:
@@ -417,11 +385,11 @@ class _WorkerClient(oracle_client.OracleClient):
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise SearchError(
-                    f"--token: the chief at {chief} refused this worker's token; give the "
-                    f"token the chief printed (--token or {TOKEN_ENV})") from None
+                    f"`token`: the chief at {chief} refused this worker's token; give the "
+                    f"token the chief printed (`token` or {TOKEN_ENV})") from None
             raise SearchError(
-                f"--chief: no answer from the chief at {chief} in {timeout:.0f} s "
-                f"({error.code().name}); a chief with TLS needs --tls-ca, one without "
+                f"`chief`: no answer from the chief at {chief} in {timeout:.0f} s "
+                f"({error.code().name}); a chief with TLS needs `tls_ca`, one without "
                 f"needs none") from None
 
     def create_trial(self, tuner_id):
@@ -451,7 +419,7 @@ def prepare_worker(config: SearchConfig) -> Prepared:
 
     parse_address(config.chief)
     if not config.worker_id or "chief" in config.worker_id:
-        raise SearchError(f"--worker-id: {config.worker_id!r} must be non-empty and must not "
+        raise SearchError(f"`worker_id`: {config.worker_id!r} must be non-empty and must not "
                           f"contain 'chief' (KerasTuner's name for the chief)")
     arrays = load_arrays(config.pipeline, config.skip_bad_images)
     tracker = tracking.Tracker(config.tracking_uri)
@@ -485,9 +453,9 @@ def find_search(tracker: tracking.Tracker, experiment: str, chief: str, wait: fl
                     return chosen[0]
         if time.monotonic() > deadline:
             raise SearchError(
-                f"--chief: no search of experiment {experiment!r} with its chief at {chief} "
+                f"`chief`: no search of experiment {experiment!r} with its chief at {chief} "
                 f"is running in {tracker.tracking_uri} (waited {wait:.0f} s); start "
-                f"`nas search --chief {chief}` with the same --experiment and --tracking-uri")
+                f"`nas search --chief {chief}` with the same `experiment` and `tracking_uri`")
         if not waiting:
             echo(f"waiting for the chief's search (experiment {experiment!r}) in "
                  f"{tracker.tracking_uri}")
@@ -495,82 +463,62 @@ def find_search(tracker: tracking.Tracker, experiment: str, chief: str, wait: fl
         time.sleep(1.0)
 
 
-def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]:
+def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[str]:
     """Train the trials the chief at `config.chief` hands out, until the search ends.
 
-    Trials are logged as children of the chief's parent run, tagged `nas.worker`.
+    Trials are logged as children of the chief's parent run, tagged `nas.worker`;
+    `callback` (a `nas.events.Callback`, by default a `Printer`) receives what happens.
     Returns the ids of the trials this worker trained.
 
     Raises:
         SearchError: no such search running, or its space or pipeline differ.
-        nas.tracking.Interrupted / KeyboardInterrupt: stopped by a signal; the chief
+        nas.errors.Interrupted / KeyboardInterrupt: stopped by a signal; the chief
             hands the trial to another worker.
     """
-    import keras_tuner as kt
-
-    from nas import search, tuning
+    from nas import assembly
     from nas.data import make_datasets
+    from nas.events import Printer
 
+    callback = callback if callback is not None else Printer()
+    echo = callback.on_message
     config, tracker, arrays = prepared.config, prepared.tracker, prepared.arrays
     host, port = parse_address(config.chief)
     parent = find_search(tracker, config.experiment_name, config.chief, wait, echo)
     settings = json.loads(parent.data.tags[TAG_SETTINGS])
-    for kind, spec in (("space", config.space), ("pipeline", config.pipeline)):
-        if settings[f"{kind}_sha"] != _digest(spec.text):
-            raise SearchError(
-                f"--{kind}: {spec.name!r} is not the {kind} of the chief's search "
-                f"({settings[kind]!r}, run {parent.info.run_id}); a worker needs the same "
-                f"space and pipeline files as its chief")
-    config = dataclasses.replace(
-        config, tuner=settings["tuner"], max_trials=settings["max_trials"],
-        epochs=settings["epochs"], batch_size=settings["batch_size"], seed=settings["seed"],
-        mixed_precision=settings["mixed_precision"], jit_compile=settings["jit_compile"])
+    kind = config.differs_from(settings)
+    if kind is not None:
+        spec = config.space if kind == "space" else config.pipeline
+        raise SearchError(f"`{kind}`: {spec.name!r} is not the {kind} of the chief's search "
+                          f"({settings[kind]!r}, run {parent.info.run_id}); a worker needs the "
+                          f"same space and pipeline files as its chief")
+    config = config.for_worker(settings)
     experiment_id, search_run_id = parent.info.experiment_id, parent.info.run_id
     echo(f"worker {config.worker_id}: search run {search_run_id}, chief {config.chief}")
 
-    search.configure_tensorflow(config)
+    assembly.configure_tensorflow(config)
     # Read by KerasTuner when the tuner is built: this process is a worker of that chief.
     os.environ.update(KERASTUNER_TUNER_ID=config.worker_id, KERASTUNER_ORACLE_IP=host,
                       KERASTUNER_ORACLE_PORT=str(port))
-    pipeline = config.pipeline
-    hypermodel = tuning.CandidateModel(config.space, arrays.input_shape, arrays.num_classes,
-                                       arrays.pixel_scale, jit_compile=config.jit_compile,
-                                       mixed_precision=config.mixed_precision)
-    # Only its objective is used here: the chief's oracle proposes and guards.
-    oracle = tuning.make_oracle(
-        config.tuner, tuning.declare(config.space),
-        kt.Objective(pipeline.objective, pipeline.direction),
-        max_trials=config.max_trials, seed=config.seed, max_epochs=config.epochs_per_trial,
-        max_failures=config.max_failures, check=lambda values: None)
-    hooks = search.TrialRuns(tracker, experiment_id, search_run_id, config, echo,
-                              config.max_trials)
-    previous = signal.signal(signal.SIGTERM, search.raise_interrupted)
+    parts = assembly.assemble(config, arrays, tracker, experiment_id, search_run_id, callback)
     client = None
-    try:
-        # The same folder as the chief's: Hyperband continues trials from the
-        # checkpoints of earlier ones, so its workers need a shared --workdir.
-        tuner = tuning.NasTuner(oracle, hypermodel, hooks,
-                                stopping=tuning.stopping_rule(config.tuner, pipeline.objective,
-                                                              pipeline.direction),
-                                directory=config.workdir,
-                                project_name=config.project_name, overwrite=False,
-                                distribution_strategy=strategy(config.distribution))
-        client = _WorkerClient(oracle, tuner.oracle.multi_worker, tuner.oracle.should_report,
-                               token=config.worker_token or os.environ.get(TOKEN_ENV, ""),
-                               tls_ca=config.tls_ca)
-        client.check_token(config.chief)
-        tuner.oracle = client
-        datasets = make_datasets(arrays, config.batch_size, config.seed)
-        tuner.search(datasets.train, validation_data=datasets.validation,
-                     epochs=config.epochs_per_trial, verbose=0, shuffle=False,
-                     callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
-                                                     pipeline.early_stopping_patience))
-    finally:
-        hooks.close()
-        if client is not None:
-            client.close()
-        signal.signal(signal.SIGTERM, previous)
-    return sorted(hooks.runs)
+    with assembly.interruptions(sigint=False):
+        try:
+            # Only its objective is used here: the chief's oracle proposes and guards.
+            # The same folder as the chief's: Hyperband continues trials from the
+            # checkpoints of earlier ones, so its workers need a shared --workdir.
+            tuner = parts.tuner(parts.oracle(guarded=False))
+            client = _WorkerClient(tuner.oracle, tuner.oracle.multi_worker,
+                                   tuner.oracle.should_report,
+                                   token=config.worker_token or os.environ.get(TOKEN_ENV, ""),
+                                   tls_ca=config.tls_ca)
+            client.check_token(config.chief)
+            tuner.oracle = client
+            parts.search(tuner, make_datasets(arrays, config.batch_size, config.seed))
+        finally:
+            parts.hooks.close()
+            if client is not None:
+                client.close()
+    return sorted(parts.hooks.runs)
 
 
 def worker_command(chief: str, space: str, pipeline: str, experiment: str,

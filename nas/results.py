@@ -28,6 +28,8 @@ import tempfile
 import urllib.parse
 from typing import TYPE_CHECKING, Iterable
 
+from nas.errors import InputError
+
 if TYPE_CHECKING:  # importing nas.tracking imports MLflow: only where MLflow is used
     from nas import tracking
 
@@ -47,7 +49,7 @@ _TAG_KIND, _TAG_TRIAL, _TAG_SEARCH, _TAG_ERROR = (
     "nas.kind", "nas.trial_id", "nas.search_run_id", "nas.error")
 
 
-class ResultsError(LookupError):
+class ResultsError(InputError, LookupError):
     """What was asked for is not in the tracking store; the message says what and where."""
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from nas.errors import InputError
+
 __all__ = [
     "SpecError",
     "Knob",
@@ -45,7 +47,7 @@ AUGMENTS = ("flip", "rotation", "translation", "zoom", "contrast")
 FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """A search space or pipeline is wrong; the message says where and why."""
 
     def __init__(self, source: str, field: str, message: str):

@@ -22,10 +22,12 @@ import os
 import socket
 from pathlib import Path
 
+from nas.errors import InputError
+
 __all__ = ["SearchLock", "StateError", "read_json", "write_atomic"]
 
 
-class StateError(ValueError):
+class StateError(InputError):
     """A search's state cannot be used as it is (held by another process, or unreadable)."""
 
 
@@ -127,6 +129,6 @@ class SearchLock:
             held_by = f"process {who['pid']} on {who['host']} since {who['since']}"
         except (ValueError, KeyError, TypeError):
             held_by = "another process"
-        return (f"--experiment: the search {self.experiment!r} is running in {held_by} "
+        return (f"`experiment`: the search {self.experiment!r} is running in {held_by} "
                 f"(lock {self.path}); wait for it to end or stop it, or choose another "
-                f"--experiment or --workdir")
+                f"`experiment` or `workdir`")

@@ -19,6 +19,8 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from nas.errors import InputError, Interrupted
+
 __all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "TAG_SEARCH"]
 
 TAG_KIND = "nas.kind"  # "search" or "trial"
@@ -41,12 +43,8 @@ _MAX_BATCH_METRICS = 1000
 _MAX_PARAM_LENGTH = 6000
 
 
-class TrackingError(RuntimeError):
+class TrackingError(InputError):
     """The MLflow tracking store cannot be used; the message says which and why."""
-
-
-class Interrupted(BaseException):
-    """Raised by the signal handlers so runs close as KILLED (like KeyboardInterrupt)."""
 
 
 # The signal a handler raised for, kept so that training raises it again at its next batch
@@ -79,14 +77,14 @@ class Tracker:
                 requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
             except requests.RequestException as error:
                 raise TrackingError(
-                    f"--tracking-uri: {uri} cannot be reached ({error.__class__.__name__})"
+                    f"`tracking_uri`: {uri} cannot be reached ({error.__class__.__name__})"
                 ) from None
             return
         try:
             self.client.search_experiments(max_results=1)
         except Exception as error:  # any store error means the URI is unusable
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise TrackingError(f"--tracking-uri: {uri} cannot be used ({first[:200]})") from None
+            raise TrackingError(f"`tracking_uri`: {uri} cannot be used ({first[:200]})") from None
 
     def experiment_id(self, name: str, create: bool = True) -> str | None:
         """The id of the experiment called `name`; created if missing and `create`."""

@@ -27,7 +27,7 @@ from keras_tuner.src.engine import trial as trial_module
 from tensorflow.python.framework import ops as _tf_ops
 
 from nas import ktcompat
-from nas.architecture import Architecture, hyperparameter_specs
+from nas.architecture import Architecture, Rejection, hyperparameter_specs
 from nas.models import build_model
 from nas.specs import Knob, SearchSpace
 from nas.state import StateError, read_json, write_atomic
@@ -83,14 +83,22 @@ class _Guard(ktcompat.AtomicOracle):
     `check(values)` returns why a candidate must not be trained, or None.
     """
 
-    def set_guard(self, check: Callable[[dict], str | None]) -> None:
+    def set_guard(self, check: Callable[[dict], Rejection | None]) -> None:
         self._check = check
+        self._on_reject = None  # called with each `Rejection` (`nas.events`)
         self.rejected = getattr(self, "rejected", 0)
         self.rejection_reasons = getattr(self, "rejection_reasons", collections.Counter())
 
-    def _reject(self, values: dict, reason: str) -> None:
+    def on_reject(self, callback) -> None:
+        """Call `callback` with each rejected candidate's `Rejection` (None: nobody)."""
+        self._on_reject = callback
+
+    def _reject(self, values: dict, reason) -> None:
         self.rejected += 1
-        self.rejection_reasons["over budget" if "max_" in reason else "impossible"] += 1
+        over = getattr(reason, "over_budget", False)  # a `nas.architecture.Rejection`
+        self.rejection_reasons["over budget" if over else "impossible"] += 1
+        if self._on_reject is not None:
+            self._on_reject(reason)
         self._tried_so_far.add(self._compute_values_hash(values))
 
     def _first_accepted(self, propose: Callable[[dict | None], dict | None]) -> dict | None:
@@ -363,7 +371,7 @@ def _snap(hp, target):
 
 def make_oracle(tuner: str, hyperparameters: kt.HyperParameters, objective: kt.Objective,
                 max_trials: int, seed: int, max_epochs: int, max_failures: int,
-                check: Callable[[dict], str | None],
+                check: Callable[[dict], Rejection | None],
                 time_limit: float | None = None) -> kt.Oracle:
     """The oracle for `tuner`, guarded by `check`, proposing within `time_limit` seconds."""
     common = dict(objective=objective, hyperparameters=hyperparameters, seed=seed,
@@ -409,7 +417,7 @@ class CandidateModel(kt.HyperModel):
         return Architecture.from_values(self.space, values, self.input_shape, self.num_classes,
                                         self.pixel_scale)
 
-    def check(self, values: dict, constraints) -> str | None:
+    def check(self, values: dict, constraints) -> Rejection | None:
         return self.architecture(values).rejection(constraints)
 
     def build(self, hp):

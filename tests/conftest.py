@@ -30,6 +30,7 @@ def digits_search(tmp_path_factory):
     Returns a namespace with `root`, `tracking_uri`, `workdir`, `experiment`, `result`.
     """
     from nas import search
+    from nas.events import Callback
     from nas.specs import load_pipeline, load_space
 
     root = tmp_path_factory.mktemp("digits_search")
@@ -40,7 +41,7 @@ def digits_search(tmp_path_factory):
         ensemble=1,  # a single trial's model as the final model (ensembles: test_ensemble.py)
     )
     with contextlib.chdir(root):  # MLflow puts artifacts under ./mlruns
-        result = search.run(search.prepare(config), echo=lambda line: None)
+        result = search.run(search.prepare(config), Callback())
     return types.SimpleNamespace(root=root, tracking_uri=tracking_uri,
                                  workdir=str(root / ".nas"), experiment="shared",
                                  result=result)

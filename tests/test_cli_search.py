@@ -170,7 +170,7 @@ def test_progress_off(switch, monkeypatch):
 
 def test_progress_on_a_terminal_is_one_line_rewritten(capsys, monkeypatch):
     from nas.cli import _Progress
-    from nas.search import EpochEnded
+    from nas.events import EpochEnded, TrialEnded
 
     def event(epoch, value):
         return EpochEnded("7", 1, 5, epoch, 10, "val_accuracy", value, value, 300.0 - epoch,
@@ -178,9 +178,9 @@ def test_progress_on_a_terminal_is_one_line_rewritten(capsys, monkeypatch):
 
     monkeypatch.setenv("COLUMNS", "120")  # the terminal's width
     shown = _Progress(terminal=True)
-    shown.epoch(event(1, 0.5))
-    shown.epoch(event(2, 0.75))
-    shown.echo("trial 7 (1/5): val_accuracy 0.7500  best 0.7500  params 1,000  9.0 s")
+    shown.on_epoch_end(event(1, 0.5))
+    shown.on_epoch_end(event(2, 0.75))
+    shown.on_trial_end(TrialEnded("7", 1, 5, "val_accuracy", 0.75, 0.75, 1000, 9.0, "FINISHED"))
     out = capsys.readouterr().out
     first = ("trial 7 epoch 1/10  val_accuracy 0.5000 (trial best 0.5000)  left: trial "
              "<=4m59s, search ~25m00s")
@@ -190,8 +190,8 @@ def test_progress_on_a_terminal_is_one_line_rewritten(capsys, monkeypatch):
                    f"trial 7 (1/5): val_accuracy 0.7500  best 0.7500  params 1,000  9.0 s\n")
 
     monkeypatch.setenv("COLUMNS", "50")  # never wider: a wrapped line is not rewritten
-    shown.epoch(event(1, 0.5))
-    shown.echo("end")
+    shown.on_epoch_end(event(1, 0.5))
+    shown.on_message("end")
     assert capsys.readouterr().out == f"\r{first[:49]}\r{' ' * 49}\rend\n"
 
 

@@ -312,8 +312,10 @@ def test_mirrored_distribution_trains_on_the_cpu(tmp_path, monkeypatch):
     from nas import distributed
 
     made = []
-    original = distributed.strategy
-    monkeypatch.setattr(distributed, "strategy",
+    from nas import assembly
+
+    original = assembly.strategy
+    monkeypatch.setattr(assembly, "strategy",
                         lambda name: made.append(original(name)) or made[-1])
     uri = f"sqlite:///{tmp_path}/mirrored.db"
     result = CliRunner().invoke(main, [
@@ -342,6 +344,7 @@ def test_scale_out_input_errors(args, message):
 
 def test_a_worker_refuses_another_space(tmp_path, monkeypatch):
     from nas import distributed, search
+    from nas.events import Callback
     from nas.specs import load_pipeline, load_space
     from nas.tracking import Tracker
 
@@ -351,11 +354,11 @@ def test_a_worker_refuses_another_space(tmp_path, monkeypatch):
     chief_config = search.SearchConfig(space=load_space("tiny"), pipeline=load_pipeline("digits"))
     run_id = tracker.start_run(experiment_id, "search", tags={
         "nas.kind": "search", distributed.TAG_CHIEF: "127.0.0.1:9",
-        distributed.TAG_SETTINGS: json.dumps(distributed._settings(chief_config))})
+        distributed.TAG_SETTINGS: json.dumps(chief_config.worker_settings())})
     config = search.SearchConfig(space=load_space("lenet"), pipeline=load_pipeline("digits"),
                                  experiment="refuse", tracking_uri=uri, chief="127.0.0.1:9",
                                  worker_id="w")
-    with pytest.raises(search.SearchError, match=r"--space: 'lenet' is not the space of the "
+    with pytest.raises(search.SearchError, match=r"space: 'lenet' is not the space of the "
                        rf"chief's search \('tiny', run {run_id}\)"):
-        distributed.run_worker(distributed.prepare_worker(config), echo=lambda line: None,
+        distributed.run_worker(distributed.prepare_worker(config), Callback(),
                                wait=0)

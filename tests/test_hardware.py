@@ -73,7 +73,7 @@ def test_search_with_gpu_switches_runs_on_the_cpu_and_logs_its_device(monkeypatc
 def test_memory_growth_is_set_on_every_gpu(monkeypatch):
     import tensorflow as tf
 
-    from nas import search
+    from nas import assembly, search
     from nas.specs import load_pipeline
 
     gpus = ["GPU:0", "GPU:1"]
@@ -83,7 +83,7 @@ def test_memory_growth_is_set_on_every_gpu(monkeypatch):
     monkeypatch.setattr(tf.config.experimental, "set_memory_growth",
                         lambda device, enable: grown.append((device, enable)))
     config = search.SearchConfig(space=load_space("tiny"), pipeline=load_pipeline("digits"))
-    search.configure_tensorflow(config)
+    assembly.configure_tensorflow(config)
     assert grown == [("GPU:0", True), ("GPU:1", True)]
 
 

@@ -91,10 +91,10 @@ def test_a_trial_whose_run_cannot_be_written_fails_and_the_search_goes_on(monkey
 
 
 def test_metrics_that_cannot_be_written_fail_only_that_trial(monkeypatch):
-    import nas.search
+    import nas.trial_runs
     import nas.tracking
 
-    monkeypatch.setattr(nas.search, "FLUSH_SECONDS", 0.0)  # every epoch's metrics at once
+    monkeypatch.setattr(nas.trial_runs, "FLUSH_SECONDS", 0.0)  # every epoch's metrics at once
     real_log_batch, failed = nas.tracking.Tracker.log_batch, []
 
     def log_batch(self, run_id, metrics=(), params=None, tags=None):
@@ -113,7 +113,9 @@ def test_a_run_an_interruption_left_open_is_closed_killed(tmp_path):
     from types import SimpleNamespace
 
     from nas.architecture import Architecture
-    from nas.search import SearchConfig, TrialRuns
+    from nas.events import Callback
+    from nas.settings import SearchConfig
+    from nas.trial_runs import TrialRuns
     from nas.specs import load_pipeline, load_space
     from nas.tracking import Tracker
 
@@ -126,7 +128,7 @@ def test_a_run_an_interruption_left_open_is_closed_killed(tmp_path):
               "dense_layers": 0, "learning_rate": 0.01}
     hooks = TrialRuns(tracker, experiment_id, parent,
                       SearchConfig(space=space, pipeline=load_pipeline("digits")),
-                      echo=lambda line: None, total=1)
+                      Callback(), total=1)
     trial = SimpleNamespace(trial_id="0", hyperparameters=SimpleNamespace(values=values))
     hooks.trial_started(trial, Architecture.from_values(space, values, (8, 8, 1), 10, 16.0))
     hooks.batch_ended()  # the run is written in the background ...
