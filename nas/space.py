@@ -2,10 +2,11 @@
 
 Nothing here imports TensorFlow. `analyse` counts the distinct architectures a space
 holds on a given input shape, how many of them are impossible and why, and the range of
-their parameter counts and FLOPs, without enumerating them (`nas.counting` says how).
-The counts are always exact; in a space too large to weigh exactly, the costs and the
-front a check of two budgets at once needs are bounds, and the report says so. Bounds
-only ever err towards "may fit": a space holding a candidate that fits is never refused.
+their parameter counts and FLOPs, without enumerating them: `nas.counting` counts and
+`nas.costs` weighs, and each says how. The counts are always exact; in a space too
+large to weigh exactly, the costs and the front a check of two budgets at once needs
+are bounds, and the report says so. Bounds only ever err towards "may fit": a space
+holding a candidate that fits is never refused.
 
 Counting covers the discrete knobs only; a continuous range (a log-sampled learning
 rate, a dropout range without a step) has no count and is listed as left out.
@@ -19,8 +20,8 @@ import math
 import random
 
 from nas.architecture import Architecture, hyperparameter_specs
-from nas.counting import (FRONT_WORK, _costs, _count, _count_impossible, _left_out, _Sizes,
-                          _stage_options)
+from nas.costs import FRONT_WORK, _costs
+from nas.counting import _count, _count_impossible, _left_out, _Sizes, _stage_options
 from nas.specs import Constraints, Knob, Pipeline, SearchSpace
 
 __all__ = ["SpaceReport", "analyse", "input_signature", "sample", "budget_problem",
@@ -55,11 +56,11 @@ class SpaceReport:
         max_params, max_flops: The largest possible architecture's costs (None when no
             architecture is possible); upper bounds when not `costs_exact`.
         costs_exact: Whether the cost range is exact. A space too large to weigh
-            exactly (see `nas.counting.EXACT_WORK`) gets bounds: `min_params` and
+            exactly (see `nas.costs.EXACT_WORK`) gets bounds: `min_params` and
             `min_flops` no larger than the smallest architecture's, `max_params` and
             `max_flops` no smaller than the largest's.
         front_exact: Whether `front` is exact; a deep space with many choices per stage
-            has it thinned to bounds (see `nas.counting.FRONT_WORK`), and it is bounds
+            has it thinned to bounds (see `nas.costs.FRONT_WORK`), and it is bounds
             whenever the costs are. Its fewest parameters and FLOPs are exact either way
             when `costs_exact`.
         reached: The points of `front` a possible architecture costs exactly (all of
@@ -173,7 +174,7 @@ def analyse(space: SearchSpace, input_shape, num_classes: int,
     """Count the space's architectures on `input_shape` and the range of their costs.
 
     Every count is exact. The costs are exact unless the space is too large to weigh
-    exactly (`nas.counting.EXACT_WORK`); they are then bounds (`SpaceReport.costs_exact`).
+    exactly (`nas.costs.EXACT_WORK`); they are then bounds (`SpaceReport.costs_exact`).
     The front is thinned to bounds past `work` candidate points (`SpaceReport.front_exact`).
     """
     input_shape = tuple(int(d) for d in input_shape)
