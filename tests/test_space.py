@@ -489,7 +489,7 @@ THINNED = {"pools": True, "strides": True, "dense": False, "continuous": False}
 @pytest.mark.parametrize("name", sorted(SMALL_SPACES))
 def test_thinned_fronts_and_bounded_costs_never_rule_out_what_fits(tmp_path, monkeypatch,
                                                                    name):
-    import nas.space
+    import nas.costs
 
     space = load_space(str(write_space(tmp_path, name, SMALL_SPACES[name])))
     possible = [a for a in brute_force(space, (8, 8, 1)) if not a.impossible]
@@ -497,7 +497,7 @@ def test_thinned_fronts_and_bounded_costs_never_rule_out_what_fits(tmp_path, mon
     exact = analyse(space, (8, 8, 1), 10)
 
     thinned = analyse(space, (8, 8, 1), 10, work=1)  # one point per feature map
-    monkeypatch.setattr(nas.space, "EXACT_WORK", 0)  # too large to weigh exactly
+    monkeypatch.setattr(nas.costs, "EXACT_WORK", 0)  # too large to weigh exactly
     bounded = analyse(space, (8, 8, 1), 10)
 
     for report in (thinned, bounded):
@@ -536,9 +536,9 @@ def test_a_space_too_large_to_weigh_exactly_gets_bounds_that_say_so(tmp_path):
 
 
 def test_bounds_still_refuse_what_cannot_fit_and_say_they_are_bounds(monkeypatch):
-    import nas.space
+    import nas.costs
 
-    monkeypatch.setattr(nas.space, "EXACT_WORK", 0)
+    monkeypatch.setattr(nas.costs, "EXACT_WORK", 0)
     space = load_space("tiny")
     assert budget_problem(space, (8, 8, 1), 10, Constraints(max_params=90)) is None
     assert budget_problem(space, (8, 8, 1), 10, Constraints(max_params=89)) == (
