@@ -694,7 +694,7 @@ def _tracker(uri: str) -> tracking.Tracker:
         try:
             tracker.check()  # MLflow would retry an unreachable server for minutes
         except tracking.TrackingError as error:
-            raise ResultsError(str(error)) from None
+            raise ResultsError(error.message) from None
     return tracker
 
 
