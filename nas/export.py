@@ -31,8 +31,7 @@ __all__ = ["prepare_model_logging", "ExportError", "Exported", "FORMATS", "MODEL
 
 FORMATS = ("savedmodel", "tflite")
 MODEL_NAME = "model"  # the MLflow model on the search's run: runs:/<search run id>/model
-TAG_FINAL = "nas.final_trials"  # on a search's run: the trial(s) of its final model
-TAG_REFIT = "nas.refit"  # on a search's run: "1" when its final model was retrained (--refit)
+TAG_FINAL, TAG_REFIT = tracking.TAG_FINAL, tracking.TAG_REFIT  # on a search's run
 CHAMPION = "champion"  # the registry alias of the registered version best on its test data
 CLASS_NAMES_FILE = "class_names.json"
 _CHECKPOINT = tracking.WEIGHTS  # KerasTuner's per-trial best-epoch weights (Keras 3)
@@ -147,7 +146,7 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
 
 def final_trials(search: results.Search) -> list[str]:
     """The trial ids of a search's final model (one, or the members of its ensemble)."""
-    return [t for t in search.tags.get(TAG_FINAL, "").split(",") if t]
+    return search.final_trials
 
 
 def _members(search: results.Search, rows, ensemble: int | None) -> list[results.TrialRow]:

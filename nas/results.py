@@ -26,12 +26,15 @@ import urllib.parse
 from typing import Iterable
 
 from nas import mlflow_sqlite, tracking  # neither imports MLflow
+from nas.pareto import front_marks
 from nas.reader import Experiment, Reader, Run
-from nas.tracking import TAG_ERROR, TAG_KIND, TAG_MAX_TRIALS, TAG_SEARCH, TAG_TRIAL
+from nas.tracking import TAG_ERROR, TAG_FINAL, TAG_KIND, TAG_MAX_TRIALS, TAG_REFIT, TAG_SEARCH, \
+    TAG_TRIAL
 
 __all__ = ["ResultsError", "Search", "TrialRow", "Reader", "SORT_KEYS", "STATUSES",
            "open_store", "open_reader", "find_search", "find_run", "list_trials", "best_trial",
-           "sort_trials", "layer_table", "ui_command", "ui_link"]
+           "finished_trials", "select_trials", "sort_trials", "layer_table", "ui_command",
+           "ui_link"]
 
 # MLflow run statuses a trial's run can end with (RUNNING: still training, or its process died).
 STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING")
@@ -73,6 +76,16 @@ class Search:
         # A search grown past its first budget says so in a tag (params cannot change).
         value = self.tags.get(TAG_MAX_TRIALS) or self.params.get("max_trials")
         return int(value) if value is not None else None
+
+    @property
+    def final_trials(self) -> list[str]:
+        """The trial ids of the search's final model (one, or its ensemble's); [] if none yet."""
+        return [t for t in self.tags.get(TAG_FINAL, "").split(",") if t]
+
+    @property
+    def refit(self) -> bool:
+        """Whether the final model was retrained on training + validation data (--refit)."""
+        return self.tags.get(TAG_REFIT) == "1"
 
     @property
     def test(self) -> dict:
@@ -215,11 +228,51 @@ def best_trial(rows: Iterable[TrialRow], search: Search) -> TrialRow:
     Raises:
         ResultsError: no trial of the search finished.
     """
-    finished = [r for r in rows if r.status == "FINISHED" and _number(r.objective)]
+    finished = finished_trials(rows)
     if not finished:
         raise ResultsError(f"experiment {search.experiment_name!r}: the search "
                            f"{search.run_id} has no finished trial yet")
     return sort_trials(finished, "objective", search)[0]
+
+
+def finished_trials(rows: Iterable[TrialRow]) -> list[TrialRow]:
+    """The trials that finished with a score of the objective, in the order given."""
+    return [r for r in rows if r.status == "FINISHED" and _number(r.objective)]
+
+
+def select_trials(rows: Iterable[TrialRow], search: Search, status: str | None = None,
+                  pareto: bool = False, sort: str = "objective",
+                  limit: int | None = None) -> tuple[list[TrialRow], dict[str, str]]:
+    """The trials `nas trials` shows, and the Pareto fronts each is on.
+
+    Args:
+        rows: The search's trials (`list_trials`).
+        status: Only the trials whose run ended so (one of `STATUSES`, any case).
+        pareto: Only the finished trials on a Pareto front of the objective against
+            parameters or FLOPs.
+        sort: The order, as `sort_trials` takes it.
+        limit: At most this many, the first in that order.
+
+    Returns:
+        The rows, and with `pareto` for each row's run id its fronts: "params", "flops"
+        or "params,flops" (an empty mapping without `pareto`).
+
+    Raises:
+        ResultsError: `status` or `sort` is none of those allowed.
+    """
+    rows = list(rows)
+    if status is not None:
+        if status.upper() not in STATUSES:
+            raise ResultsError(f"status: {status!r} is not one of {list(STATUSES)}")
+        rows = [r for r in rows if r.status == status.upper()]
+    marks = {}
+    if pareto:
+        finished = [r for r in rows if r.status == "FINISHED"]
+        marks = {r.run_id: ",".join(fronts) for r, fronts in
+                 zip(finished, front_marks(finished, search.direction))}
+        rows = [r for r in rows if marks.get(r.run_id)]
+    rows = sort_trials(rows, sort, search)[:limit]
+    return rows, {r.run_id: marks[r.run_id] for r in rows} if pareto else {}
 
 
 def sort_trials(rows: Iterable[TrialRow], key: str, search: Search) -> list[TrialRow]:

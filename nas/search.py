@@ -31,7 +31,7 @@ __all__ = ["EpochEnded", "SearchConfig", "SearchError", "SearchFailed", "SearchR
 
 STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
 TAG_FINGERPRINT = "nas.fingerprint"  # on the search's run: found again by its settings
-TAG_MAX_TRIALS = "nas.max_trials"  # on the search's run, once it grew past its first budget
+TAG_MAX_TRIALS = tracking.TAG_MAX_TRIALS  # on the search's run, once it grew past its first budget
 FLUSH_SECONDS = 10.0  # longest a trial's epoch metrics wait before they reach MLflow
 
 
@@ -942,10 +942,9 @@ def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> Se
     return SearchResult(experiment_id, search_run_id, pipeline.objective, pipeline.direction,
                         results.list_trials(tracker, search), tuner.oracle.rejected, resumed,
                         test=search.test,
-                        final_trials=[t for t in search.tags.get("nas.final_trials", "").split(",")
-                                      if t],
+                        final_trials=search.final_trials,
                         stopped_by_time=getattr(tuner.oracle, "stopped_by_time", False),
-                        refit=search.tags.get("nas.refit") == "1")
+                        refit=search.refit)
 
 
 def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:
