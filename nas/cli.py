@@ -20,6 +20,7 @@ import click
 from nas import events
 from nas.errors import InputError, Interrupted, SearchFailed
 from nas.events import Printer
+from nas.results import STATUSES  # standard library alone: `nas --help` stays light
 
 __all__ = ["main"]
 
@@ -474,8 +475,6 @@ def space_show(space_ref, pipeline, samples, seed, max_params, max_flops):
 
 # --- results, the MLflow UI and export (issue 3): read back from MLflow ---------------
 
-# The same list as nas.results.STATUSES, here so that `nas --help` does not import MLflow.
-_RUN_STATUSES = ["FINISHED", "FAILED", "KILLED", "RUNNING"]
 LATEST_EXPERIMENT = click.option(
     "--experiment", default=None, metavar="NAME",
     help="Experiment of the search (its latest search run).  [default: the experiment "
@@ -490,7 +489,7 @@ LATEST_EXPERIMENT = click.option(
                    "metric of the trial runs (e.g. val_loss).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Show the first N rows only.")
-@click.option("--status", type=click.Choice(_RUN_STATUSES, case_sensitive=False), default=None,
+@click.option("--status", type=click.Choice(STATUSES, case_sensitive=False), default=None,
               help="Only trials whose MLflow run ended so.")
 @click.option("--pareto", is_flag=True,
               help="Only the trials on the Pareto front of the objective vs parameters or "
@@ -504,23 +503,18 @@ def trials(experiment, sort, limit, status, pareto, tracking_uri):
     # A local SQLite store is read with sqlite3, without importing MLflow (seconds).
     reader = results.open_reader(tracking_uri)
     found = results.find_search(reader, experiment)
-    rows = results.list_trials(reader, found)
-    total = len(rows)
-    if status:
-        rows = [r for r in rows if r.status == status.upper()]
-    marks = _pareto_marks(rows, found.direction) if pareto else None
-    if marks is not None:
-        rows = [r for r in rows if marks.get(r.run_id)]
-    rows = results.sort_trials(rows, sort, found)[:limit]
+    every = results.list_trials(reader, found)
+    rows, marks = results.select_trials(every, found, status=status, pareto=pareto, sort=sort,
+                                        limit=limit)
     better = "higher" if found.direction == "max" else "lower"
     click.echo(f"experiment {found.experiment_name!r}, search run {found.run_id} "
-               f"({found.status}): {total} of {found.max_trials or '?'} trials; "
+               f"({found.status}): {len(every)} of {found.max_trials or '?'} trials; "
                f"{found.objective}, {better} is better")
     if not rows:
         click.echo(f"no trial{' is ' + status.upper() if status else ' yet'}")
         return
     table = _results_table(rows, found.objective)
-    click.echo(table if marks is None else _with_pareto_column(table, rows, marks))
+    click.echo(_with_pareto_column(table, rows, marks) if pareto else table)
     for row in rows:
         if row.error:
             click.echo(f"trial {row.trial_id} {row.status}: {row.error.splitlines()[0]}")
@@ -535,6 +529,7 @@ def best(experiment, tracking_uri):
     import textwrap
 
     from nas import final_model, results
+    from nas.tracking import TAG_TRIAL
 
     tracker = results.open_store(tracking_uri)
     found = results.find_search(tracker, experiment)
@@ -545,10 +540,9 @@ def best(experiment, tracking_uri):
                f"{found.objective} {top.objective:.4f} ({finished} finished trials)")
     click.echo(f"{_count(top.params)} parameters, {_count(top.flops)} FLOPs, "
                f"fit {_seconds(top.fit_seconds)} s, {top.epochs or '-'} epochs")
-    final = [t for t in found.tags.get("nas.final_trials", "").split(",") if t]
-    refit = found.tags.get("nas.refit") == "1"
+    final = found.final_trials
     if final:
-        click.echo(_test_line(found.test, final, refit))
+        click.echo(_test_line(found.test, final, found.refit))
     values = "  ".join(f"{k}={_cell(v)}" for k, v in top.values.items())
     click.echo(textwrap.fill(values, width=88, initial_indent="hyperparameters: ",
                              subsequent_indent="  ", break_on_hyphens=False))
@@ -559,9 +553,9 @@ def best(experiment, tracking_uri):
                f"{found.experiment_name!r} (id {found.experiment_id}) in {tracker.tracking_uri}")
     click.echo(f"  artifacts: {top.artifact_uri}")
     logged = final_model.logged_model(tracker, found)
-    if logged is not None and final and logged.tags.get("nas.trial_id") == ",".join(final):
+    if logged is not None and final and logged.tags.get(TAG_TRIAL) == ",".join(final):
         click.echo(f"  model:     runs:/{found.run_id}/{final_model.MODEL_NAME} (the final "
-                   f"model: {_final_model(final, refit)})")
+                   f"model: {_final_model(final, found.refit)})")
     hint = "" if tracker.tracking_uri.startswith("http") else "  (start it with `nas ui`)"
     click.echo(f"  UI:        {results.ui_link(tracker.tracking_uri, found, top.run_id)}{hint}")
 
@@ -653,7 +647,7 @@ def export_model(experiment, run_id, trial_id, ensemble, out, force, fmt, regist
     what = "a SavedModel" if fmt == "savedmodel" else "TFLite (model.tflite)"
     scores = ", ".join(f"{m.objective:.4f}" for m in done.members)
     final = " (the search's final model)" if done.is_final else ""
-    refit = done.is_final and done.search.tags.get("nas.refit") == "1"
+    refit = done.is_final and done.search.refit
     click.echo(f"exported {_final_model([m.trial_id for m in done.members], refit)}{final} of "
                f"experiment {done.search.experiment_name!r} ({done.search.objective} "
                f"{scores}) to {done.out} as {what}")
@@ -858,8 +852,7 @@ def report(experiment, out, tracking_uri):
 
     tracker = results.open_store(tracking_uri)
     found = results.find_search(tracker, experiment)
-    finished = [r for r in results.list_trials(tracker, found)
-                if r.status == "FINISHED" and r.objective is not None]
+    finished = results.finished_trials(results.list_trials(tracker, found))
     if not finished:
         raise UserError(f"experiment {found.experiment_name!r}: the search {found.run_id} has "
                         f"no finished trial to plot yet")
@@ -868,15 +861,6 @@ def report(experiment, out, tracking_uri):
     on_front = [r.trial_id for r in pareto.pareto_front(finished, "params", found.direction)]
     click.echo(f"wrote {out}: {found.objective} of {len(finished)} finished trials against "
                f"parameters and FLOPs; Pareto front (parameters): trials {', '.join(on_front)}")
-
-
-def _pareto_marks(rows, direction: str) -> dict[str, str]:
-    """run id -> "params", "flops" or "params,flops": the fronts a finished trial is on."""
-    from nas import pareto
-
-    finished = [r for r in rows if r.status == "FINISHED"]
-    return {r.run_id: ",".join(fronts)
-            for r, fronts in zip(finished, pareto.front_marks(finished, direction))}
 
 
 def _with_pareto_column(table: str, rows, marks: dict[str, str]) -> str:

@@ -27,23 +27,14 @@ __all__ = ["CHAMPION", "CHECKPOINT", "MODEL_NAME", "TAG_FINAL", "TAG_REFIT", "en
            "score_on_test"]
 
 MODEL_NAME = "model"  # the MLflow model on the search's run: runs:/<search run id>/model
-
-
-TAG_FINAL = "nas.final_trials"  # on a search's run: the trial(s) of its final model
-
-
-TAG_REFIT = "nas.refit"  # on a search's run: "1" when its final model was retrained (--refit)
-
-
+TAG_FINAL, TAG_REFIT = tracking.TAG_FINAL, tracking.TAG_REFIT  # on a search's run
 CHAMPION = "champion"  # the registry alias of the registered version best on its test data
-
-
 CHECKPOINT = tracking.WEIGHTS  # KerasTuner's per-trial best-epoch weights (Keras 3)
 
 
 def final_trials(search: results.Search) -> list[str]:
     """The trial ids of a search's final model (one, or the members of its ensemble)."""
-    return [t for t in search.tags.get(TAG_FINAL, "").split(",") if t]
+    return search.final_trials
 
 
 def ensemble_of(models: list, trial_ids: list[str]):

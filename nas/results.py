@@ -6,36 +6,36 @@ comes from what `nas search` logged (see `nas.tracking`): the search's parent ru
 hyperparameters as params, `objective`, `params`, `flops`, `fit_time_s` as metrics and the
 layer table as the `architecture.txt` artifact.
 
-The functions read through a `Reader`. `open_reader` gives the fast one on a local SQLite
-store: it reads MLflow's tables with the standard library's `sqlite3`, read-only, without
-importing MLflow (which costs seconds); any other store, or any SQLite error, is read with
-`MlflowClient`. Both give the same answers; artifacts always come through MLflow.
+The functions read through a `Reader` (`nas.reader`). `open_reader` gives the fast one on
+a local SQLite store, `nas.mlflow_sqlite`'s: it reads MLflow's tables with the standard
+library's `sqlite3`, read-only, without importing MLflow (which costs seconds); any other
+store, or any SQLite error, is read with `MlflowClient`. Both give the same answers;
+artifacts always come through MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import importlib.util
 import json
 import math
 import os
-import re
-import sqlite3
 import sys
 import tempfile
 import urllib.parse
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from nas.errors import InputError
-
-if TYPE_CHECKING:  # importing nas.tracking imports MLflow: only where MLflow is used
-    from nas import tracking
+from nas import mlflow_sqlite, tracking  # neither imports MLflow
+from nas.pareto import front_marks
+from nas.reader import Experiment, Reader, Run
+from nas.tracking import TAG_ERROR, TAG_FINAL, TAG_KIND, TAG_MAX_TRIALS, TAG_REFIT, TAG_SEARCH, \
+    TAG_TRIAL
 
 __all__ = ["ResultsError", "Search", "TrialRow", "Reader", "SORT_KEYS", "STATUSES",
            "open_store", "open_reader", "find_search", "find_run", "list_trials", "best_trial",
-           "sort_trials", "layer_table", "ui_command", "ui_link"]
+           "finished_trials", "select_trials", "sort_trials", "layer_table", "ui_command",
+           "ui_link"]
 
 # MLflow run statuses a trial's run can end with (RUNNING: still training, or its process died).
 STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING")
@@ -43,10 +43,6 @@ STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING")
 SORT_KEYS = {"objective": "objective", "trial": None, "params": "params", "flops": "flops",
              "fit_time": "fit_time_s", "epochs": "epochs_trained"}
 _SMALLEST_FIRST = ("params", "flops", "fit_time_s", "epochs_trained")
-# The tags `nas.tracking` writes, spelled here too so that reading needs no MLflow
-# (tests/test_fast_reader.py pins them equal).
-_TAG_KIND, _TAG_TRIAL, _TAG_SEARCH, _TAG_ERROR = (
-    "nas.kind", "nas.trial_id", "nas.search_run_id", "nas.error")
 
 
 class ResultsError(InputError, LookupError):
@@ -79,8 +75,18 @@ class Search:
     @property
     def max_trials(self) -> int | None:
         # A search grown past its first budget says so in a tag (params cannot change).
-        value = self.tags.get("nas.max_trials") or self.params.get("max_trials")
+        value = self.tags.get(TAG_MAX_TRIALS) or self.params.get("max_trials")
         return int(value) if value is not None else None
+
+    @property
+    def final_trials(self) -> list[str]:
+        """The trial ids of the search's final model (one, or its ensemble's); [] if none yet."""
+        return [t for t in self.tags.get(TAG_FINAL, "").split(",") if t]
+
+    @property
+    def refit(self) -> bool:
+        """Whether the final model was retrained on training + validation data (--refit)."""
+        return self.tags.get(TAG_REFIT) == "1"
 
     @property
     def test(self) -> dict:
@@ -155,7 +161,7 @@ def open_reader(tracking_uri: str | None) -> Reader:
     """
     uri, path = _existing_store(tracking_uri)
     if path is not None and _sqlite_is_current(uri, path):
-        return _SqliteReader(uri, path)
+        return mlflow_sqlite.SqliteReader(uri, path, lambda: _MlflowReader(_tracker(uri)))
     return _MlflowReader(_tracker(uri))
 
 
@@ -192,14 +198,14 @@ def find_run(store: Reader | tracking.Tracker,
     """
     reader = _reader(store)
     run = _get_run(reader, run_id)
-    kind = run.tags.get(_TAG_KIND)
+    kind = run.tags.get(TAG_KIND)
     if kind == "search":
         return _search(reader, run), None
     if kind == "trial":
-        search = _search(reader, _get_run(reader, run.tags[_TAG_SEARCH]))
+        search = _search(reader, _get_run(reader, run.tags[TAG_SEARCH]))
         return search, _trial_row(run, search.objective)
     raise ResultsError(f"--run: {run_id} is not the run of a nas search or trial "
-                       f"(its tag {_TAG_KIND} is {kind!r})")
+                       f"(its tag {TAG_KIND} is {kind!r})")
 
 
 def list_trials(store: Reader | tracking.Tracker, search: Search) -> list[TrialRow]:
@@ -208,9 +214,9 @@ def list_trials(store: Reader | tracking.Tracker, search: Search) -> list[TrialR
     A trial run more than once (a search resumed after a crash) shows its finished run,
     else its latest one.
     """
-    latest: dict[str, _Run] = {}
+    latest: dict[str, Run] = {}
     for run in _reader(store).trial_runs(search.experiment_id, search.run_id):
-        trial_id = run.tags.get(_TAG_TRIAL, "?")
+        trial_id = run.tags.get(TAG_TRIAL, "?")
         if trial_id not in latest or run.status == "FINISHED" or \
                 latest[trial_id].status != "FINISHED":
             latest[trial_id] = run
@@ -223,11 +229,51 @@ def best_trial(rows: Iterable[TrialRow], search: Search) -> TrialRow:
     Raises:
         ResultsError: no trial of the search finished.
     """
-    finished = [r for r in rows if r.status == "FINISHED" and _number(r.objective)]
+    finished = finished_trials(rows)
     if not finished:
         raise ResultsError(f"experiment {search.experiment_name!r}: the search "
                            f"{search.run_id} has no finished trial yet")
     return sort_trials(finished, "objective", search)[0]
+
+
+def finished_trials(rows: Iterable[TrialRow]) -> list[TrialRow]:
+    """The trials that finished with a score of the objective, in the order given."""
+    return [r for r in rows if r.status == "FINISHED" and _number(r.objective)]
+
+
+def select_trials(rows: Iterable[TrialRow], search: Search, status: str | None = None,
+                  pareto: bool = False, sort: str = "objective",
+                  limit: int | None = None) -> tuple[list[TrialRow], dict[str, str]]:
+    """The trials `nas trials` shows, and the Pareto fronts each is on.
+
+    Args:
+        rows: The search's trials (`list_trials`).
+        status: Only the trials whose run ended so (one of `STATUSES`, any case).
+        pareto: Only the finished trials on a Pareto front of the objective against
+            parameters or FLOPs.
+        sort: The order, as `sort_trials` takes it.
+        limit: At most this many, the first in that order.
+
+    Returns:
+        The rows, and with `pareto` for each row's run id its fronts: "params", "flops"
+        or "params,flops" (an empty mapping without `pareto`).
+
+    Raises:
+        ResultsError: `status` or `sort` is none of those allowed.
+    """
+    rows = list(rows)
+    if status is not None:
+        if status.upper() not in STATUSES:
+            raise ResultsError(f"status: {status!r} is not one of {list(STATUSES)}")
+        rows = [r for r in rows if r.status == status.upper()]
+    marks = {}
+    if pareto:
+        finished = [r for r in rows if r.status == "FINISHED"]
+        marks = {r.run_id: ",".join(fronts) for r, fronts in
+                 zip(finished, front_marks(finished, search.direction))}
+        rows = [r for r in rows if marks.get(r.run_id)]
+    rows = sort_trials(rows, sort, search)[:limit]
+    return rows, {r.run_id: marks[r.run_id] for r in rows} if pareto else {}
 
 
 def sort_trials(rows: Iterable[TrialRow], key: str, search: Search) -> list[TrialRow]:
@@ -306,63 +352,6 @@ def ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
 # --- reading runs --------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Experiment:
-    experiment_id: str
-    name: str
-    lifecycle_stage: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _Run:
-    """What results needs of an MLflow run, whichever reader read it."""
-
-    run_id: str
-    experiment_id: str
-    status: str
-    artifact_uri: str
-    tags: dict
-    params: dict
-    metrics: dict
-
-
-class Reader:
-    """Reads experiments and runs from one tracking store, as `MlflowClient` would.
-
-    Made by `open_reader`. `tracker` is a `nas.tracking.Tracker` on the same store, for
-    what only MLflow does (artifacts, models); reading never needs it.
-    """
-
-    tracking_uri: str
-
-    @property
-    def tracker(self) -> tracking.Tracker:
-        raise NotImplementedError
-
-    def experiments(self) -> list[_Experiment]:
-        """The active experiments, newest first (MLflow's default page: the first 1000)."""
-        raise NotImplementedError
-
-    def experiment(self, experiment_id: str) -> _Experiment:
-        raise NotImplementedError
-
-    def experiment_by_name(self, name: str) -> _Experiment | None:
-        """The experiment called `name`, deleted or not; None if there is none."""
-        raise NotImplementedError
-
-    def latest_search(self, experiment_ids: list[str]) -> _Run | None:
-        """The active search run started last in any of `experiment_ids`."""
-        raise NotImplementedError
-
-    def run(self, run_id: str) -> _Run | None:
-        """The run `run_id`, deleted or not; None if there is none."""
-        raise NotImplementedError
-
-    def trial_runs(self, experiment_id: str, search_run_id: str) -> list[_Run]:
-        """The active trial runs of one search, oldest first."""
-        raise NotImplementedError
-
-
 class _MlflowReader(Reader):
     """Any store, through `MlflowClient`; its errors become one `ResultsError` line."""
 
@@ -374,27 +363,27 @@ class _MlflowReader(Reader):
     def tracker(self) -> tracking.Tracker:
         return self._tracker
 
-    def experiments(self) -> list[_Experiment]:
+    def experiments(self) -> list[Experiment]:
         with _mlflow_errors(self.tracking_uri):
             return [_experiment(e) for e in self._tracker.client.search_experiments()]
 
-    def experiment(self, experiment_id: str) -> _Experiment:
+    def experiment(self, experiment_id: str) -> Experiment:
         with _mlflow_errors(self.tracking_uri):
             return _experiment(self._tracker.client.get_experiment(experiment_id))
 
-    def experiment_by_name(self, name: str) -> _Experiment | None:
+    def experiment_by_name(self, name: str) -> Experiment | None:
         with _mlflow_errors(self.tracking_uri):
             found = self._tracker.client.get_experiment_by_name(name)
         return None if found is None else _experiment(found)
 
-    def latest_search(self, experiment_ids: list[str]) -> _Run | None:
+    def latest_search(self, experiment_ids: list[str]) -> Run | None:
         with _mlflow_errors(self.tracking_uri):
             runs = self._tracker.client.search_runs(
-                experiment_ids, filter_string=f"tags.`{_TAG_KIND}` = 'search'",
+                experiment_ids, filter_string=f"tags.`{TAG_KIND}` = 'search'",
                 order_by=["attributes.start_time DESC"], max_results=1)
         return _run(runs[0]) if runs else None
 
-    def run(self, run_id: str) -> _Run | None:
+    def run(self, run_id: str) -> Run | None:
         from mlflow.exceptions import MlflowException
 
         with _mlflow_errors(self.tracking_uri):
@@ -405,147 +394,34 @@ class _MlflowReader(Reader):
                     return None
                 raise
 
-    def trial_runs(self, experiment_id: str, search_run_id: str) -> list[_Run]:
+    def trial_runs(self, experiment_id: str, search_run_id: str) -> list[Run]:
         with _mlflow_errors(self.tracking_uri):
             return [_run(r) for r in self._tracker.trial_runs(experiment_id, search_run_id)]
-
-
-def _or_mlflow(method):
-    """Answer from SQLite; after any sqlite3.Error, from MLflow (this call and the next)."""
-
-    @functools.wraps(method)
-    def answer(self, *args):
-        if self._fallback is None:
-            try:
-                with contextlib.closing(_connect(self._path)) as db:
-                    return method(self, db, *args)
-            except sqlite3.Error:
-                self._fallback = _MlflowReader(self.tracker)
-        return getattr(self._fallback, method.__name__)(*args)
-
-    return answer
-
-
-class _SqliteReader(Reader):
-    """A local SQLite store at MLflow's current schema, read with sqlite3 (read-only).
-
-    Each query is the one MLflow's SQLAlchemy store runs for the same call (filters,
-    order and tie-breaks, limits), so the answers are the same, in the same order.
-    """
-
-    _RUN_COLUMNS = "r.run_uuid, r.experiment_id, r.status, r.artifact_uri"
-    # MLflow's order: runs without a start time last, then start time, then run id.
-    _ORDER = "r.start_time IS NULL, r.start_time {}, r.run_uuid"
-
-    def __init__(self, tracking_uri: str, path: str):
-        self.tracking_uri = tracking_uri
-        self._path = path
-        self._tracker = None
-        self._fallback = None
-
-    @property
-    def tracker(self) -> tracking.Tracker:
-        if self._tracker is None:
-            self._tracker = _tracker(self.tracking_uri)
-        return self._tracker
-
-    @_or_mlflow
-    def experiments(self, db) -> list[_Experiment]:
-        return [_Experiment(str(i), name, stage) for i, name, stage in db.execute(
-            "SELECT experiment_id, name, lifecycle_stage FROM experiments "
-            "WHERE lifecycle_stage = 'active' "
-            "ORDER BY creation_time DESC, experiment_id ASC LIMIT 1000")]
-
-    @_or_mlflow
-    def experiment(self, db, experiment_id: str) -> _Experiment:
-        found = self._experiments(db, "experiment_id = ?", int(experiment_id))
-        if not found:
-            raise sqlite3.DatabaseError(f"no experiment {experiment_id}")  # MLflow says why
-        return found[0]
-
-    @_or_mlflow
-    def experiment_by_name(self, db, name: str) -> _Experiment | None:
-        found = self._experiments(db, "name = ?", name)
-        return found[0] if found else None
-
-    @_or_mlflow
-    def latest_search(self, db, experiment_ids: list[str]) -> _Run | None:
-        marks = ", ".join("?" * len(experiment_ids))
-        runs = self._runs(db, (
-            f"SELECT {self._RUN_COLUMNS} FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            f"WHERE t.key = ? AND t.value = 'search' AND r.experiment_id IN ({marks}) "
-            f"AND r.lifecycle_stage = 'active' ORDER BY {self._ORDER.format('DESC')} LIMIT 1"),
-            (_TAG_KIND, *map(int, experiment_ids)))
-        return runs[0] if runs else None
-
-    @_or_mlflow
-    def run(self, db, run_id: str) -> _Run | None:
-        runs = self._runs(db, f"SELECT {self._RUN_COLUMNS} FROM runs r WHERE r.run_uuid = ?",
-                          (run_id,))
-        return runs[0] if runs else None
-
-    @_or_mlflow
-    def trial_runs(self, db, experiment_id: str, search_run_id: str) -> list[_Run]:
-        return self._runs(db, (
-            f"SELECT {self._RUN_COLUMNS} FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            f"WHERE t.key = ? AND t.value = ? AND r.experiment_id = ? "
-            f"AND r.lifecycle_stage = 'active' ORDER BY {self._ORDER.format('ASC')} "
-            f"LIMIT 50000"), (_TAG_SEARCH, search_run_id, int(experiment_id)))
-
-    @staticmethod
-    def _experiments(db, where: str, value) -> list[_Experiment]:
-        return [_Experiment(str(i), name, stage) for i, name, stage in db.execute(
-            f"SELECT experiment_id, name, lifecycle_stage FROM experiments WHERE {where}",
-            (value,))]
-
-    @staticmethod
-    def _runs(db, query: str, args: tuple) -> list[_Run]:
-        """The runs `query` selects, each with its tags, params and latest metrics."""
-        found = db.execute(query, args).fetchall()
-        ids = [row[0] for row in found]
-        tags, params, metrics = ({run_id: {} for run_id in ids} for _ in range(3))
-        for start in range(0, len(ids), 500):  # within SQLite's limit on bound values
-            chunk = ids[start:start + 500]
-            marks = ", ".join("?" * len(chunk))
-            # Per run in the order rows were written, as MLflow's eager load reads them.
-            for table, into in (("tags", tags), ("params", params)):
-                for run_id, key, value in db.execute(
-                        f"SELECT run_uuid, key, value FROM {table} WHERE run_uuid IN ({marks}) "
-                        f"ORDER BY run_uuid, rowid", chunk):
-                    into[run_id][key] = value
-            for run_id, key, value, is_nan in db.execute(
-                    f"SELECT run_uuid, key, value, is_nan FROM latest_metrics "
-                    f"WHERE run_uuid IN ({marks}) ORDER BY run_uuid, rowid", chunk):
-                metrics[run_id][key] = math.nan if is_nan else float(value)
-        return [_Run(run_id=run_id, experiment_id=str(experiment_id), status=status,
-                     artifact_uri=artifact_uri, tags=tags[run_id], params=params[run_id],
-                     metrics=metrics[run_id])
-                for run_id, experiment_id, status, artifact_uri in found]
 
 
 def _reader(store: Reader | tracking.Tracker) -> Reader:
     return store if isinstance(store, Reader) else _MlflowReader(store)
 
 
-def _experiment(experiment) -> _Experiment:
-    return _Experiment(experiment.experiment_id, experiment.name, experiment.lifecycle_stage)
+def _experiment(experiment) -> Experiment:
+    return Experiment(experiment.experiment_id, experiment.name, experiment.lifecycle_stage)
 
 
-def _run(run) -> _Run:
-    return _Run(run_id=run.info.run_id, experiment_id=run.info.experiment_id,
-                status=run.info.status, artifact_uri=run.info.artifact_uri,
-                tags=dict(run.data.tags), params=dict(run.data.params),
-                metrics=dict(run.data.metrics))
+def _run(run) -> Run:
+    return Run(run_id=run.info.run_id, experiment_id=run.info.experiment_id,
+               status=run.info.status, artifact_uri=run.info.artifact_uri,
+               tags=dict(run.data.tags), params=dict(run.data.params),
+               metrics=dict(run.data.metrics))
 
 
-def _get_run(reader: Reader, run_id: str) -> _Run:
+def _get_run(reader: Reader, run_id: str) -> Run:
     run = reader.run(run_id)
     if run is None:
         raise ResultsError(f"--run: no run {run_id!r} in {reader.tracking_uri}")
     return run
 
 
-def _search(reader: Reader, run: _Run) -> Search:
+def _search(reader: Reader, run: Run) -> Search:
     experiment = reader.experiment(run.experiment_id)
     return Search(experiment_id=run.experiment_id, experiment_name=experiment.name,
                   run_id=run.run_id, status=run.status, params=dict(run.params),
@@ -553,7 +429,7 @@ def _search(reader: Reader, run: _Run) -> Search:
                   tracking_uri=reader.tracking_uri)
 
 
-def _trial_row(run: _Run, objective: str) -> TrialRow:
+def _trial_row(run: Run, objective: str) -> TrialRow:
     metrics = dict(run.metrics)
 
     def number(name, kind=float):
@@ -561,12 +437,12 @@ def _trial_row(run: _Run, objective: str) -> TrialRow:
         return kind(value) if _number(value) else None
 
     return TrialRow(
-        trial_id=run.tags.get(_TAG_TRIAL, "?"), run_id=run.run_id,
+        trial_id=run.tags.get(TAG_TRIAL, "?"), run_id=run.run_id,
         status=run.status, objective=number("objective"), params=number("params", int),
         flops=number("flops", int), fit_seconds=number("fit_time_s"),
         epochs=number("epochs_trained", int),
         values={name: _decode(value) for name, value in run.params.items()},
-        metrics=metrics, error=run.tags.get(_TAG_ERROR),
+        metrics=metrics, error=run.tags.get(TAG_ERROR),
         artifact_uri=run.artifact_uri,
     )
 
@@ -615,79 +491,25 @@ def _has_mlruns_data() -> bool:
         return False
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro",
-                           uri=True)
-
-
 def _sqlite_is_current(uri: str, path: str) -> bool:
-    """Whether the SQLite store at `path` is one the fast reader reads as MLflow would.
-
-    That is, MLflow's tables at the schema version of the installed MLflow (MLflow refuses
-    any other), every experiment in the default workspace and MLflow's workspaces off.
+    """Whether the fast reader reads the SQLite store at `path` (see `nas.mlflow_sqlite`).
 
     Raises:
         ResultsError: the file is no SQLite database, or holds none of MLflow's tables
             (MLflow would write its own into it).
     """
     try:
-        with contextlib.closing(_connect(path)) as db:
-            tables = {name for (name,) in
-                      db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if not {"experiments", "runs"} & tables:
-                raise ResultsError(
-                    f"--tracking-uri: {uri} is not an MLflow tracking store (an SQLite "
-                    f"database without MLflow's tables); give the store `nas search` logged "
-                    f"to, with --tracking-uri / MLFLOW_TRACKING_URI")
-            if not {"alembic_version", "experiments", "runs", "tags", "params",
-                    "latest_metrics"} <= tables:
-                return False
-            head = _mlflow_schema_head()
-            if head is None or \
-                    db.execute("SELECT version_num FROM alembic_version").fetchall() != [(head,)]:
-                return False
-            elsewhere = db.execute("SELECT 1 FROM experiments WHERE workspace IS NOT NULL "
-                                   "AND workspace != 'default' LIMIT 1").fetchone()
-    except sqlite3.DatabaseError as error:
-        if error.sqlite_errorname in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
-            raise ResultsError(f"--tracking-uri: {uri} cannot be read ({error})") from None
-        return False  # locked, say: MLflow waits and retries
-    workspaces = os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("true", "1")
-    return elsewhere is None and not workspaces
-
-
-@functools.lru_cache(maxsize=None)
-def _mlflow_schema_head() -> str | None:
-    """The schema revision the installed MLflow expects, read from its migration scripts.
-
-    None when they cannot be read: then MLflow itself is asked.
-    """
-    spec = importlib.util.find_spec("mlflow")  # finds, without importing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = os.path.join(spec.submodule_search_locations[0], "store", "db_migrations",
-                          "versions")
-    revisions, parents = set(), set()
-    try:
-        for entry in os.scandir(folder):
-            if entry.name.endswith(".py"):
-                with open(entry.path, encoding="utf-8") as f:
-                    text = f.read()
-                revision = re.search(r"^revision\s*=\s*['\"](\w+)['\"]", text, re.M)
-                down = re.search(r"^down_revision\s*=\s*(.+)$", text, re.M)
-                if revision:
-                    revisions.add(revision.group(1))
-                if down:
-                    parents.update(re.findall(r"['\"](\w+)['\"]", down.group(1)))
-    except OSError:
-        return None
-    heads = revisions - parents
-    return heads.pop() if len(heads) == 1 else None
+        return mlflow_sqlite.is_current(path)
+    except mlflow_sqlite.NotADatabase as error:
+        raise ResultsError(f"--tracking-uri: {uri} cannot be read ({error})") from None
+    except mlflow_sqlite.NotMlflow:
+        raise ResultsError(
+            f"--tracking-uri: {uri} is not an MLflow tracking store (an SQLite database "
+            f"without MLflow's tables); give the store `nas search` logged to, with "
+            f"--tracking-uri / MLFLOW_TRACKING_URI") from None
 
 
 def _tracker(uri: str) -> tracking.Tracker:
-    from nas import tracking
-
     with _mlflow_errors(uri):
         tracker = tracking.Tracker(uri)
     if uri.startswith(("http://", "https://")):

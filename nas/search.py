@@ -458,10 +458,9 @@ def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> Se
     return SearchResult(experiment_id, search_run_id, pipeline.objective, pipeline.direction,
                         results.list_trials(tracker, search), tuner.oracle.rejected, resumed,
                         test=search.test,
-                        final_trials=[t for t in search.tags.get("nas.final_trials", "").split(",")
-                                      if t],
+                        final_trials=search.final_trials,
                         stopped_by_time=getattr(tuner.oracle, "stopped_by_time", False),
-                        refit=search.tags.get("nas.refit") == "1")
+                        refit=search.refit)
 
 
 def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:

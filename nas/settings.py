@@ -15,13 +15,14 @@ import hashlib
 import re
 from pathlib import Path
 
+from nas import tracking  # its tag names only: MLflow is not imported
 from nas.specs import Constraints, Pipeline, SearchSpace
 
 __all__ = ["SearchConfig", "STATE_FILE", "TAG_FINGERPRINT", "TAG_MAX_TRIALS", "project_folder"]
 
 STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
 TAG_FINGERPRINT = "nas.fingerprint"  # on the search's run: found again by its settings
-TAG_MAX_TRIALS = "nas.max_trials"  # on the search's run, once it grew past its first budget
+TAG_MAX_TRIALS = tracking.TAG_MAX_TRIALS  # on the search's run, once it grew past its budget
 # What a worker trains with, taken from its chief's settings (`for_worker`).
 _WORKER_TRAINING = ("tuner", "max_trials", "epochs", "batch_size", "seed", "mixed_precision",
                     "jit_compile")

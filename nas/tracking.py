@@ -12,20 +12,25 @@ import contextlib
 import json
 import os
 import time
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
 
 from nas.errors import InputError, Interrupted
 
-__all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "TAG_SEARCH"]
+__all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "TAG_SEARCH",
+           "TAG_ERROR", "TAG_MAX_TRIALS", "TAG_FINAL", "TAG_REFIT"]
 
+# The tags nas writes and reads back, named here alone. MLflow is imported only where it
+# is used, so that reading these (`nas.results`, `nas trials`) costs no MLflow import.
 TAG_KIND = "nas.kind"  # "search" or "trial"
-TAG_TRIAL = "nas.trial_id"
-TAG_SEARCH = "nas.search_run_id"
+TAG_TRIAL = "nas.trial_id"  # on a trial's run (on a logged model: the ids of its trials)
+TAG_SEARCH = "nas.search_run_id"  # on a trial's run: the run of its search
+TAG_ERROR = "nas.error"  # on a trial's run: why it failed
+TAG_MAX_TRIALS = "nas.max_trials"  # on a search's run, once it grew past its first budget
+TAG_FINAL = "nas.final_trials"  # on a search's run: the trial(s) of its final model
+TAG_REFIT = "nas.refit"  # on a search's run: "1" when its final model was retrained (--refit)
 # A trial's best-epoch weights (KerasTuner's checkpoint file name), logged as an artifact of
 # its run when it enters the search's best K so far: the final model never needs a disk.
 WEIGHTS = "checkpoint.weights.h5"
@@ -63,6 +68,8 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str | None = None):
+        from mlflow import MlflowClient
+
         os.environ.setdefault(NO_RUN_LINKS, "true")
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = self.client.tracking_uri
@@ -88,6 +95,8 @@ class Tracker:
 
     def experiment_id(self, name: str, create: bool = True) -> str | None:
         """The id of the experiment called `name`; created if missing and `create`."""
+        from mlflow.exceptions import MlflowException
+
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             if experiment.lifecycle_stage == "deleted":
@@ -107,6 +116,8 @@ class Tracker:
     def start_run(self, experiment_id: str, name: str, tags: Mapping[str, str] | None = None,
                   parent_run_id: str | None = None, start_time: int | None = None) -> str:
         """A new RUNNING run; `start_time` (ms since the epoch) defaults to now."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
         tags = dict(tags or {})
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
@@ -149,12 +160,16 @@ class Tracker:
     @staticmethod
     def metrics(values: Mapping[str, float], step: int = 0) -> list[Metric]:
         """`values` as MLflow metrics stamped now, to log later in one batch."""
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         return [Metric(k, float(v), now, step) for k, v in values.items()]
 
     def log_batch(self, run_id: str, metrics: list[Metric] = (), params: Mapping = None,
                   tags: Mapping = None) -> None:
         """Everything in as few store writes as MLflow's batch limits allow."""
+        from mlflow.entities import Param, RunTag
+
         params = [Param(str(k), _param_value(v)) for k, v in (params or {}).items()]
         tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         metrics = list(metrics)
@@ -187,10 +202,12 @@ class Tracker:
 
     def close_stale_runs(self, experiment_id: str, search_run_id: str) -> int:
         """Close, as KILLED, the trial runs a dead process left RUNNING. Returns how many."""
+        from mlflow.entities import RunStatus
+
         stale = [r for r in self.trial_runs(experiment_id, search_run_id)
                  if r.info.status == RunStatus.to_string(RunStatus.RUNNING)]
         for run in stale:
-            self.client.set_tag(run.info.run_id, "nas.error", "the process running it died")
+            self.client.set_tag(run.info.run_id, TAG_ERROR, "the process running it died")
             self.end(run.info.run_id, "KILLED")
         return len(stale)
 

@@ -14,8 +14,9 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 
+from nas import results
 from nas.cli import main
-from nas.tracking import TAG_KIND, TAG_SEARCH, TAG_TRIAL, Tracker
+from nas.tracking import TAG_FINAL, TAG_KIND, TAG_REFIT, TAG_SEARCH, TAG_TRIAL, Tracker
 
 
 def nas(*args):
@@ -54,6 +55,55 @@ def test_trials_lists_every_trial_best_first(digits_search):
                              ",".join(map(str, a["kernels"])), ",".join(map(str, a["strides"])),
                              ",".join(a["pooling"]),
                              ",".join("y" if p else "n" for p in a["pointwise"])]
+
+
+def _search(tags=None) -> results.Search:
+    return results.Search(experiment_id="1", experiment_name="toy", run_id="s", status="FINISHED",
+                          params={"objective": "val_accuracy"}, metrics={}, tags=tags or {},
+                          tracking_uri="sqlite:///toy.db")
+
+
+def _row(trial_id, status, objective=None, params=None, flops=None) -> results.TrialRow:
+    metrics = {k: v for k, v in (("objective", objective), ("params", params),
+                                 ("flops", flops)) if v is not None}
+    return results.TrialRow(trial_id=trial_id, run_id=f"run-{trial_id}", status=status,
+                            objective=objective, params=params, flops=flops, fit_seconds=None,
+                            epochs=None, values={}, metrics=metrics)
+
+
+def test_select_trials_filters_marks_sorts_and_limits():
+    search = _search()
+    rows = [_row("0", "FINISHED", 0.9, 1000, 1500), _row("1", "FINISHED", 0.8, 500, 2000),
+            _row("2", "FAILED"), _row("3", "FINISHED", 0.7, 800, 9000), _row("4", "RUNNING")]
+
+    def select(**options):
+        shown, marks = results.select_trials(rows, search, **options)
+        return [r.trial_id for r in shown], marks
+
+    assert select() == (["0", "1", "3", "2", "4"], {})  # best first, unscored last
+    assert select(status="failed") == (["2"], {})
+    assert select(status="KILLED") == ([], {})
+    # Trial 3 is beaten by trial 1 on both costs; trial 1 by trial 0 on FLOPs only.
+    assert select(pareto=True) == (["0", "1"], {"run-0": "params,flops", "run-1": "params"})
+    assert select(pareto=True, sort="params") == (["1", "0"],
+                                                  {"run-1": "params", "run-0": "params,flops"})
+    assert select(sort="params", limit=2) == (["1", "3"], {})
+    assert select(sort="trial", limit=3) == (["0", "1", "2"], {})
+    assert select(status="finished", sort="flops", limit=1) == (["0"], {})
+    with pytest.raises(results.ResultsError, match=r"^--sort: 'speed' is not one of \["):
+        select(sort="speed")
+    with pytest.raises(results.ResultsError,
+                       match=r"^status: 'done' is not one of \['FINISHED', 'FAILED', 'KILLED', "
+                             r"'RUNNING'\]$"):
+        select(status="done")
+
+
+def test_a_search_names_its_final_model_from_its_tags():
+    assert (_search().final_trials, _search().refit) == ([], False)
+    search = _search({TAG_FINAL: "3,1", TAG_REFIT: "1"})
+    assert (search.final_trials, search.refit) == (["3", "1"], True)
+    assert results.finished_trials([_row("0", "FAILED"), _row("1", "FINISHED", 0.5),
+                                    _row("2", "FINISHED")]) == [_row("1", "FINISHED", 0.5)]
 
 
 def test_trials_sort_limit_and_status(digits_search):
