@@ -13,14 +13,16 @@ and streamed: each file is read, decoded and resized inside `tf.data`, in parall
 cached in memory only when the decoded images fit `MEMORY_CACHE_BYTES` (see
 `ImageFiles`), so memory does not grow with the number of images.
 
-Splits are stratified by class and seeded by `data.seed`, by sample (a directory's: by
-file, from its sorted list, so a resumed search sees the same split): the test share is
-carved out first (`data.test_split` of all the data, unless the data holds a test set of
-its own: the official test split of mnist, fashion_mnist and cifar10, or an npz's
-`x_test`), then the validation share (`data.validation_split` of all the data, or of the
-training data when the test set is the data's own). The images stay raw (pixel values as
-stored); the model rescales them itself, so an exported model takes images exactly as
-the pipeline reads them.
+Splits are stratified by class and seeded by `data.seed`, by sample; a directory's by
+file, each ranked by a seeded hash of its path in the folder, so that a file's side does
+not depend on the listing order nor on its neighbours (adding or removing a file moves at
+most one other file across each boundary), and a search resumes only on the same files
+(`Arrays.data_digest`). The test share is carved out first (`data.test_split` of all the
+data, unless the data holds a test set of its own: the official test split of mnist,
+fashion_mnist and cifar10, or an npz's `x_test`), then the validation share
+(`data.validation_split` of all the data, or of the training data when the test set is
+the data's own). The images stay raw (pixel values as stored); the model rescales them
+itself, so an exported model takes images exactly as the pipeline reads them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -77,6 +80,7 @@ class ImageFiles:
     channels: int
     cache: str = "auto"
     skipped: tuple[str, ...] = ()  # unreadable files left out (--skip-bad-images)
+    digest: str = ""  # of the kept files' paths in the folder, sorted (`Arrays.data_digest`)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -129,6 +133,17 @@ class Arrays:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def data_digest(self) -> str:
+        """A digest of a `directory` source's kept files ("" for data in memory): the same
+        files split the same way, so a search resumes only on the same digest."""
+        return self.files.digest if self.files is not None else ""
+
+    @property
+    def samples(self) -> int:
+        """Training, validation and test samples together (a directory's kept files)."""
+        return len(self.y_train) + len(self.y_val) + len(self.y_test)
+
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
@@ -163,10 +178,10 @@ def load_arrays(pipeline: Pipeline, skip_bad_images: bool = False) -> Arrays:
         x, y, x_val, y_val, x_test, y_test, class_names = _npz(pipeline.path, where)
         default_scale = 255.0 if x.dtype == np.uint8 else max(float(np.max(x)), 1.0)
     else:
-        x, y, class_names, skipped = _directory(pipeline, where, skip_bad_images)
+        x, y, class_names, skipped, digest = _directory(pipeline, where, skip_bad_images)
         default_scale = 255.0
         files = ImageFiles(pipeline.image_size, 1 if pipeline.color_mode == "grayscale" else 3,
-                           pipeline.cache, skipped)
+                           pipeline.cache, skipped, digest)
 
     if files is None:
         x = _as_images(x, f"{where}.x_train")
@@ -190,6 +205,9 @@ def load_arrays(pipeline: Pipeline, skip_bad_images: bool = False) -> Arrays:
         raise DataError(f"{where}: the training data holds only one class")
 
     rng = np.random.default_rng(pipeline.seed)
+    # A directory's files come in the order of their seeded hashes (`_directory`): the test
+    # data takes each class's first, the validation data its last.
+    ranked = files is not None
     test_source, test_split = "own", pipeline.test_split
     if x_test is not None:
         if test_split:
@@ -205,14 +223,16 @@ def load_arrays(pipeline: Pipeline, skip_bad_images: bool = False) -> Arrays:
             raise DataError(f"{where}.validation_split: {pipeline.validation_split} with "
                             f"test_split {test_split} leaves no training data (their sum "
                             f"must be below 1)")
-        x, y, x_test, y_test = _split(x, y, test_split, rng, class_names, where, "test_split")
+        x, y, x_test, y_test = _split(x, y, test_split, rng, class_names, where, "test_split",
+                                      "first" if ranked else None)
     if x_val is None:
         if pipeline.validation_split <= 0:
             raise DataError(f"{where}.validation_split: must be above 0 when the data has no "
                             f"validation arrays")
         # A share of all the data: of what the test split left, when it was carved here.
         share = pipeline.validation_split / (1 - (test_split if test_source == "split" else 0))
-        x, y, x_val, y_val = _split(x, y, share, rng, class_names, where, "validation_split")
+        x, y, x_val, y_val = _split(x, y, share, rng, class_names, where, "validation_split",
+                                    "last" if ranked else None)
     return Arrays(x, y, x_val, y_val, tuple(class_names),
                   float(pipeline.pixel_scale or default_scale), x_test, y_test, test_source,
                   files)
@@ -222,8 +242,14 @@ def _labels(y) -> np.ndarray:
     return np.asarray(y).reshape(-1).astype("int64")
 
 
-def _split(x, y, share: float, rng, class_names, where: str, field: str):
-    """`share` of each class drawn at random from (`x`, `y`): (rest x, rest y, drawn x, drawn y).
+def _split(x, y, share: float, rng, class_names, where: str, field: str,
+           ranked: str | None = None):
+    """`share` of each class drawn from (`x`, `y`): (rest x, rest y, drawn x, drawn y).
+
+    Data in memory is drawn at random (`rng`) and both sides are shuffled. Ranked data (a
+    directory's files, in the order of their seeded hashes) gives each class's `ranked`
+    "first" or "last" samples, and both sides keep their order: a file's side depends only
+    on its rank among its class's files.
 
     Raises:
         DataError: a class has too few samples to appear on both sides.
@@ -232,7 +258,11 @@ def _split(x, y, share: float, rng, class_names, where: str, field: str):
         return x, y, x[:0], y[:0]
     drawn = []
     for label in np.unique(y):
-        members = rng.permutation(np.flatnonzero(y == label))
+        members = np.flatnonzero(y == label)
+        if ranked is None:
+            members = rng.permutation(members)
+        elif ranked == "last":
+            members = members[::-1]
         count = max(1, int(round(len(members) * share)))
         if count >= len(members):
             raise DataError(f"{where}.{field}: class {class_names[label]!r} has "
@@ -242,8 +272,9 @@ def _split(x, y, share: float, rng, class_names, where: str, field: str):
         drawn.append(members[:count])
     picked = np.zeros(len(y), dtype=bool)
     picked[np.concatenate(drawn)] = True
-    # Shuffled, so that no split is ordered by class.
-    rest, chosen = rng.permutation(np.flatnonzero(~picked)), rng.permutation(np.flatnonzero(picked))
+    rest, chosen = np.flatnonzero(~picked), np.flatnonzero(picked)
+    if ranked is None:  # shuffled, so that no split is ordered by class (ranks are not)
+        rest, chosen = rng.permutation(rest), rng.permutation(chosen)
     return x[rest], y[rest], x[chosen], y[chosen]
 
 
@@ -369,16 +400,18 @@ def class_folders(pipeline: Pipeline) -> list[str]:
 
 
 def _directory(pipeline: Pipeline, where: str, skip_bad_images: bool):
-    """A directory's image files (sorted per class), their labels, the class names and the
-    files left out as unreadable."""
+    """A directory's image files and their labels, in the order of their seeded hashes
+    (`_split`), the class names, the files left out as unreadable and the digest of the
+    kept files' paths in the folder (`Arrays.data_digest`)."""
     root = Path(pipeline.path)
     classes = class_folders(pipeline)
-    paths, labels = [], []
+    paths, names, labels = [], [], []  # names: "class/file", as in any copy of the folder
     for label, name in enumerate(classes):
         with os.scandir(root / name) as entries:
-            found = sorted(entry.path for entry in entries
+            found = sorted((entry.name, entry.path) for entry in entries
                            if not entry.name.startswith(".") and entry.is_file())
-        paths.extend(found)
+        paths.extend(path for _, path in found)
+        names.extend(f"{name}/{file}" for file, _ in found)
         labels.extend([label] * len(found))
     if not paths:
         raise DataError(f"{where}.path: {root} holds no images (PNG, JPEG, GIF or BMP)")
@@ -392,12 +425,15 @@ def _directory(pipeline: Pipeline, where: str, skip_bad_images: bool):
         raise DataError(f"{where}.path: {len(bad):,} of {len(paths):,} files are not readable "
                         f"images: {shown}{more}; fix or remove them, or pass "
                         f"--skip-bad-images to leave them out")
-    keep = [not why for why in problems]
-    paths = np.array([path for path, ok in zip(paths, keep) if ok])
-    labels = np.array([label for label, ok in zip(labels, keep) if ok], dtype="int64")
-    if not len(paths):
+    kept = [i for i, why in enumerate(problems) if not why]
+    if not kept:
         raise DataError(f"{where}.path: {root} holds no readable images (PNG, JPEG, GIF or BMP)")
-    return paths, labels, classes, tuple(path for path, _ in bad)
+    digest = hashlib.sha256("\0".join(sorted(names[i] for i in kept)).encode())
+    rank = {i: hashlib.sha256(f"{pipeline.seed}\0{names[i]}".encode()).digest() for i in kept}
+    kept.sort(key=rank.__getitem__)
+    return (np.array([paths[i] for i in kept]),
+            np.array([labels[i] for i in kept], dtype="int64"), classes,
+            tuple(path for path, _ in bad), digest.hexdigest()[:16])
 
 
 def _unreadable(path: str) -> str | None:

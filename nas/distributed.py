@@ -41,6 +41,7 @@ from keras_tuner.src.engine import conditions as _conditions
 from keras_tuner.src.engine import trial as trial_module
 
 from nas import tracking
+from nas.data import Arrays
 from nas.search import Prepared, SearchConfig, SearchError
 
 __all__ = ["Chief", "parse_address", "check_address", "free_port", "new_token", "TOKEN_ENV",
@@ -146,14 +147,15 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _settings(config: SearchConfig) -> dict:
+def _settings(config: SearchConfig, arrays: Arrays) -> dict:
     """What every worker must train with; stored on the parent run by the chief."""
     return {"space": config.space.name, "space_sha": _digest(config.space.text),
             "pipeline": config.pipeline.name, "pipeline_sha": _digest(config.pipeline.text),
             "tuner": config.tuner, "max_trials": config.max_trials,
             "epochs": config.epochs_per_trial,
             "batch_size": config.batch_size or config.pipeline.batch_size, "seed": config.seed,
-            "mixed_precision": config.mixed_precision, "jit_compile": config.jit_compile}
+            "mixed_precision": config.mixed_precision, "jit_compile": config.jit_compile,
+            "data_digest": arrays.data_digest, "data_files": arrays.samples}
 
 
 # --- the chief ----------------------------------------------------------------------
@@ -353,8 +355,8 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
         bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
         raise RuntimeError(f"the chief cannot listen on {config.chief}")
-    tracker.set_tags(search_run_id, {TAG_CHIEF: config.chief,
-                                     TAG_SETTINGS: json.dumps(_settings(config))})
+    settings = _settings(config, prepared.arrays)
+    tracker.set_tags(search_run_id, {TAG_CHIEF: config.chief, TAG_SETTINGS: json.dumps(settings)})
     server.start()
     echo(f"chief listening on {config.chief}: waiting for workers")
     try:
@@ -521,6 +523,12 @@ def run_worker(prepared: Prepared, echo=print, wait: float = 600.0) -> list[str]
                 f"--{kind}: {spec.name!r} is not the {kind} of the chief's search "
                 f"({settings[kind]!r}, run {parent.info.run_id}); a worker needs the same "
                 f"space and pipeline files as its chief")
+    if settings.get("data_digest", "") != arrays.data_digest:  # a directory's: split by file
+        raise SearchError(
+            f"{config.pipeline.source_file}: data.path: the images in {config.pipeline.path} "
+            f"are not the chief's ({settings.get('data_files', '?')} files there, "
+            f"{arrays.samples} here), so the split would differ; a worker needs the same "
+            f"image files as its chief")
     config = dataclasses.replace(
         config, tuner=settings["tuner"], max_trials=settings["max_trials"],
         epochs=settings["epochs"], batch_size=settings["batch_size"], seed=settings["seed"],

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +82,104 @@ def test_the_split_is_by_file_stratified_seeded_and_independent_of_the_listing_o
         assert {name.split("_")[0] for name in names} == set(CLASSES)  # each class in each
     other = load_arrays(load_pipeline(pipeline(tmp_path / "c.yaml", tmp_path / "a", "seed: 1")))
     assert sorted(other.x_test) != sorted(one.x_test)
+
+
+def sides(arrays) -> dict:
+    """Each file's side of the split, by its path in the folder ("circle/circle_003.png")."""
+    return {str(Path(path).relative_to(Path(path).parent.parent)): split
+            for split in ("x_train", "x_val", "x_test") for path in getattr(arrays, split)}
+
+
+def test_a_files_side_depends_neither_on_the_listing_order_nor_on_the_other_files(
+        tmp_path, monkeypatch):
+    import nas.data
+
+    folder = make_folder(tmp_path / "data", per_class=20)
+    spec = load_pipeline(pipeline(tmp_path / "p.yaml", folder))
+    before = load_arrays(spec)
+    scandir = os.scandir
+
+    class Reversed:  # the same entries, listed in the reverse order
+        def __init__(self, path):
+            self.entries = sorted(scandir(path), key=lambda entry: entry.name, reverse=True)
+
+        def __enter__(self):
+            return self.entries
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(nas.data.os, "scandir", Reversed)
+    listed = load_arrays(spec)
+    for split in ("x_train", "x_val", "x_test"):
+        assert list(getattr(listed, split)) == list(getattr(before, split))
+    monkeypatch.undo()
+
+    # 21 circles split 13/4/4 as 20 do 12/4/4: a new one moves at most one other file.
+    copy = (folder / "circle" / "circle_000.png").read_bytes()
+    for name in ("a.png", "m.png", "circle_010b.png", "z.png", "zz.png", "0.png"):
+        (folder / "circle" / name).write_bytes(copy)
+        after = sides(load_arrays(spec))
+        moved = [path for path, split in sides(before).items() if after[path] != split]
+        assert len(moved) <= 1, (name, moved)
+        (folder / "circle" / name).unlink()
+
+
+def test_a_search_does_not_resume_on_other_files(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=6)
+    uri = f"sqlite:///{tmp_path}/store.db"
+    args = ["search", "--space", "tiny", "--pipeline", pipeline(tmp_path / "p.yaml", folder),
+            "--max-trials", "1", "--epochs", "1", "--ensemble", "1", "--experiment", "grown",
+            "--tracking-uri", uri, "--workdir", str(tmp_path / "work")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    state = tmp_path / "work" / "grown" / "nas_search.json"
+    written = state.read_text()
+    client = MlflowClient(uri)
+    (search,) = client.search_runs([client.get_experiment_by_name("grown").experiment_id],
+                                   "tags.`nas.kind` = 'search'")
+    runs = len(client.search_runs([search.info.experiment_id]))
+
+    (folder / "circle" / "circle_new.png").write_bytes(
+        (folder / "circle" / "circle_000.png").read_bytes())
+    refused = (f"Error: {tmp_path / 'p.yaml'}: data.path: the images in {folder} changed "
+               f"since this search started (18 files then, 19 now), so its split would "
+               f"differ; restore them, or pass --overwrite to start afresh, or choose another "
+               f"--experiment\n")
+    again = CliRunner().invoke(main, args + ["--max-trials", "2"])
+    assert (again.exit_code, again.output) == (2, refused)
+    assert state.read_text() == written
+    assert len(client.search_runs([search.info.experiment_id])) == runs
+    # Its working folder lost: found again in the tracking store, and refused the same.
+    state.unlink()
+    again = CliRunner().invoke(main, args)
+    assert (again.exit_code, again.output) == (2, refused)
+    assert search.data.tags["nas.data_digest"] == json.loads(written)["data_digest"]
+
+
+def test_a_worker_refuses_other_files_than_its_chiefs(tmp_path):
+    from nas import distributed, search
+    from nas.specs import load_space
+    from nas.tracking import Tracker
+
+    folder = make_folder(tmp_path / "data", per_class=6)
+    spec = pipeline(tmp_path / "p.yaml", folder)
+    uri = f"sqlite:///{tmp_path}/refuse.db"
+    tracker = Tracker(uri)
+    chief = search.SearchConfig(space=load_space("tiny"), pipeline=load_pipeline(spec))
+    tracker.start_run(tracker.experiment_id("refuse"), "search", tags={
+        "nas.kind": "search", distributed.TAG_CHIEF: "127.0.0.1:9",
+        distributed.TAG_SETTINGS: json.dumps(distributed._settings(
+            chief, load_arrays(chief.pipeline)))})
+    (folder / "square" / "square_000.png").unlink()
+    worker = dataclasses.replace(chief, experiment="refuse", tracking_uri=uri,
+                                 chief="127.0.0.1:9", worker_id="w")
+    with pytest.raises(search.SearchError, match=re.escape(
+            f"{spec}: data.path: the images in {folder} are not the chief's (18 files there, "
+            f"17 here), so the split would differ; a worker needs the same image files as "
+            f"its chief")):
+        distributed.run_worker(distributed.prepare_worker(worker), echo=lambda line: None,
+                               wait=0)
 
 
 def test_streamed_and_cached_images_are_the_same_pixels(tmp_path):
