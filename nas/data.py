@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,10 @@ IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # what a `directory` source reads
 # after resizing: 10,000 RGB images of 64x64), else reads them from disk every epoch.
 MEMORY_CACHE_BYTES = 128 * 2**20
 BAD_IMAGES_SHOWN = 3  # unreadable files named in the refusal
+# A BMP's compression field, as its specification names them: TensorFlow reads none of them.
+_BMP_COMPRESSIONS = {1: "RLE8", 2: "RLE4", 3: "BITFIELDS", 4: "JPEG", 5: "PNG",
+                     6: "ALPHABITFIELDS"}
+_BMP_BGR_MASKS = (0x00FF0000, 0x0000FF00, 0x000000FF)  # red, green, blue: TensorFlow's order
 
 _KERAS_FILES = {  # where keras.datasets looks, under $KERAS_HOME (default ~/.keras)
     "mnist": "datasets/mnist.npz",
@@ -440,7 +445,8 @@ def _unreadable(path: str) -> str | None:
     """Why the file at `path` is not an image `ImageFiles.read` decodes, or None.
 
     Reads what identifies the image and its structure (PIL's `verify`: PNG chunks and
-    their checksums, GIF and BMP headers), and a JPEG's end marker, not its pixels.
+    their checksums, GIF and BMP headers), a JPEG's end marker and what of a BMP's header
+    TensorFlow's decoder relies on (`_bmp_problem`), not its pixels.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -451,8 +457,9 @@ def _unreadable(path: str) -> str | None:
             kind = "JPEG" if kind == "MPO" else kind  # a phone's multi-picture JPEG
             if kind not in IMAGE_FORMATS:
                 return f"{kind} is not PNG, JPEG, GIF or BMP"
-            if kind == "BMP" and mode in ("1", "P"):
-                return "a 1-bit or colour-palette BMP, which TensorFlow does not decode"
+            problem = _bmp_problem(path, mode) if kind == "BMP" else None
+            if problem:
+                return problem
             image.verify()
         if kind == "JPEG":  # its scan data ends with an end marker (a video may follow)
             data = Path(path).read_bytes()
@@ -462,4 +469,47 @@ def _unreadable(path: str) -> str | None:
         return "not an image" if os.path.getsize(path) else "an empty file"
     except Exception as error:  # PIL's errors for broken files: OSError, EOFError, ...
         return f"broken {kind}: {error}" if kind != "image" else f"broken: {error}"
+    return None
+
+
+def _bmp_problem(path: str, mode: str) -> str | None:
+    """Why TensorFlow's BMP decoder fails on, or misreads, the BMP at `path` (PIL's `mode`),
+    or None.
+
+    As measured with TensorFlow 2.21's `decode_image` on the files PIL writes and on
+    hand-made ones: it reads a 40-byte or longer header's 8-bit (as gray: it ignores a
+    palette), 24- and 32-bit images, uncompressed, or 32-bit with bit masks in its own
+    order (blue, green, red), from a file exactly as long as the pixel data needs (rows
+    padded to 4 bytes; more bytes after them are refused too). It fails on 1-, 4- and
+    16-bit images, OS/2 headers and RLE compression (or decodes garbage), and reads a
+    colour palette or other bit masks as wrong colours.
+    """
+    with open(path, "rb") as file:
+        header = file.read(66)  # up to the bit masks of a 32-bit BITFIELDS image
+    (start,) = struct.unpack_from("<I", header, 10)
+    header_size, width, height, _, bits, compression = struct.unpack_from("<IiiHHI", header, 14)
+    if header_size < 40:
+        return f"an OS/2 BMP ({header_size}-byte header), which TensorFlow does not decode"
+    if bits not in (8, 24, 32):
+        return (f"a {bits}-bit BMP, which TensorFlow does not decode (only 8-bit gray, 24- "
+                f"and 32-bit)")
+    if mode in ("1", "P"):  # PIL's modes for a palette that is not the 256 grays in order
+        return "a colour-palette BMP, whose palette TensorFlow ignores"
+    if compression == 3 and bits == 32:  # the masks follow a 40-byte header, or are in it
+        masks = struct.unpack_from("<III", header, 54)
+        if masks != _BMP_BGR_MASKS:
+            shown = ", ".join(f"{mask:#010x}" for mask in masks)
+            return (f"a 32-bit BMP with the colour masks {shown}, which TensorFlow ignores "
+                    f"(it reads blue, green, red)")
+    elif compression:
+        name = _BMP_COMPRESSIONS.get(compression, "unknown")
+        return (f"a BMP compressed with {name} ({compression}), which TensorFlow does not "
+                f"decode (only uncompressed ones)")
+    needed = start + (bits * width + 31) // 32 * 4 * abs(height)  # rows padded to 4 bytes
+    size = os.path.getsize(path)
+    if size < needed:
+        return f"a truncated BMP ({size:,} bytes, its pixels need {needed:,})"
+    if size > needed:
+        return (f"a BMP of {size:,} bytes where its pixels need {needed:,} (TensorFlow reads "
+                f"only exact lengths)")
     return None

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,70 @@ def pipeline(path: Path, folder: Path, extra: str = "") -> str:
                     f"data: {{source: directory, path: {folder}, image_size: 16, {extra}}}\n"
                     f"train: {{epochs: 2, batch_size: 16}}\n")
     return str(path)
+
+
+def bmp(bits: int, pixels: bytes, width: int, height: int, compression: int = 0,
+        palette: bytes = b"", header_size: int = 40, masks: bytes = b"") -> bytes:
+    """A hand-made BMP file: `masks` go inside a longer header, as in BMP v4 and v5."""
+    start = 14 + header_size + len(palette)
+    header = struct.pack("<IiiHHIIiiII", header_size, width, height, 1, bits, compression,
+                         len(pixels), 2835, 2835, len(palette) // 4, 0) + masks
+    return (b"BM" + struct.pack("<IHHI", start + len(pixels), 0, 0, start)
+            + header.ljust(header_size, b"\0") + palette + pixels)
+
+
+def test_each_bmp_tensorflow_cannot_decode_is_refused_with_why(tmp_path):
+    import tensorflow as tf
+    from PIL import Image
+
+    from nas.data import _unreadable
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (5, 7, 3), np.uint8))
+    for mode in ("L", "RGB", "RGBA", "1", "P"):
+        image.convert(mode).save(tmp_path / f"pil_{mode}.bmp")
+    whole = (tmp_path / "pil_RGB.bmp").read_bytes()
+    (tmp_path / "truncated.bmp").write_bytes(whole[:-10])
+    (tmp_path / "padded.bmp").write_bytes(whole + b"\0\0")  # as some writers end a file
+    grays = bytes(b for i in range(256) for b in (i, i, i, 0))
+    (tmp_path / "rle8.bmp").write_bytes(bmp(8, bytes([4, 10, 0, 0, 4, 200, 0, 1]), 4, 2,
+                                            compression=1, palette=grays))
+    (tmp_path / "rgb16.bmp").write_bytes(bmp(16, bytes(16), 3, 2))
+    row = bytes(range(9)) + b"\0\0\0"  # 3 pixels of 3 bytes, padded to 12
+    (tmp_path / "top_down.bmp").write_bytes(bmp(24, row * 2, 3, -2))
+    (tmp_path / "os2.bmp").write_bytes(b"BM" + struct.pack("<IHHIIHHHH", 50, 0, 0, 26, 12, 3,
+                                                           2, 1, 24) + row * 2)
+    bgra, rgba = (0xFF0000, 0xFF00, 0xFF, 0xFF000000), (0xFF, 0xFF00, 0xFF0000, 0xFF000000)
+    pixels = bytes([10, 20, 30, 255] * 6)
+    for name, masks in (("bitfields", bgra), ("rgba_masks", rgba)):
+        (tmp_path / f"{name}.bmp").write_bytes(bmp(32, pixels, 3, 2, compression=3,
+                                                   header_size=124,
+                                                   masks=struct.pack("<4I", *masks)))
+    refused = {
+        "pil_1.bmp": "a 1-bit BMP, which TensorFlow does not decode (only 8-bit gray, 24- and "
+                     "32-bit)",
+        "pil_P.bmp": "a colour-palette BMP, whose palette TensorFlow ignores",
+        "truncated.bmp": "a truncated BMP (164 bytes, its pixels need 174)",
+        "padded.bmp": "a BMP of 176 bytes where its pixels need 174 (TensorFlow reads only "
+                      "exact lengths)",
+        "rle8.bmp": "a BMP compressed with RLE8 (1), which TensorFlow does not decode (only "
+                    "uncompressed ones)",
+        "rgb16.bmp": "a 16-bit BMP, which TensorFlow does not decode (only 8-bit gray, 24- "
+                     "and 32-bit)",
+        "os2.bmp": "an OS/2 BMP (12-byte header), which TensorFlow does not decode",
+        "rgba_masks.bmp": "a 32-bit BMP with the colour masks 0x000000ff, 0x0000ff00, "
+                          "0x00ff0000, which TensorFlow ignores (it reads blue, green, red)",
+    }
+    accepted = ["bitfields.bmp", "pil_L.bmp", "pil_RGB.bmp", "pil_RGBA.bmp", "top_down.bmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*refused, *accepted])
+    for path in sorted(tmp_path.iterdir()):
+        assert _unreadable(str(path)) == refused.get(path.name), path.name
+        try:  # as `ImageFiles.read` decodes it, against what PIL sees
+            decoded = tf.io.decode_image(tf.io.read_file(str(path)), channels=3,
+                                         expand_animations=False).numpy()
+            faithful = np.array_equal(decoded, np.asarray(Image.open(path).convert("RGB")))
+        except tf.errors.InvalidArgumentError:
+            faithful = False
+        assert faithful == (path.name in accepted), path.name
 
 
 def test_unreadable_files_are_refused_in_one_line_before_anything_is_written(tmp_path):
