@@ -40,8 +40,8 @@ import numpy as np
 
 from nas.specs import Pipeline
 
-__all__ = ["DataError", "Arrays", "Datasets", "ImageFiles", "class_folders", "load_arrays",
-           "make_datasets", "refit_dataset", "test_dataset"]
+__all__ = ["DataError", "Arrays", "Datasets", "ImageFiles", "class_folders", "images",
+           "load_arrays", "make_datasets", "refit_dataset", "test_dataset"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # what a `directory` source reads
 # `cache: auto` keeps a directory's decoded images in memory up to this many bytes (uint8,
@@ -307,6 +307,25 @@ def test_dataset(arrays: Arrays, batch_size: int):
         return None
     return _pipeline(arrays, arrays.x_test, arrays.y_test, batch_size, 0, shuffle=False,
                      cache=False)
+
+
+def images(arrays: Arrays, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split's images (float32, raw pixel values, as a model receives them) and labels,
+    as numpy arrays: `split` is "train", "val" or "test".
+
+    For code that trains outside `tf.data` (the benchmarks' KerasTuner and scikit-learn
+    baselines). A directory's files are decoded and resized as `ImageFiles.read` does
+    them, all of the split's at once in memory: for data that fits there.
+    """
+    x, y = getattr(arrays, f"x_{split}"), getattr(arrays, f"y_{split}")
+    if arrays.files is None:
+        return x, y
+    batches = [(images.numpy(), labels.numpy()) for images, labels in
+               _pipeline(arrays, x, y, 256, 0, shuffle=False, cache=False)]
+    if not batches:
+        return np.zeros((0, *arrays.input_shape), "float32"), y
+    return (np.concatenate([images for images, _ in batches]),
+            np.concatenate([labels for _, labels in batches]))
 
 
 def _pipeline(arrays: Arrays, x, y, batch_size: int, seed: int, shuffle: bool,

@@ -270,6 +270,22 @@ def test_streamed_and_cached_images_are_the_same_pixels(tmp_path):
     assert list(y) == [CLASSES.index(Path(p).parent.name) for p in arrays.x_val[:5]]
 
 
+def test_a_splits_images_as_numpy_are_what_the_model_is_given(tmp_path):
+    from nas.data import images
+
+    folder = make_folder(tmp_path / "data", per_class=6)
+    arrays = load_arrays(load_pipeline(pipeline(tmp_path / "p.yaml", folder, "test_split: 0")))
+    x, y = images(arrays, "val")
+    streamed = list(make_datasets(arrays, batch_size=4).validation)
+    np.testing.assert_array_equal(x, np.concatenate([batch.numpy() for batch, _ in streamed]))
+    np.testing.assert_array_equal(y, arrays.y_val)
+    assert x.dtype == np.float32 and x.shape == (len(arrays.y_val), 16, 16, 1)
+    x, y = images(arrays, "test")  # no test data: no images, of the right shape
+    assert x.shape == (0, 16, 16, 1) and len(y) == 0
+    digits = load_arrays(load_pipeline("digits"))  # in memory already: the arrays themselves
+    assert images(digits, "train")[0] is digits.x_train
+
+
 def test_a_mixed_folder_streams_trains_skips_bad_files_and_augments_in_training_only(tmp_path):
     """A search on a folder of mixed formats and modes, broken files skipped, with an
     augmented space: the exported model serves exactly the trained network without its
