@@ -450,8 +450,13 @@ def _directory(pipeline: Pipeline, where: str, skip_bad_images: bool):
                         f"images: {shown}{more}; fix or remove them, or pass "
                         f"--skip-bad-images to leave them out")
     kept = [i for i, why in enumerate(problems) if not why]
-    if not kept:
-        raise DataError(f"{where}.path: {root} holds no readable images (PNG, JPEG, GIF or BMP)")
+    files = np.bincount(labels, minlength=len(classes))
+    readable = np.bincount([labels[i] for i in kept], minlength=len(classes))
+    for label in np.flatnonzero(readable == 0):  # a class the classifier would never see
+        left_out = (f" (its {files[label]:,} file(s) are not readable images)"
+                    if files[label] else "")
+        raise DataError(f"{where}.path: class folder {classes[label]!r} holds no readable "
+                        f"images{left_out}; add images to it, or remove it")
     digest = hashlib.sha256("\0".join(sorted(names[i] for i in kept)).encode())
     rank = {i: hashlib.sha256(f"{pipeline.seed}\0{names[i]}".encode()).digest() for i in kept}
     kept.sort(key=rank.__getitem__)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from nas.cli import main
-from nas.data import load_arrays, make_datasets
+from nas.data import DataError, load_arrays, make_datasets
 from nas.specs import load_pipeline
 from shapes import CLASSES, draw
 
@@ -132,6 +132,23 @@ def test_unreadable_files_are_refused_in_one_line_before_anything_is_written(tmp
         f"Truncated File Read) and 1 more; fix or remove them, or pass --skip-bad-images to "
         f"leave them out\n")
     assert not (tmp_path / ".nas").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_class_folder_left_without_images_is_refused(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=6)
+    for path in (folder / "square").iterdir():
+        path.write_text("not an image")
+    spec = load_pipeline(pipeline(tmp_path / "p.yaml", folder))
+    with pytest.raises(DataError, match=re.escape(
+            f"{tmp_path / 'p.yaml'}: data.path: class folder 'square' holds no readable "
+            f"images (its 6 file(s) are not readable images); add images to it, or remove it")):
+        load_arrays(spec, skip_bad_images=True)
+    for path in (folder / "square").iterdir():
+        path.unlink()
+    with pytest.raises(DataError, match=re.escape(
+            f"{tmp_path / 'p.yaml'}: data.path: class folder 'square' holds no readable "
+            f"images; add images to it, or remove it")):
+        load_arrays(spec)
 
 
 def test_the_split_is_by_file_stratified_seeded_and_independent_of_the_listing_order(tmp_path):
