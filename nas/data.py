@@ -48,6 +48,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # what a `directory` source reads
 # after resizing: 10,000 RGB images of 64x64), else reads them from disk every epoch.
 MEMORY_CACHE_BYTES = 128 * 2**20
 BAD_IMAGES_SHOWN = 3  # unreadable files named in the refusal
+HEADER_CHUNK = 256  # files one task checks: not a task (a future) per file, for millions
 # A BMP's compression field, as its specification names them: TensorFlow reads none of them.
 _BMP_COMPRESSIONS = {1: "RLE8", 2: "RLE4", 3: "BITFIELDS", 4: "JPEG", 5: "PNG",
                      6: "ALPHABITFIELDS"}
@@ -439,8 +440,13 @@ def _directory(pipeline: Pipeline, where: str, skip_bad_images: bool):
         labels.extend([label] * len(found))
     if not paths:
         raise DataError(f"{where}.path: {root} holds no images (PNG, JPEG, GIF or BMP)")
+
+    def check(start: int) -> list[str | None]:
+        return [_unreadable(path) for path in paths[start:start + HEADER_CHUNK]]
+
     with concurrent.futures.ThreadPoolExecutor(min(32, 4 * (os.cpu_count() or 1))) as pool:
-        problems = list(pool.map(_unreadable, paths, chunksize=64))
+        problems = [why for chunk in pool.map(check, range(0, len(paths), HEADER_CHUNK))
+                    for why in chunk]
     bad = [(path, why) for path, why in zip(paths, problems) if why]
     if bad and not skip_bad_images:
         shown = "; ".join(f"{os.path.relpath(path, root)} ({why})"
