@@ -49,7 +49,8 @@ IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # what a `directory` source reads
 MEMORY_CACHE_BYTES = 128 * 2**20
 BAD_IMAGES_SHOWN = 3  # unreadable files named in the refusal
 HEADER_CHUNK = 256  # files one task checks: not a task (a future) per file, for millions
-# A BMP's compression field, as its specification names them: TensorFlow reads none of them.
+# A BMP's compression field, as its specification names them: TensorFlow reads only
+# uncompressed pixels (0), and 32-bit ones with its own bit masks (3, `_bmp_problem`).
 _BMP_COMPRESSIONS = {1: "RLE8", 2: "RLE4", 3: "BITFIELDS", 4: "JPEG", 5: "PNG",
                      6: "ALPHABITFIELDS"}
 _BMP_BGR_MASKS = (0x00FF0000, 0x0000FF00, 0x000000FF)  # red, green, blue: TensorFlow's order
@@ -153,7 +154,8 @@ class Arrays:
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
-    """Batched, cached, prefetched training and validation datasets (never the test data)."""
+    """Batched, prefetched training and validation datasets (never the test data); cached
+    in memory when they are arrays, or a directory's images that fit (`ImageFiles`)."""
 
     train: object
     validation: object
