@@ -690,11 +690,13 @@ def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: i
     import keras
     import keras_tuner as kt
 
-    from nas.data import load_arrays
+    from nas.data import images, load_arrays
     from nas.specs import load_pipeline, load_space
 
     pipeline = dataclasses.replace(load_pipeline(pipeline), seed=split_seed)
     arrays = load_arrays(pipeline)
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
+        images(arrays, split) for split in ("train", "val", "test"))
     keras.utils.set_random_seed(seed)
     if build == "same_knobs":
         build_fn = _same_knobs_build(load_space("cnn"), arrays.input_shape, arrays.num_classes,
@@ -736,15 +738,15 @@ def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: i
                             seed=seed, directory=os.path.join(folder, "kt"),
                             project_name="baseline", overwrite=True)
     start = time.perf_counter()
-    tuner.search(arrays.x_train, arrays.y_train, validation_data=(arrays.x_val, arrays.y_val),
-                 epochs=epochs, batch_size=pipeline.batch_size, verbose=0,
+    tuner.search(x_train, y_train, validation_data=(x_val, y_val), epochs=epochs,
+                 batch_size=pipeline.batch_size, verbose=0,
                  callbacks=[keras.callbacks.EarlyStopping(
                      monitor=pipeline.objective, mode="max",
                      patience=pipeline.early_stopping_patience)])
     search_wall = time.perf_counter() - start
     best = tuner.oracle.get_best_trials(1)[0].score
     (model,) = tuner.get_best_models(1)
-    test = model.evaluate(arrays.x_test, arrays.y_test, verbose=0, return_dict=True)
+    test = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
     return {"search_wall": search_wall, "fit_sum": sum(fits), "train_sum": sum(trains),
             "trials": len(fits), "best": float(best), "test": float(test["accuracy"]),
             "epochs": sum(epochs_run)}
@@ -757,10 +759,12 @@ def worker_svc(split_seed: int, pipeline: str = "digits") -> dict:
 
     from sklearn.svm import SVC
 
-    from nas.data import load_arrays
+    from nas.data import images, load_arrays
     from nas.specs import load_pipeline
 
     arrays = load_arrays(dataclasses.replace(load_pipeline(pipeline), seed=split_seed))
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
+        images(arrays, split) for split in ("train", "val", "test"))
 
     def flat(x):
         return x.reshape(len(x), -1) / arrays.pixel_scale
@@ -768,12 +772,12 @@ def worker_svc(split_seed: int, pipeline: str = "digits") -> dict:
     start = time.perf_counter()
     best = None
     for c, gamma in itertools.product((1, 3, 10, 30, 100), ("scale", 0.01, 0.03, 0.1)):
-        model = SVC(C=c, gamma=gamma).fit(flat(arrays.x_train), arrays.y_train)
-        score = model.score(flat(arrays.x_val), arrays.y_val)
+        model = SVC(C=c, gamma=gamma).fit(flat(x_train), y_train)
+        score = model.score(flat(x_val), y_val)
         if best is None or score > best[0]:
             best = (score, c, gamma, model)
     score, c, gamma, model = best
-    test = model.score(flat(arrays.x_test), arrays.y_test)
+    test = model.score(flat(x_test), y_test)
     return {"test": float(test), "val": float(score), "C": c, "gamma": gamma,
             "wall": time.perf_counter() - start}
 
@@ -983,9 +987,8 @@ def worker_images_steps(pipeline: str, epochs: int, rounds: int) -> dict:
     import dataclasses
 
     import keras
-    import numpy as np
 
-    from nas.data import load_arrays, make_datasets
+    from nas.data import images, load_arrays, make_datasets
     from nas.models import build_model
     from nas.space import sample
     from nas.specs import load_pipeline, load_space
@@ -996,14 +999,8 @@ def worker_images_steps(pipeline: str, epochs: int, rounds: int) -> dict:
     batch = loaded.batch_size
     datasets, streamed = make_datasets(arrays, batch, seed=0), make_datasets(disk, batch, seed=0)
 
-    def decoded(dataset):
-        pairs = [(x.numpy(), y.numpy()) for x, y in dataset]
-        return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
-
-    # The same images, decoded once, as arrays (the training ones through an unshuffled pass).
-    x_train, y_train = decoded(make_datasets(
-        dataclasses.replace(disk, x_val=disk.x_train, y_val=disk.y_train), batch).validation)
-    x_val, y_val = decoded(streamed.validation)
+    # The same images, decoded once, as arrays.
+    (x_train, y_train), (x_val, y_val) = images(disk, "train"), images(disk, "val")
     keras.utils.set_random_seed(0)
     (architecture,), _ = sample(load_space("tiny"), arrays.input_shape, arrays.num_classes, 1,
                                 pixel_scale=arrays.pixel_scale)

@@ -13,14 +13,16 @@ and streamed: each file is read, decoded and resized inside `tf.data`, in parall
 cached in memory only when the decoded images fit `MEMORY_CACHE_BYTES` (see
 `ImageFiles`), so memory does not grow with the number of images.
 
-Splits are stratified by class and seeded by `data.seed`, by sample (a directory's: by
-file, from its sorted list, so a resumed search sees the same split): the test share is
-carved out first (`data.test_split` of all the data, unless the data holds a test set of
-its own: the official test split of mnist, fashion_mnist and cifar10, or an npz's
-`x_test`), then the validation share (`data.validation_split` of all the data, or of the
-training data when the test set is the data's own). The images stay raw (pixel values as
-stored); the model rescales them itself, so an exported model takes images exactly as
-the pipeline reads them.
+Splits are stratified by class and seeded by `data.seed`, by sample; a directory's by
+file, each ranked by a seeded hash of its path in the folder, so that a file's side does
+not depend on the listing order nor on its neighbours (adding or removing a file moves at
+most one other file across each boundary), and a search resumes only on the same files
+(`Arrays.data_digest`). The test share is carved out first (`data.test_split` of all the
+data, unless the data holds a test set of its own: the official test split of mnist,
+fashion_mnist and cifar10, or an npz's `x_test`), then the validation share
+(`data.validation_split` of all the data, or of the training data when the test set is
+the data's own). The images stay raw (pixel values as stored); the model rescales them
+itself, so an exported model takes images exactly as the pipeline reads them.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import io
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +41,20 @@ import numpy as np
 from nas.errors import InputError
 from nas.specs import Pipeline
 
-__all__ = ["DataError", "Arrays", "Datasets", "ImageFiles", "class_folders", "load_arrays",
-           "make_datasets", "refit_dataset", "test_dataset"]
+__all__ = ["DataError", "Arrays", "Datasets", "ImageFiles", "class_folders", "images",
+           "load_arrays", "make_datasets", "refit_dataset", "test_dataset"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # what a `directory` source reads
 # `cache: auto` keeps a directory's decoded images in memory up to this many bytes (uint8,
 # after resizing: 10,000 RGB images of 64x64), else reads them from disk every epoch.
 MEMORY_CACHE_BYTES = 128 * 2**20
 BAD_IMAGES_SHOWN = 3  # unreadable files named in the refusal
+HEADER_CHUNK = 256  # files one task checks: not a task (a future) per file, for millions
+# A BMP's compression field, as its specification names them: TensorFlow reads only
+# uncompressed pixels (0), and 32-bit ones with its own bit masks (3, `_bmp_problem`).
+_BMP_COMPRESSIONS = {1: "RLE8", 2: "RLE4", 3: "BITFIELDS", 4: "JPEG", 5: "PNG",
+                     6: "ALPHABITFIELDS"}
+_BMP_BGR_MASKS = (0x00FF0000, 0x0000FF00, 0x000000FF)  # red, green, blue: TensorFlow's order
 
 _KERAS_FILES = {  # where keras.datasets looks, under $KERAS_HOME (default ~/.keras)
     "mnist": "datasets/mnist.npz",
@@ -78,6 +88,7 @@ class ImageFiles:
     channels: int
     cache: str = "auto"
     skipped: tuple[str, ...] = ()  # unreadable files left out (--skip-bad-images)
+    digest: str = ""  # of the kept files' paths in the folder, sorted (`Arrays.data_digest`)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -130,10 +141,22 @@ class Arrays:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def data_digest(self) -> str:
+        """A digest of a `directory` source's kept files ("" for data in memory): the same
+        files split the same way, so a search resumes only on the same digest."""
+        return self.files.digest if self.files is not None else ""
+
+    @property
+    def samples(self) -> int:
+        """Training, validation and test samples together (a directory's kept files)."""
+        return len(self.y_train) + len(self.y_val) + len(self.y_test)
+
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
-    """Batched, cached, prefetched training and validation datasets (never the test data)."""
+    """Batched, prefetched training and validation datasets (never the test data); cached
+    in memory when they are arrays, or a directory's images that fit (`ImageFiles`)."""
 
     train: object
     validation: object
@@ -164,10 +187,10 @@ def load_arrays(pipeline: Pipeline, skip_bad_images: bool = False) -> Arrays:
         x, y, x_val, y_val, x_test, y_test, class_names = _npz(pipeline.path, where)
         default_scale = 255.0 if x.dtype == np.uint8 else max(float(np.max(x)), 1.0)
     else:
-        x, y, class_names, skipped = _directory(pipeline, where, skip_bad_images)
+        x, y, class_names, skipped, digest = _directory(pipeline, where, skip_bad_images)
         default_scale = 255.0
         files = ImageFiles(pipeline.image_size, 1 if pipeline.color_mode == "grayscale" else 3,
-                           pipeline.cache, skipped)
+                           pipeline.cache, skipped, digest)
 
     if files is None:
         x = _as_images(x, f"{where}.x_train")
@@ -191,6 +214,9 @@ def load_arrays(pipeline: Pipeline, skip_bad_images: bool = False) -> Arrays:
         raise DataError(f"{where}: the training data holds only one class")
 
     rng = np.random.default_rng(pipeline.seed)
+    # A directory's files come in the order of their seeded hashes (`_directory`): the test
+    # data takes each class's first, the validation data its last.
+    ranked = files is not None
     test_source, test_split = "own", pipeline.test_split
     if x_test is not None:
         if test_split:
@@ -206,14 +232,16 @@ def load_arrays(pipeline: Pipeline, skip_bad_images: bool = False) -> Arrays:
             raise DataError(f"{where}.validation_split: {pipeline.validation_split} with "
                             f"test_split {test_split} leaves no training data (their sum "
                             f"must be below 1)")
-        x, y, x_test, y_test = _split(x, y, test_split, rng, class_names, where, "test_split")
+        x, y, x_test, y_test = _split(x, y, test_split, rng, class_names, where, "test_split",
+                                      "first" if ranked else None)
     if x_val is None:
         if pipeline.validation_split <= 0:
             raise DataError(f"{where}.validation_split: must be above 0 when the data has no "
                             f"validation arrays")
         # A share of all the data: of what the test split left, when it was carved here.
         share = pipeline.validation_split / (1 - (test_split if test_source == "split" else 0))
-        x, y, x_val, y_val = _split(x, y, share, rng, class_names, where, "validation_split")
+        x, y, x_val, y_val = _split(x, y, share, rng, class_names, where, "validation_split",
+                                    "last" if ranked else None)
     return Arrays(x, y, x_val, y_val, tuple(class_names),
                   float(pipeline.pixel_scale or default_scale), x_test, y_test, test_source,
                   files)
@@ -223,8 +251,14 @@ def _labels(y) -> np.ndarray:
     return np.asarray(y).reshape(-1).astype("int64")
 
 
-def _split(x, y, share: float, rng, class_names, where: str, field: str):
-    """`share` of each class drawn at random from (`x`, `y`): (rest x, rest y, drawn x, drawn y).
+def _split(x, y, share: float, rng, class_names, where: str, field: str,
+           ranked: str | None = None):
+    """`share` of each class drawn from (`x`, `y`): (rest x, rest y, drawn x, drawn y).
+
+    Data in memory is drawn at random (`rng`) and both sides are shuffled. Ranked data (a
+    directory's files, in the order of their seeded hashes) gives each class's `ranked`
+    "first" or "last" samples, and both sides keep their order: a file's side depends only
+    on its rank among its class's files.
 
     Raises:
         DataError: a class has too few samples to appear on both sides.
@@ -233,7 +267,11 @@ def _split(x, y, share: float, rng, class_names, where: str, field: str):
         return x, y, x[:0], y[:0]
     drawn = []
     for label in np.unique(y):
-        members = rng.permutation(np.flatnonzero(y == label))
+        members = np.flatnonzero(y == label)
+        if ranked is None:
+            members = rng.permutation(members)
+        elif ranked == "last":
+            members = members[::-1]
         count = max(1, int(round(len(members) * share)))
         if count >= len(members):
             raise DataError(f"{where}.{field}: class {class_names[label]!r} has "
@@ -243,8 +281,9 @@ def _split(x, y, share: float, rng, class_names, where: str, field: str):
         drawn.append(members[:count])
     picked = np.zeros(len(y), dtype=bool)
     picked[np.concatenate(drawn)] = True
-    # Shuffled, so that no split is ordered by class.
-    rest, chosen = rng.permutation(np.flatnonzero(~picked)), rng.permutation(np.flatnonzero(picked))
+    rest, chosen = np.flatnonzero(~picked), np.flatnonzero(picked)
+    if ranked is None:  # shuffled, so that no split is ordered by class (ranks are not)
+        rest, chosen = rng.permutation(rest), rng.permutation(chosen)
     return x[rest], y[rest], x[chosen], y[chosen]
 
 
@@ -272,6 +311,25 @@ def test_dataset(arrays: Arrays, batch_size: int):
         return None
     return _pipeline(arrays, arrays.x_test, arrays.y_test, batch_size, 0, shuffle=False,
                      cache=False)
+
+
+def images(arrays: Arrays, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split's images (float32, raw pixel values, as a model receives them) and labels,
+    as numpy arrays: `split` is "train", "val" or "test".
+
+    For code that trains outside `tf.data` (the benchmarks' KerasTuner and scikit-learn
+    baselines). A directory's files are decoded and resized as `ImageFiles.read` does
+    them, all of the split's at once in memory: for data that fits there.
+    """
+    x, y = getattr(arrays, f"x_{split}"), getattr(arrays, f"y_{split}")
+    if arrays.files is None:
+        return x, y
+    batches = [(images.numpy(), labels.numpy()) for images, labels in
+               _pipeline(arrays, x, y, 256, 0, shuffle=False, cache=False)]
+    if not batches:
+        return np.zeros((0, *arrays.input_shape), "float32"), y
+    return (np.concatenate([images for images, _ in batches]),
+            np.concatenate([labels for _, labels in batches]))
 
 
 def _pipeline(arrays: Arrays, x, y, batch_size: int, seed: int, shuffle: bool,
@@ -370,21 +428,28 @@ def class_folders(pipeline: Pipeline) -> list[str]:
 
 
 def _directory(pipeline: Pipeline, where: str, skip_bad_images: bool):
-    """A directory's image files (sorted per class), their labels, the class names and the
-    files left out as unreadable."""
+    """A directory's image files and their labels, in the order of their seeded hashes
+    (`_split`), the class names, the files left out as unreadable and the digest of the
+    kept files' paths in the folder (`Arrays.data_digest`)."""
     root = Path(pipeline.path)
     classes = class_folders(pipeline)
-    paths, labels = [], []
+    paths, names, labels = [], [], []  # names: "class/file", as in any copy of the folder
     for label, name in enumerate(classes):
         with os.scandir(root / name) as entries:
-            found = sorted(entry.path for entry in entries
+            found = sorted((entry.name, entry.path) for entry in entries
                            if not entry.name.startswith(".") and entry.is_file())
-        paths.extend(found)
+        paths.extend(path for _, path in found)
+        names.extend(f"{name}/{file}" for file, _ in found)
         labels.extend([label] * len(found))
     if not paths:
         raise DataError(f"{where}.path: {root} holds no images (PNG, JPEG, GIF or BMP)")
+
+    def check(start: int) -> list[str | None]:
+        return [_unreadable(path) for path in paths[start:start + HEADER_CHUNK]]
+
     with concurrent.futures.ThreadPoolExecutor(min(32, 4 * (os.cpu_count() or 1))) as pool:
-        problems = list(pool.map(_unreadable, paths, chunksize=64))
+        problems = [why for chunk in pool.map(check, range(0, len(paths), HEADER_CHUNK))
+                    for why in chunk]
     bad = [(path, why) for path, why in zip(paths, problems) if why]
     if bad and not skip_bad_images:
         shown = "; ".join(f"{os.path.relpath(path, root)} ({why})"
@@ -393,19 +458,28 @@ def _directory(pipeline: Pipeline, where: str, skip_bad_images: bool):
         raise DataError(f"{where}.path: {len(bad):,} of {len(paths):,} files are not readable "
                         f"images: {shown}{more}; fix or remove them, or pass "
                         f"`skip_bad_images` to leave them out")
-    keep = [not why for why in problems]
-    paths = np.array([path for path, ok in zip(paths, keep) if ok])
-    labels = np.array([label for label, ok in zip(labels, keep) if ok], dtype="int64")
-    if not len(paths):
-        raise DataError(f"{where}.path: {root} holds no readable images (PNG, JPEG, GIF or BMP)")
-    return paths, labels, classes, tuple(path for path, _ in bad)
+    kept = [i for i, why in enumerate(problems) if not why]
+    files = np.bincount(labels, minlength=len(classes))
+    readable = np.bincount([labels[i] for i in kept], minlength=len(classes))
+    for label in np.flatnonzero(readable == 0):  # a class the classifier would never see
+        left_out = (f" (its {files[label]:,} file(s) are not readable images)"
+                    if files[label] else "")
+        raise DataError(f"{where}.path: class folder {classes[label]!r} holds no readable "
+                        f"images{left_out}; add images to it, or remove it")
+    digest = hashlib.sha256("\0".join(sorted(names[i] for i in kept)).encode())
+    rank = {i: hashlib.sha256(f"{pipeline.seed}\0{names[i]}".encode()).digest() for i in kept}
+    kept.sort(key=rank.__getitem__)
+    return (np.array([paths[i] for i in kept]),
+            np.array([labels[i] for i in kept], dtype="int64"), classes,
+            tuple(path for path, _ in bad), digest.hexdigest()[:16])
 
 
 def _unreadable(path: str) -> str | None:
     """Why the file at `path` is not an image `ImageFiles.read` decodes, or None.
 
     Reads what identifies the image and its structure (PIL's `verify`: PNG chunks and
-    their checksums, GIF and BMP headers), and a JPEG's end marker, not its pixels.
+    their checksums, GIF and BMP headers), a JPEG's end marker and what of a BMP's header
+    TensorFlow's decoder relies on (`_bmp_problem`), not its pixels.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -416,8 +490,9 @@ def _unreadable(path: str) -> str | None:
             kind = "JPEG" if kind == "MPO" else kind  # a phone's multi-picture JPEG
             if kind not in IMAGE_FORMATS:
                 return f"{kind} is not PNG, JPEG, GIF or BMP"
-            if kind == "BMP" and mode in ("1", "P"):
-                return "a 1-bit or colour-palette BMP, which TensorFlow does not decode"
+            problem = _bmp_problem(path, mode) if kind == "BMP" else None
+            if problem:
+                return problem
             image.verify()
         if kind == "JPEG":  # its scan data ends with an end marker (a video may follow)
             data = Path(path).read_bytes()
@@ -427,4 +502,47 @@ def _unreadable(path: str) -> str | None:
         return "not an image" if os.path.getsize(path) else "an empty file"
     except Exception as error:  # PIL's errors for broken files: OSError, EOFError, ...
         return f"broken {kind}: {error}" if kind != "image" else f"broken: {error}"
+    return None
+
+
+def _bmp_problem(path: str, mode: str) -> str | None:
+    """Why TensorFlow's BMP decoder fails on, or misreads, the BMP at `path` (PIL's `mode`),
+    or None.
+
+    As measured with TensorFlow 2.21's `decode_image` on the files PIL writes and on
+    hand-made ones: it reads a 40-byte or longer header's 8-bit (as gray: it ignores a
+    palette), 24- and 32-bit images, uncompressed, or 32-bit with bit masks in its own
+    order (blue, green, red), from a file exactly as long as the pixel data needs (rows
+    padded to 4 bytes; more bytes after them are refused too). It fails on 1-, 4- and
+    16-bit images, OS/2 headers and RLE compression (or decodes garbage), and reads a
+    colour palette or other bit masks as wrong colours.
+    """
+    with open(path, "rb") as file:
+        header = file.read(66)  # up to the bit masks of a 32-bit BITFIELDS image
+    (start,) = struct.unpack_from("<I", header, 10)
+    header_size, width, height, _, bits, compression = struct.unpack_from("<IiiHHI", header, 14)
+    if header_size < 40:
+        return f"an OS/2 BMP ({header_size}-byte header), which TensorFlow does not decode"
+    if bits not in (8, 24, 32):
+        return (f"a {bits}-bit BMP, which TensorFlow does not decode (only 8-bit gray, 24- "
+                f"and 32-bit)")
+    if mode in ("1", "P"):  # PIL's modes for a palette that is not the 256 grays in order
+        return "a colour-palette BMP, whose palette TensorFlow ignores"
+    if compression == 3 and bits == 32:  # the masks follow a 40-byte header, or are in it
+        masks = struct.unpack_from("<III", header, 54)
+        if masks != _BMP_BGR_MASKS:
+            shown = ", ".join(f"{mask:#010x}" for mask in masks)
+            return (f"a 32-bit BMP with the colour masks {shown}, which TensorFlow ignores "
+                    f"(it reads blue, green, red)")
+    elif compression:
+        name = _BMP_COMPRESSIONS.get(compression, "unknown")
+        return (f"a BMP compressed with {name} ({compression}), which TensorFlow does not "
+                f"decode (only uncompressed ones)")
+    needed = start + (bits * width + 31) // 32 * 4 * abs(height)  # rows padded to 4 bytes
+    size = os.path.getsize(path)
+    if size < needed:
+        return f"a truncated BMP ({size:,} bytes, its pixels need {needed:,})"
+    if size > needed:
+        return (f"a BMP of {size:,} bytes where its pixels need {needed:,} (TensorFlow reads "
+                f"only exact lengths)")
     return None

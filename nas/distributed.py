@@ -322,7 +322,7 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
     if not bound:
         raise RuntimeError(f"the chief cannot listen on {config.chief}")
     tracker.set_tags(search_run_id, {TAG_CHIEF: config.chief,
-                                     TAG_SETTINGS: json.dumps(config.worker_settings())})
+                                     TAG_SETTINGS: json.dumps(config.worker_settings(prepared.arrays))})
     server.start()
     echo(f"chief listening on {config.chief}: waiting for workers")
     try:
@@ -492,6 +492,12 @@ def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[s
                           f"({settings[kind]!r}, run {parent.info.run_id}); a worker needs the "
                           f"same space and pipeline files as its chief")
     config = config.for_worker(settings)
+    if settings.get("data_digest", "") != arrays.data_digest:  # a directory's: split by file
+        raise SearchError(
+            f"{config.pipeline.source_file}: data.path: the images in {config.pipeline.path} "
+            f"are not the chief's ({settings.get('data_files', '?')} files there, "
+            f"{arrays.samples} here), so the split would differ; a worker needs the same "
+            f"image files as its chief")
     experiment_id, search_run_id = parent.info.experiment_id, parent.info.run_id
     echo(f"worker {config.worker_id}: search run {search_run_id}, chief {config.chief}")
 

@@ -17,7 +17,8 @@ from nas import assembly, final_model, pareto, results, tracking
 from nas.data import Arrays, load_arrays
 from nas.errors import SearchError, SearchFailed
 from nas.events import CandidateRejected, Callback, Printer, SearchEnded
-from nas.settings import STATE_FILE, TAG_FINGERPRINT, TAG_MAX_TRIALS, SearchConfig
+from nas.settings import (STATE_FILE, TAG_DATA_DIGEST, TAG_FINGERPRINT, TAG_MAX_TRIALS,
+                          SearchConfig)
 from nas.space import search_problem
 from nas.state import SearchLock, StateError, read_json, write_atomic
 
@@ -105,7 +106,7 @@ def prepare(config: SearchConfig) -> Prepared:
     if config.overwrite:
         return Prepared(config, arrays, tracker, None, previous=state or None, lock=lock)
     state = state or _found_in_store(tracker, config)
-    problem = _unresumable(config, state)
+    problem = _unresumable(config, state) or _other_data(config, arrays, state)
     if problem:
         raise SearchError(problem)
     return Prepared(config, arrays, tracker, state, lock=lock)
@@ -115,6 +116,17 @@ def _other_settings(config: SearchConfig) -> str:
     return (f"`experiment`: {config.experiment_name!r} already holds a search with other "
             f"settings (in {config.project_dir}); pass `overwrite` to start afresh, or "
             f"choose another `experiment`")
+
+
+def _other_data(config: SearchConfig, arrays: Arrays, state: dict | None) -> str | None:
+    """Why the search being resumed cannot go on with these files, or None: a directory's
+    split is by file, so other files would give it another split."""
+    if not state or state.get("data_digest", "") == arrays.data_digest:
+        return None
+    return (f"{config.pipeline.source_file}: data.path: the images in {config.pipeline.path} "
+            f"changed since this search started ({state.get('data_files', '?')} files then, "
+            f"{arrays.samples} now), so its split would differ; restore them, or pass "
+            f"`overwrite` to start afresh, or choose another `experiment`")
 
 
 def _check_workdir(folder: Path) -> None:
@@ -196,10 +208,12 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
     else:
         search_run_id = tracker.start_run(
             experiment_id, f"search-{config.experiment_name}",
-            tags={tracking.TAG_KIND: "search", TAG_FINGERPRINT: config.fingerprint()})
+            tags={tracking.TAG_KIND: "search", TAG_FINGERPRINT: config.fingerprint(),
+                  TAG_DATA_DIGEST: arrays.data_digest})
         _log_search(tracker, search_run_id, config, arrays)
         state = {"search_run_id": search_run_id, "experiment_id": experiment_id,
-                 "fingerprint": config.fingerprint(), "max_trials": config.max_trials}
+                 "fingerprint": config.fingerprint(), "max_trials": config.max_trials,
+                 "data_digest": arrays.data_digest, "data_files": arrays.samples}
     write_atomic(project_dir / STATE_FILE, json.dumps(state))
 
     parts = assembly.assemble(config, arrays, tracker, experiment_id, search_run_id, callback)
@@ -343,10 +357,14 @@ def _found_in_store(tracker, config: SearchConfig) -> dict | None:
     if not runs:
         return None
     run = runs[0]
-    budget = run.data.tags.get(TAG_MAX_TRIALS) or run.data.params.get("max_trials")
+    params = run.data.params
+    budget = run.data.tags.get(TAG_MAX_TRIALS) or params.get("max_trials")
     return {"search_run_id": run.info.run_id, "experiment_id": experiment.experiment_id,
             "fingerprint": config.fingerprint(), "found_in_store": True,
-            "max_trials": int(budget) if budget else config.max_trials}
+            "max_trials": int(budget) if budget else config.max_trials,
+            "data_digest": run.data.tags.get(TAG_DATA_DIGEST, ""),
+            "data_files": sum(int(params.get(f"{split}_samples", 0))
+                              for split in ("train", "val", "test"))}
 
 
 def _store_trials(tracker, experiment_id: str, search_run_id: str, config: SearchConfig,

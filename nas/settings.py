@@ -18,10 +18,12 @@ from pathlib import Path
 from nas import tracking  # its tag names only: MLflow is not imported
 from nas.specs import Constraints, Pipeline, SearchSpace
 
-__all__ = ["SearchConfig", "STATE_FILE", "TAG_FINGERPRINT", "TAG_MAX_TRIALS", "project_folder"]
+__all__ = ["SearchConfig", "STATE_FILE", "TAG_DATA_DIGEST", "TAG_FINGERPRINT", "TAG_MAX_TRIALS",
+           "project_folder"]
 
 STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
 TAG_FINGERPRINT = "nas.fingerprint"  # on the search's run: found again by its settings
+TAG_DATA_DIGEST = "nas.data_digest"  # on the search's run: a directory's files (Arrays)
 TAG_MAX_TRIALS = tracking.TAG_MAX_TRIALS  # on the search's run, once it grew past its budget
 # What a worker trains with, taken from its chief's settings (`for_worker`).
 _WORKER_TRAINING = ("tuner", "max_trials", "epochs", "batch_size", "seed", "mixed_precision",
@@ -115,11 +117,13 @@ class SearchConfig:
         """The settings the search's MLflow run logs as params (its specs are artifacts)."""
         return {k: v for k, v in self.settings().items() if not k.endswith("_sha")}
 
-    def worker_settings(self) -> dict:
-        """What every worker must train with; stored on the parent run by the chief."""
+    def worker_settings(self, arrays) -> dict:
+        """What every worker must train with, on the chief's `arrays` (`nas.data.Arrays`:
+        a directory's files must be the same); stored on the parent run by the chief."""
         settings = self.settings()
-        return {k: settings[k] for k in ("space", "space_sha", "pipeline", "pipeline_sha",
-                                         *_WORKER_TRAINING)}
+        return {**{k: settings[k] for k in ("space", "space_sha", "pipeline", "pipeline_sha",
+                                            *_WORKER_TRAINING)},
+                "data_digest": arrays.data_digest, "data_files": arrays.samples}
 
     def for_worker(self, chief_settings: dict) -> SearchConfig:
         """This worker's config, training as the chief's `worker_settings` say."""

@@ -344,6 +344,7 @@ def test_scale_out_input_errors(args, message):
 
 def test_a_worker_refuses_another_space(tmp_path, monkeypatch):
     from nas import distributed, search
+    from nas.data import load_arrays
     from nas.events import Callback
     from nas.specs import load_pipeline, load_space
     from nas.tracking import Tracker
@@ -354,7 +355,8 @@ def test_a_worker_refuses_another_space(tmp_path, monkeypatch):
     chief_config = search.SearchConfig(space=load_space("tiny"), pipeline=load_pipeline("digits"))
     run_id = tracker.start_run(experiment_id, "search", tags={
         "nas.kind": "search", distributed.TAG_CHIEF: "127.0.0.1:9",
-        distributed.TAG_SETTINGS: json.dumps(chief_config.worker_settings())})
+        distributed.TAG_SETTINGS: json.dumps(chief_config.worker_settings(
+            load_arrays(chief_config.pipeline)))})
     config = search.SearchConfig(space=load_space("lenet"), pipeline=load_pipeline("digits"),
                                  experiment="refuse", tracking_uri=uri, chief="127.0.0.1:9",
                                  worker_id="w")
