@@ -309,11 +309,9 @@ def test_workers_option_starts_chief_and_local_workers(processes, tmp_path):
 
 
 def test_mirrored_distribution_trains_on_the_cpu(tmp_path, monkeypatch):
-    from nas import distributed
-
-    made = []
     from nas import assembly
 
+    made = []
     original = assembly.strategy
     monkeypatch.setattr(assembly, "strategy",
                         lambda name: made.append(original(name)) or made[-1])

@@ -241,6 +241,7 @@ def test_a_search_does_not_resume_on_other_files(tmp_path):
 
 def test_a_worker_refuses_other_files_than_its_chiefs(tmp_path):
     from nas import distributed, search
+    from nas.events import Callback
     from nas.specs import load_space
     from nas.tracking import Tracker
 
@@ -251,8 +252,8 @@ def test_a_worker_refuses_other_files_than_its_chiefs(tmp_path):
     chief = search.SearchConfig(space=load_space("tiny"), pipeline=load_pipeline(spec))
     tracker.start_run(tracker.experiment_id("refuse"), "search", tags={
         "nas.kind": "search", distributed.TAG_CHIEF: "127.0.0.1:9",
-        distributed.TAG_SETTINGS: json.dumps(distributed._settings(
-            chief, load_arrays(chief.pipeline)))})
+        distributed.TAG_SETTINGS: json.dumps(chief.worker_settings(
+            load_arrays(chief.pipeline)))})
     (folder / "square" / "square_000.png").unlink()
     worker = dataclasses.replace(chief, experiment="refuse", tracking_uri=uri,
                                  chief="127.0.0.1:9", worker_id="w")
@@ -260,8 +261,7 @@ def test_a_worker_refuses_other_files_than_its_chiefs(tmp_path):
             f"{spec}: data.path: the images in {folder} are not the chief's (18 files there, "
             f"17 here), so the split would differ; a worker needs the same image files as "
             f"its chief")):
-        distributed.run_worker(distributed.prepare_worker(worker), echo=lambda line: None,
-                               wait=0)
+        distributed.run_worker(distributed.prepare_worker(worker), Callback(), wait=0)
 
 
 def test_streamed_and_cached_images_are_the_same_pixels(tmp_path):
