@@ -83,14 +83,14 @@ def default_tuner() -> str:
     """The `--tuner` default of `nas search` (read from the CLI, so it follows changes)."""
     from nas import cli  # click only: no TensorFlow
 
-    return next(p.default for p in cli.search.params if p.name == "tuner")
+    return next(p.default for p in cli.main.commands["search"].params if p.name == "tuner")
 
 
 def default_ensemble() -> int:
     """The `--ensemble` default of `nas search`."""
     from nas import cli
 
-    return next(p.default for p in cli.search.params if p.name == "ensemble")
+    return next(p.default for p in cli.main.commands["search"].params if p.name == "ensemble")
 
 
 class NasSearches:

@@ -182,18 +182,6 @@ class Architecture:
         return dataclasses.replace(self, layers=tuple(
             layer for layer in self.layers if layer.kind not in _AUGMENT_LAYERS.values()))
 
-    def summary(self) -> dict:
-        """The architecture choices a person compares trials by."""
-        stages = range(1, self.depth + 1)
-        return {
-            "depth": self.depth,
-            "filters": [self.values[f"stage_{s}/filters"] for s in stages],
-            "kernels": [self.values[f"stage_{s}/kernel_size"] for s in stages],
-            "strides": [self.values[f"stage_{s}/stride"] for s in stages],
-            "pooling": [self.values[f"stage_{s}/pool"] for s in stages],
-            "pointwise": [self.values[f"stage_{s}/pointwise"] for s in stages],
-        }
-
     def to_dict(self) -> dict:
         return {
             "input_shape": list(self.input_shape),

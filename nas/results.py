@@ -120,7 +120,8 @@ class TrialRow:
 
     @property
     def architecture(self) -> dict:
-        """The choices a person compares trials by (the keys of `Architecture.summary`)."""
+        """The choices a person compares trials by: depth, and per stage its filters, kernels,
+        strides, pooling and 1x1 convolutions."""
         depth = self.values.get("depth")
         stages = range(1, depth + 1) if isinstance(depth, int) else ()
 
@@ -179,7 +180,7 @@ def find_search(store: Reader | tracking.Tracker, experiment: str | None = None)
         found = reader.experiment_by_name(experiment)
         if found is None or found.lifecycle_stage == "deleted":
             names = sorted(e.name for e in reader.experiments() if e.name != "Default")
-            raise ResultsError(f"--experiment: no experiment {experiment!r} in "
+            raise ResultsError(f"`experiment`: no experiment {experiment!r} in "
                                f"{reader.tracking_uri} (it holds: {_listing(names)})")
         experiment_ids = [found.experiment_id]
         where = f"experiment {experiment!r}"
@@ -204,7 +205,7 @@ def find_run(store: Reader | tracking.Tracker,
     if kind == "trial":
         search = _search(reader, _get_run(reader, run.tags[TAG_SEARCH]))
         return search, _trial_row(run, search.objective)
-    raise ResultsError(f"--run: {run_id} is not the run of a nas search or trial "
+    raise ResultsError(f"`run`: {run_id} is not the run of a nas search or trial "
                        f"(its tag {TAG_KIND} is {kind!r})")
 
 
@@ -292,7 +293,7 @@ def sort_trials(rows: Iterable[TrialRow], key: str, search: Search) -> list[Tria
     metric = SORT_KEYS.get(key, key)
     known = set(SORT_KEYS) | {name for r in rows for name in r.metrics}
     if key not in known:
-        raise ResultsError(f"--sort: {key!r} is not one of {sorted(known)}")
+        raise ResultsError(f"`sort`: {key!r} is not one of {sorted(known)}")
     if metric == "objective":
         descending = search.direction == "max"
     else:
@@ -343,7 +344,7 @@ def ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
         ResultsError: the store is an MLflow server already (open it instead).
     """
     if tracking_uri.startswith(("http://", "https://")):
-        raise ResultsError(f"--tracking-uri: {tracking_uri} is an MLflow server already; "
+        raise ResultsError(f"`tracking_uri`: {tracking_uri} is an MLflow server already; "
                            f"open it in a browser")
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
             "--host", host, "--port", str(port), "--workers", "1"]
@@ -417,7 +418,7 @@ def _run(run) -> Run:
 def _get_run(reader: Reader, run_id: str) -> Run:
     run = reader.run(run_id)
     if run is None:
-        raise ResultsError(f"--run: no run {run_id!r} in {reader.tracking_uri}")
+        raise ResultsError(f"`run`: no run {run_id!r} in {reader.tracking_uri}")
     return run
 
 
@@ -461,8 +462,8 @@ def _existing_store(tracking_uri: str | None) -> tuple[str, str | None]:
     elif "://" not in uri and uri not in ("databricks",):
         path = uri
     if path and path != ":memory:" and not os.path.exists(path):
-        raise ResultsError(f"--tracking-uri: {uri} does not exist (no search was logged there); "
-                           f"run `nas search` first, or give --tracking-uri / "
+        raise ResultsError(f"`tracking_uri`: {uri} does not exist (no search was logged "
+                           f"there); run `nas search` first, or give `tracking_uri` / "
                            f"MLFLOW_TRACKING_URI")
     sqlite_file = uri.startswith("sqlite:///") and path not in ("", ":memory:")
     return uri, path if sqlite_file else None
@@ -501,12 +502,12 @@ def _sqlite_is_current(uri: str, path: str) -> bool:
     try:
         return mlflow_sqlite.is_current(path)
     except mlflow_sqlite.NotADatabase as error:
-        raise ResultsError(f"--tracking-uri: {uri} cannot be read ({error})") from None
+        raise ResultsError(f"`tracking_uri`: {uri} cannot be read ({error})") from None
     except mlflow_sqlite.NotMlflow:
         raise ResultsError(
-            f"--tracking-uri: {uri} is not an MLflow tracking store (an SQLite database "
+            f"`tracking_uri`: {uri} is not an MLflow tracking store (an SQLite database "
             f"without MLflow's tables); give the store `nas search` logged to, with "
-            f"--tracking-uri / MLFLOW_TRACKING_URI") from None
+            f"`tracking_uri` / MLFLOW_TRACKING_URI") from None
 
 
 def _tracker(uri: str) -> tracking.Tracker:
@@ -532,7 +533,7 @@ def _mlflow_errors(uri: str):
         first = text.splitlines()[0] if text else error.__class__.__name__
         if len(first) > 200:
             first = first[:197] + "..."
-        raise ResultsError(f"--tracking-uri: {uri} cannot be read ({first})") from None
+        raise ResultsError(f"`tracking_uri`: {uri} cannot be read ({first})") from None
 
 
 def _decode(text: str):

@@ -29,13 +29,13 @@ from tensorflow.python.framework import ops as _tf_ops
 from nas import ktcompat
 from nas.architecture import Architecture, Rejection, hyperparameter_specs
 from nas.models import build_model
+from nas.settings import TUNERS
 from nas.specs import Knob, SearchSpace
 from nas.state import StateError, read_json, write_atomic
 
 __all__ = ["TUNERS", "DEFAULT_TUNER", "KNOWN_GOOD", "declare", "make_oracle", "CandidateModel",
            "NasTuner", "MedianStopping", "stopping_rule", "early_stopping"]
 
-TUNERS = ("evolution", "random", "bayesian", "hyperband", "grid")
 DEFAULT_TUNER = "evolution"
 # Collects the garbage of finished trials while the next one trains (see NasTuner._try_build).
 _COLLECTOR = concurrent.futures.ThreadPoolExecutor(1, "nas-gc")

@@ -169,7 +169,7 @@ def test_progress_off(switch, monkeypatch):
 
 
 def test_progress_on_a_terminal_is_one_line_rewritten(capsys, monkeypatch):
-    from nas.cli import _Progress
+    from nas.cli.search import Progress
     from nas.events import EpochEnded, TrialEnded
 
     def event(epoch, value):
@@ -177,7 +177,7 @@ def test_progress_on_a_terminal_is_one_line_rewritten(capsys, monkeypatch):
                           1500.0, time_limited=epoch > 1)
 
     monkeypatch.setenv("COLUMNS", "120")  # the terminal's width
-    shown = _Progress(terminal=True)
+    shown = Progress(terminal=True)
     shown.on_epoch_end(event(1, 0.5))
     shown.on_epoch_end(event(2, 0.75))
     shown.on_trial_end(TrialEnded("7", 1, 5, "val_accuracy", 0.75, 0.75, 1000, 9.0, "FINISHED"))
@@ -196,7 +196,7 @@ def test_progress_on_a_terminal_is_one_line_rewritten(capsys, monkeypatch):
 
 
 def test_tensorflow_start_up_lines_kept_to_the_log_level():
-    from nas.cli import _tensorflow_lines
+    from nas.cli.common import tensorflow_lines
 
     caught = ("WARNING: All log messages before absl::InitializeLog() is called are written "
               "to STDERR\n"
@@ -205,10 +205,10 @@ def test_tensorflow_start_up_lines_kept_to_the_log_level():
               "To enable the following instructions: AVX2 FMA, in other operations, ...\n"
               "E0000 00:00:1.3 12 cuda_platform.cc:52] failed call to cuInit: ...\n")
     lines = caught.splitlines(keepends=True)
-    assert _tensorflow_lines(caught, "3") == ""
-    assert _tensorflow_lines(caught, "2") == lines[4]
-    assert _tensorflow_lines(caught, "1") == lines[0] + lines[4]
-    assert _tensorflow_lines(caught, "0") == caught
+    assert tensorflow_lines(caught, "3") == ""
+    assert tensorflow_lines(caught, "2") == lines[4]
+    assert tensorflow_lines(caught, "1") == lines[0] + lines[4]
+    assert tensorflow_lines(caught, "0") == caught
 
 
 def test_a_users_tf_cpp_min_log_level_does_not_add_lines(tmp_path):

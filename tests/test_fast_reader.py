@@ -19,7 +19,9 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from nas import cli, mlflow_sqlite, results, tracking
+from nas import mlflow_sqlite, results, tracking
+from nas.cli import common, export, search, space
+from nas.cli import results as cli_results
 from nas.cli import main
 
 HEAVY = ("mlflow", "tensorflow", "keras", "keras_tuner", "sqlalchemy", "matplotlib")
@@ -43,7 +45,7 @@ def copy_store(digits_search, tmp_path) -> str:
 def test_tag_names_are_those_tracking_writes():
     # The readers spell no tag name of their own: each comes from nas.tracking.
     tags = {value for name, value in vars(tracking).items() if name.startswith("TAG_")}
-    for module in (results, mlflow_sqlite, cli):
+    for module in (results, mlflow_sqlite, common, cli_results, search, space, export):
         source = inspect.getsource(module)
         assert not {tag for tag in tags if f'"{tag}"' in source}, module.__name__
 
@@ -105,7 +107,7 @@ def test_deleted_runs_and_experiments_are_left_out_by_both(digits_search, tmp_pa
     fast, slow = both_readers(uri)
     for reader in (fast, slow):
         with pytest.raises(results.ResultsError,
-                           match=r"^--experiment: no experiment 'shared' in .* \(it holds: "
+                           match=r"^experiment: no experiment 'shared' in .* \(it holds: "
                                  r"no experiments\)$"):
             results.find_search(reader, "shared")
         with pytest.raises(results.ResultsError, match=r"^no nas search in the tracking store"):

@@ -90,7 +90,7 @@ def test_select_trials_filters_marks_sorts_and_limits():
     assert select(sort="params", limit=2) == (["1", "3"], {})
     assert select(sort="trial", limit=3) == (["0", "1", "2"], {})
     assert select(status="finished", sort="flops", limit=1) == (["0"], {})
-    with pytest.raises(results.ResultsError, match=r"^--sort: 'speed' is not one of \["):
+    with pytest.raises(results.ResultsError, match=r"^sort: 'speed' is not one of \["):
         select(sort="speed")
     with pytest.raises(results.ResultsError,
                        match=r"^status: 'done' is not one of \['FINISHED', 'FAILED', 'KILLED', "

@@ -1,0 +1,324 @@
+"""`nas search` and `nas worker`: a search, on one machine or as the chief of workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from nas import events
+from nas.cli.common import (DISTRIBUTION, Duration, EXPERIMENT, PIPELINE, PROGRESS,
+                            SKIP_BAD_IMAGES, SPACE, TRACKING_URI, WORKDIR, distribution_of,
+                            flag_of, plural, start_tensorflow, test_line, user_errors)
+from nas.errors import Interrupted, SearchFailed
+from nas.events import Printer
+from nas.settings import TUNERS
+
+
+@click.command()
+@SPACE
+@PIPELINE
+@click.option("--tuner", type=click.Choice(TUNERS),
+              default="evolution", show_default=True,
+              help="The search algorithm: evolution (known-good seeds, then one-knob moves "
+                   "near the best) or one of KerasTuner's own.")
+@click.option("--max-trials", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Trials to train (rejected candidates do not count).")
+@click.option("--time-limit", type=Duration(), default=None, metavar="DURATION",
+              help="Start no trial that would not end within this time (90s, 30m, 2h); "
+                   "with --max-trials, whichever comes first.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs per trial.  [default: the pipeline's]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="[default: the pipeline's]")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="The same seed gives the same sequence of candidates.")
+@EXPERIMENT
+@TRACKING_URI
+@WORKDIR
+@click.option("--overwrite", is_flag=True, help="Start afresh instead of resuming.")
+@click.option("--max-failures", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Consecutive failed trials that end the search.")
+@click.option("--max-params", type=click.IntRange(min=1), default=None,
+              help="Parameter budget per candidate.")
+@click.option("--max-flops", type=click.IntRange(min=1), default=None,
+              help="FLOPs budget per candidate.")
+@click.option("--mixed-precision", is_flag=True, help="float16 compute, float32 output.")
+@click.option("--jit-compile", is_flag=True, help="Compile training steps with XLA.")
+@click.option("--register", default=None, metavar="NAME",
+              help="Register the final model in the MLflow Model Registry as NAME.")
+@click.option("--ensemble", type=click.IntRange(min=1), default=3, show_default=True,
+              metavar="K", help="The final model averages the best K trials' probabilities.")
+@click.option("--refit", is_flag=True,
+              help="Retrain the final model's trials on training + validation data, for the "
+                   "epochs each needed to reach its best validation score.")
+@SKIP_BAD_IMAGES
+@DISTRIBUTION
+@click.option("--chief", default=None, metavar="HOST:PORT",
+              help="Run as the chief of a distributed search: serve trials to `nas worker` "
+                   "processes at this address (0.0.0.0:PORT for other machines).")
+@click.option("--tls-cert", default=None, metavar="CERT.pem",
+              type=click.Path(exists=True, dir_okay=False),
+              help="With --chief: serve workers over TLS with this certificate (PEM).")
+@click.option("--tls-key", default=None, metavar="KEY.pem",
+              type=click.Path(exists=True, dir_okay=False),
+              help="With --tls-cert: its private key (PEM).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Start a chief and N local worker processes on 127.0.0.1 and wait for them.")
+@click.option("--worker-timeout", type=click.FloatRange(min=1), default=60.0,
+              show_default=True, metavar="SECONDS",
+              help="A worker silent this long is lost; its trial goes to another worker.")
+@PROGRESS
+@user_errors
+def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
+           tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
+           mixed_precision, jit_compile, register, ensemble, refit, skip_bad_images,
+           distribution, chief, tls_cert, tls_key, workers, worker_timeout, progress):
+    """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
+    from nas import search as search_module
+    from nas.specs import load_pipeline, load_space
+
+    config = search_module.SearchConfig(
+        space=load_space(space), pipeline=load_pipeline(pipeline), tuner=tuner,
+        max_trials=max_trials, time_limit=time_limit, epochs=epochs, batch_size=batch_size,
+        seed=seed, experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
+        overwrite=overwrite, max_failures=max_failures, max_params=max_params,
+        max_flops=max_flops, mixed_precision=mixed_precision, jit_compile=jit_compile,
+        register=register, ensemble=ensemble, refit=refit, skip_bad_images=skip_bad_images,
+        distribution=distribution_of(distribution),
+        chief=chief, worker_timeout=worker_timeout, tls_cert=tls_cert, tls_key=tls_key,
+    )
+    if (tls_cert or tls_key) and not chief:
+        raise click.UsageError("--tls-cert and --tls-key are for a chief: give --chief too")
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together: give both")
+    for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if path and b"-----BEGIN " not in Path(path).read_bytes():
+            raise click.BadParameter(f"{path!r} is not a PEM file", param_hint=flag)
+    if workers:
+        _search_with_local_workers(config, workers)
+    if chief:
+        from nas import distributed
+
+        distributed.check_address(chief)
+        config.worker_token = distributed.new_token()
+    prepared = search_module.prepare(config)
+    click.echo(f"searching {config.space.name} on {config.pipeline.name} with {tuner}: "
+               f"{plural(max_trials, 'trial')}, experiment {config.experiment_name!r}")
+    if prepared.state:
+        click.echo(f"resuming the search in {config.project_dir} (--overwrite starts afresh)")
+    if chief:
+        _print_worker_command(prepared, space, pipeline)
+    from nas import final_model
+
+    final_model.prepare_model_logging()  # in the background, while TensorFlow loads
+    start_tensorflow()
+    shown = Progress(terminal=sys.stdout.isatty(), epochs=progress)
+    try:
+        with shown:
+            if chief:  # workers train the trials; this process serves the oracle
+                from nas import distributed
+
+                result = distributed.run_chief(prepared, shown)
+            else:
+                result = search_module.run(prepared, shown)
+    except (KeyboardInterrupt, Interrupted) as error:
+        click.echo(f"Interrupted ({str(error) or 'Ctrl-C'}): the trial and the search were "
+                   f"closed as KILLED and the state saved; run the same command to resume.",
+                   err=True)
+        sys.exit(130)
+    except SearchFailed as error:
+        click.echo(f"Error: the search failed: {error.render(flag_of)}", err=True)
+        for line in error.errors:
+            click.echo(f"  {line}", err=True)
+        sys.exit(1)
+    _print_result(result)
+
+
+class Progress(Printer):
+    """Prints a search's events (`nas.events`) and, with `epochs`, its epochs: on a
+    terminal, the epoch line is one line rewritten in place (a carriage return) and the
+    next line of the search replaces it; elsewhere (a file, a pipe) each epoch is a plain
+    line, without control characters."""
+
+    def __init__(self, terminal: bool, epochs: bool = True):
+        super().__init__(self.echo_line)
+        self.terminal = terminal
+        self.epochs = epochs
+        self.width = 0  # of the epoch line on the screen; 0: none
+
+    def on_epoch_end(self, event) -> None:
+        if not self.epochs:
+            return
+        line = events.line(event)
+        if not self.terminal:
+            click.echo(line)
+            return
+        # Never wider than the terminal: a wrapped line cannot be rewritten in place.
+        line = line[:max(20, shutil.get_terminal_size().columns - 1)]
+        click.echo("\r" + line.ljust(self.width), nl=False)
+        self.width = len(line)
+
+    def echo_line(self, message: str = "", **kwargs) -> None:
+        self.clear()
+        click.echo(message, **kwargs)
+
+    def clear(self) -> None:
+        if self.width:
+            click.echo("\r" + " " * self.width + "\r", nl=False)
+            self.width = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.clear()  # before whatever is printed next, an error too
+
+
+def _print_result(result) -> None:
+    finished = result.finished
+    failed = [t for t in result.trials if t.status == "FAILED"]
+    click.echo("")
+    click.echo(f"{plural(len(finished), 'trial')} finished, {len(failed)} failed, "
+               f"{plural(result.rejected, 'candidate')} rejected before training")
+    if result.stopped_by_time:
+        click.echo("stopped by --time-limit: the next trial would not have ended in time "
+                   "(a larger limit resumes the search)")
+    if finished:
+        click.echo(_trial_table(finished[:5], result.objective))
+        click.echo(test_line(result.test, result.final_trials, result.refit))
+    click.echo(f"search run: {result.search_run_id} (experiment {result.experiment_id})")
+
+
+def _trial_table(trials, objective: str) -> str:
+    rows = [("trial", objective, "params", "FLOPs", "fit s", "depth", "filters", "kernels")]
+    for t in trials:
+        a = t.architecture
+        rows.append((t.trial_id, f"{t.objective:.4f}", f"{t.params:,}", f"{t.flops:,}",
+                     f"{t.fit_seconds:.1f}", str(a["depth"]),
+                     ",".join(map(str, a["filters"])), ",".join(map(str, a["kernels"]))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+@click.command()
+@SPACE
+@PIPELINE
+@EXPERIMENT
+@TRACKING_URI
+@WORKDIR
+@click.option("--chief", required=True, metavar="HOST:PORT",
+              help="The address of the chief (`nas search --chief HOST:PORT`).")
+@click.option("--worker-id", default=None, metavar="ID",
+              help="This worker's name, in the chief's log and as the nas.worker tag of its "
+                   "trial runs.  [default: HOSTNAME-PID]")
+@click.option("--token", default=None, envvar="NAS_WORKER_TOKEN", metavar="TOKEN",
+              help="The search's worker token, as the chief printed it.  [env: "
+                   "NAS_WORKER_TOKEN]")
+@click.option("--tls-ca", default=None, metavar="CERT.pem",
+              type=click.Path(exists=True, dir_okay=False),
+              help="Reach a chief that serves TLS, trusting this certificate or CA (PEM).")
+@SKIP_BAD_IMAGES
+@DISTRIBUTION
+@click.option("--wait", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for the chief's search to start.")
+@user_errors
+def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id, token,
+           tls_ca, skip_bad_images, distribution, wait):
+    """Train trials for the chief of a distributed search, until the search ends.
+
+    Give the chief's --space, --pipeline, --experiment and --tracking-uri (a tracking
+    server all machines reach); epochs, batch size, seed and precision come from the
+    chief. One worker per GPU: set CUDA_VISIBLE_DEVICES for each.
+    """
+    import socket
+
+    from nas import distributed
+    from nas import search as search_module
+    from nas.specs import load_pipeline, load_space
+
+    worker_id = worker_id if worker_id is not None else (
+        f"{socket.gethostname()}-{os.getpid()}".replace("chief", "chf"))
+    config = search_module.SearchConfig(
+        space=load_space(space), pipeline=load_pipeline(pipeline), experiment=experiment,
+        tracking_uri=tracking_uri, workdir=workdir, distribution=distribution_of(distribution),
+        chief=chief, worker_id=worker_id, worker_token=token, tls_ca=tls_ca,
+        skip_bad_images=skip_bad_images,
+    )
+    if tls_ca and b"-----BEGIN " not in Path(tls_ca).read_bytes():
+        raise click.BadParameter(f"{tls_ca!r} is not a PEM file", param_hint="--tls-ca")
+    prepared = distributed.prepare_worker(config)
+
+    def echo(line):
+        click.echo(f"[{worker_id}] {line}")
+
+    start_tensorflow()
+    try:
+        trained = distributed.run_worker(prepared, Printer(echo), wait=wait)
+    except (KeyboardInterrupt, Interrupted) as error:
+        click.echo(f"Interrupted ({str(error) or 'Ctrl-C'}): the trial was closed as KILLED; the "
+                   f"chief hands it to another worker.", err=True)
+        sys.exit(130)
+    echo(f"the search has ended; this worker trained {len(trained)} trial(s)"
+         + (f": {', '.join(trained)}" if trained else ""))
+
+
+def _print_worker_command(prepared, space: str, pipeline: str) -> None:
+    from nas import distributed
+
+    config = prepared.config
+    uri = prepared.tracker.tracking_uri
+    click.echo("start workers (any number, on any machine that reaches this one) with:")
+    click.echo("  " + distributed.worker_command(config.chief, space, pipeline,
+                                                 config.experiment_name, uri,
+                                                 config.distribution, config.worker_token,
+                                                 "CERT.pem" if config.tls_cert else None,
+                                                 config.skip_bad_images))
+    click.echo(f"  (the token is this search's; the chief refuses workers without it. Set "
+               f"{distributed.TOKEN_ENV} to choose it, e.g. to keep it when the chief restarts)")
+    if config.tls_cert:
+        click.echo(f"  (over TLS: CERT.pem is a copy of {config.tls_cert}, or of the CA that "
+                   f"signed it, on the worker's machine)")
+    if not uri.startswith(("http://", "https://")):
+        click.echo(f"  (workers on other machines need a tracking server both reach: "
+                   f"--tracking-uri http://...; {uri} is local to this machine)")
+
+
+def _search_with_local_workers(config, workers: int) -> None:
+    """`nas search --workers N`: the chief and N workers as processes; exits with the chief's
+    exit code."""
+    from nas import distributed
+    from nas import search as search_module
+
+    if config.chief:
+        raise click.UsageError("--workers and --chief exclude each other: --workers starts "
+                               "its own chief on 127.0.0.1")
+    # Checks the input and creates the tracking store once, before several processes
+    # open it at the same time.
+    prepared = search_module.prepare(config)
+    params = click.get_current_context().params
+    chief_args = _options_of(click.get_current_context(), skip={"workers", "chief"})
+    worker_args = ["--space", params["space"], "--pipeline", params["pipeline"],
+                   "--experiment", config.experiment_name,
+                   "--tracking-uri", prepared.tracker.tracking_uri,
+                   "--workdir", config.workdir, "--distribution", params["distribution"]]
+    worker_args += ["--skip-bad-images"] if config.skip_bad_images else []
+    sys.exit(distributed.run_local(chief_args, worker_args, workers, echo=click.echo))
+
+
+def _options_of(ctx: click.Context, skip: set[str]) -> list[str]:
+    """The options of the running command, as arguments that give them again."""
+    args = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or param.name in skip or value is None:
+            continue
+        if param.is_flag:
+            args += [param.opts[0]] if value else param.secondary_opts[:1]
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
