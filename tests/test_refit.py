@@ -88,3 +88,53 @@ def test_refit_retrains_the_final_model_on_training_and_validation_data(tmp_path
 
     shown = CliRunner().invoke(main, ["best", "--experiment", "refit"])
     assert f"final model: trial {best}, retrained on training + validation data" in shown.output
+
+
+def test_no_final_model_of_an_augmented_space_augments_what_it_serves(tmp_path):
+    """Every path to a final model (the ensemble, --refit, the MLflow model, the export)
+    leaves the training-only augmentation layers out: it predicts the same twice."""
+    from pathlib import Path
+
+    import mlflow.tensorflow
+
+    space = tmp_path / "augmented.yaml"
+    space.write_text(Path(__file__).parent.parent.joinpath("search_spaces", "tiny.yaml")
+                     .read_text().replace("name: tiny", "name: augmented")
+                     + "augment:\n  flip: horizontal\n  rotation: 0.1\n  zoom: 0.1\n"
+                       "  contrast: 0.2\n")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    x = load_arrays(load_pipeline("digits")).x_val[:32]
+    for experiment, flags in (("ensemble", ["--ensemble", "2"]),
+                              ("refit", ["--ensemble", "1", "--refit"])):
+        result = CliRunner().invoke(main, [
+            "search", "--space", str(space), "--max-trials", "2", "--epochs", "2",
+            "--experiment", experiment, "--tracking-uri", uri,
+            "--workdir", str(tmp_path / ".nas"), *flags])
+        assert result.exit_code == 0, result.output
+        client = MlflowClient(uri)
+        (parent,) = client.search_runs(
+            [client.get_experiment_by_name(experiment).experiment_id],
+            "tags.`nas.kind` = 'search'")
+        mlflow.set_tracking_uri(uri)
+        try:
+            logged = mlflow.tensorflow.load_model(f"runs:/{parent.info.run_id}/model")
+        finally:
+            mlflow.set_tracking_uri(None)
+        kinds = {type(layer).__name__ for layer in _layers(logged)}
+        assert not {k for k in kinds if k.startswith("Random")}, kinds
+        assert "Conv2D" in kinds
+        out = tmp_path / f"{experiment}-export"
+        exported = CliRunner().invoke(main, ["export", "--experiment", experiment, "--out",
+                                             str(out), "--tracking-uri", uri,
+                                             "--workdir", str(tmp_path / ".nas")])
+        assert exported.exit_code == 0, exported.output
+        np.testing.assert_array_equal(served(out, x), served(out, x))
+        np.testing.assert_allclose(served(out, x), logged.predict(x, verbose=0), atol=1e-5)
+
+
+def _layers(model):
+    """Every layer of `model`, inside nested models (an ensemble's members) too."""
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _layers(layer)
