@@ -24,9 +24,8 @@ import keras
 import keras_tuner as kt
 import tensorflow as tf
 from keras_tuner.src.engine import trial as trial_module
-from tensorflow.python.framework import ops as _tf_ops
 
-from nas import ktcompat
+from nas import ktcompat, tfcompat
 from nas.architecture import Architecture, Rejection, hyperparameter_specs
 from nas.models import build_model
 from nas.specs import Knob, SearchSpace
@@ -623,7 +622,7 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         self.hooks.trial_started(trial, architecture, resumed=prior)
         self.hypermodel.last_fit_seconds = 0.0
         self.hypermodel.resume = resume
-        registered = _custom_gradients()
+        registered = tfcompat.custom_gradients()
         if self.stopping is not None:
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), self.stopping.callback()]
         try:
@@ -637,7 +636,7 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
             raise
         finally:
             self.hypermodel.resume = None
-            _forget_custom_gradients(registered)
+            tfcompat.forget_custom_gradients(registered)
         if resume is not None:
             resume.clear()
         self.hooks.trial_ended(trial, architecture, histories[-1].history,
@@ -662,27 +661,6 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
 
     def on_epoch_end(self, trial, model, epoch, logs=None):
         self.hooks.epoch_ended(trial, epoch, logs or {})
-
-
-def _custom_gradients() -> set:
-    registry = getattr(getattr(_tf_ops, "_gradient_registry", None), "_registry", None)
-    return set(registry) if registry is not None else set()
-
-
-def _forget_custom_gradients(before: set) -> None:
-    """Drop the custom gradients a trial's training registered in TensorFlow's registry.
-
-    Every traced train step registers a `CustomGradient-N` (tf.distribute's all-reduce)
-    in a global registry that is never emptied, and it holds the whole traced graph: about
-    10 MB per trial that `clear_session` does not free. The trial's model is done with
-    them once its training has ended. (TensorFlow internals: if they move, this does
-    nothing.)
-    """
-    registry = getattr(getattr(_tf_ops, "_gradient_registry", None), "_registry", None)
-    if registry is None:
-        return
-    for name in [n for n in registry if n not in before and n.startswith("CustomGradient-")]:
-        del registry[name]
 
 
 class MedianStopping:
