@@ -15,11 +15,15 @@ chief). To KerasTuner's service the chief adds what a long search on many machin
 - one source of truth: workers take the training settings (epochs, batch size, seed,
   precision) from the chief's parent run, and refuse another space or pipeline.
 
+The oracle keeps the books of heartbeats, lost workers and the hold, under its own lock
+(`nas.ktcompat.LostWorkers`); the chief's service here only calls it and reports.
+
 `run_local` is `nas search --workers N`: a chief and N workers on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import os
@@ -113,6 +117,13 @@ class _TokenCheck(grpc.ServerInterceptor):
         return continuation(handler_call_details) if self._matches(given) else self._refusal
 
 
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata",
+                                                           "credentials", "wait_for_ready",
+                                                           "compression")),
+                   grpc.ClientCallDetails):
+    """A call's details as an interceptor passes them on (gRPC's own examples make one)."""
+
+
 class _Metadata(grpc.UnaryUnaryClientInterceptor):
     """Adds the search's token to every call a worker makes, KerasTuner's own included."""
 
@@ -121,7 +132,9 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor):
 
     def intercept_unary_unary(self, continuation, details, request):
         extra = tuple(details.metadata or ()) + self.metadata
-        return continuation(details._replace(metadata=extra), request)
+        return continuation(_CallDetails(details.method, details.timeout, extra,
+                                         details.credentials, details.wait_for_ready,
+                                         details.compression), request)
 
 
 # --- the chief ----------------------------------------------------------------------
