@@ -15,6 +15,9 @@ chief). To KerasTuner's service the chief adds what a long search on many machin
 - one source of truth: workers take the training settings (epochs, batch size, seed,
   precision) from the chief's parent run, and refuse another space or pipeline.
 
+The oracle keeps the books of heartbeats, lost workers and the hold, under its own lock
+(`nas.ktcompat.LostWorkers`); the chief's service here only calls it and reports.
+
 `run_local` is `nas search --workers N`: a chief and N workers on 127.0.0.1.
 """
 
@@ -33,12 +36,9 @@ import time
 from pathlib import Path
 
 import grpc
-from keras_tuner.src import protos
-from keras_tuner.src.distribute import oracle_chief, oracle_client
-from keras_tuner.src.engine import conditions as _conditions
-from keras_tuner.src.engine import trial as trial_module
+from keras_tuner.engine import trial as trial_module
 
-from nas import tracking
+from nas import ktcompat, tracking
 from nas.errors import SearchError
 from nas.search import Prepared
 from nas.settings import SearchConfig
@@ -61,9 +61,7 @@ _TOKEN_KEY = "nas-token"  # gRPC metadata: the search's worker token
 TOKEN_ENV = "NAS_WORKER_TOKEN"  # where the chief and its workers may take the token from
 _STATUS = trial_module.TrialStatus
 
-# KerasTuner 1.4.8's `Parent.to_proto` prints the first value of every condition, so each
-# trial sent over gRPC would print lines of stray numbers; silence that module's `print`.
-_conditions.print = lambda *args, **kwargs: None
+ktcompat.quiet_conditions()  # else every trial sent over gRPC prints stray numbers
 
 
 def parse_address(address: str, flag: str = "`chief`") -> tuple[str, int]:
@@ -119,6 +117,13 @@ class _TokenCheck(grpc.ServerInterceptor):
         return continuation(handler_call_details) if self._matches(given) else self._refusal
 
 
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata",
+                                                           "credentials", "wait_for_ready",
+                                                           "compression")),
+                   grpc.ClientCallDetails):
+    """A call's details as an interceptor passes them on (gRPC's own examples make one)."""
+
+
 class _Metadata(grpc.UnaryUnaryClientInterceptor):
     """Adds the search's token to every call a worker makes, KerasTuner's own included."""
 
@@ -127,139 +132,70 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor):
 
     def intercept_unary_unary(self, continuation, details, request):
         extra = tuple(details.metadata or ()) + self.metadata
-        return continuation(details._replace(metadata=extra), request)
+        return continuation(_CallDetails(details.method, details.timeout, extra,
+                                         details.credentials, details.wait_for_ready,
+                                         details.compression), request)
 
 
 # --- the chief ----------------------------------------------------------------------
 
 
-class _Servicer(oracle_chief.OracleServicer):
-    """KerasTuner's oracle service, plus heartbeats, lost workers and the hold at the end.
+class _Servicer(ktcompat.OracleServicer):
+    """KerasTuner's oracle service over an oracle that knows its workers
+    (`nas.ktcompat.LostWorkers`): each call heard from its worker, each worker lost reported.
 
-    Every call that reads or changes the oracle's trials holds `lock`, so the gRPC
-    threads and the chief's watch loop see one consistent oracle.
+    It only calls the oracle, whose own lock keeps the gRPC threads and the chief's watch
+    loop consistent.
     """
 
-    def __init__(self, oracle, timeout: float, on_lost, echo):
+    def __init__(self, oracle, on_lost, echo):
         super().__init__(oracle)
-        self.lock = threading.RLock()
-        self.timeout = timeout
         self.on_lost = on_lost  # (trial_id, worker, reason) -> None, outside the lock
         self.echo = echo
-        self.heard: dict[str, float] = {}  # worker -> when it last called
-        self.losses: collections.Counter = collections.Counter()  # trial id -> lost workers
-        self.fatal: str | None = None
 
-    def _hear(self, context, worker: str | None = None) -> str | None:
-        worker = worker or dict(context.invocation_metadata()).get(_WORKER_KEY)
-        if worker:
-            self.heard[worker] = time.monotonic()
-        return worker
+    def _hear(self, context) -> str | None:
+        return self.oracle.hear(dict(context.invocation_metadata()).get(_WORKER_KEY))
 
     def GetBestTrials(self, request, context):  # with num_trials=0: a worker's heartbeat
         self._hear(context)
-        with self.lock:
-            return super().GetBestTrials(request, context)
+        return super().GetBestTrials(request, context)
 
     def GetTrial(self, request, context):
         self._hear(context)
-        with self.lock:
-            return super().GetTrial(request, context)
+        return super().GetTrial(request, context)
 
     def CreateTrial(self, request, context):
-        worker, oracle, lost = request.tuner_id, self.oracle, []
-        with self.lock:
-            if worker in oracle.ongoing_trials:
-                lost.append(self._lose(worker, "it restarted"))
-            self._hear(context, worker)
-            if self.fatal:
-                trial = trial_module.Trial(oracle.get_space(), status=_STATUS.STOPPED)
-                oracle.tuner_ids.discard(worker)
-            else:
-                trial = oracle.create_trial(worker)
-            if trial.status == _STATUS.STOPPED:
-                self.stop_triggered = True
-                if oracle.ongoing_trials or oracle._retry_queue:
-                    # Hold: a running trial may still lose its worker and need this one.
-                    oracle.tuner_ids.add(worker)
-                    trial = trial_module.Trial(oracle.get_space(), status=_STATUS.IDLE)
-            elif trial.status == _STATUS.RUNNING:
-                self.echo(f"trial {trial.trial_id} -> {worker}")
-        self._report(lost)
-        return protos.get_service().CreateTrialResponse(trial=trial.to_proto())
+        trial, lost = self.oracle.hand_out(request.tuner_id)
+        if trial.status == _STATUS.RUNNING:
+            self.echo(f"trial {trial.trial_id} -> {request.tuner_id}")
+        self.report(lost)
+        return ktcompat.messages().CreateTrialResponse(trial=trial.to_proto())
 
     def UpdateTrial(self, request, context):
         self._hear(context)
-        with self.lock:
-            return super().UpdateTrial(request, context)
+        return super().UpdateTrial(request, context)
 
     def EndTrial(self, request, context):
         trial = trial_module.Trial.from_proto(request.trial)
-        trial_id, oracle = trial.trial_id, self.oracle
-        with self.lock:
-            worker = self._hear(context)
-            owner = next((w for w, t in oracle.ongoing_trials.items()
-                          if t.trial_id == trial_id), None)
-            if owner is None and trial_id in oracle._retry_queue:
-                # Its worker was taken for lost, yet it finished: keep the result.
-                oracle._retry_queue.remove(trial_id)
-            elif (owner is None and trial_id in oracle.end_order) or (
-                    owner is not None and worker is not None and owner != worker):
-                self.echo(f"trial {trial_id}: ignored a late result from {worker} "
-                          f"(the trial was given to another worker)")
-                return protos.get_service().EndTrialResponse()
-            try:
-                oracle.end_trial(trial)
-            except RuntimeError as error:  # too many consecutive failed trials
-                self.fatal = str(error)
-                oracle.ongoing_trials.pop(owner, None)
-            ended = oracle.trials[trial_id]
-            score = "" if ended.score is None else f" {oracle.objective.name} {ended.score:.4f}"
-            self.echo(f"trial {trial_id} {ended.status} on {worker or owner}{score} "
-                      f"({len(oracle.end_order)}/{oracle.max_trials} ended)")
-        return protos.get_service().EndTrialResponse()
-
-    def _lose(self, worker: str, reason: str):
-        """Take `worker`'s trial back: to the retry queue, or failed after MAX_LOSSES."""
-        oracle = self.oracle
-        trial = oracle.ongoing_trials.pop(worker)
-        oracle.tuner_ids.discard(worker)
-        self.heard.pop(worker, None)
-        self.losses[trial.trial_id] += 1
-        if self.losses[trial.trial_id] >= MAX_LOSSES:
-            trial.status = _STATUS.FAILED
-            trial.message = f"the workers running it were lost {MAX_LOSSES} times"
-            oracle.end_order.append(trial.trial_id)
-            oracle._save_trial(trial)
+        worker = self._hear(context)
+        ended = self.oracle.take_result(trial, worker)
+        if ended is None:
+            self.echo(f"trial {trial.trial_id}: ignored a late result from {worker} "
+                      f"(the trial was given to another worker)")
         else:
-            oracle._retry_queue.append(trial.trial_id)
-        oracle.save()
-        return trial.trial_id, worker, reason
+            trial, by, count = ended
+            score = ("" if trial.score is None
+                     else f" {self.oracle.objective.name} {trial.score:.4f}")
+            self.echo(f"trial {trial.trial_id} {trial.status} on {by}{score} "
+                      f"({count}/{self.oracle.max_trials} ended)")
+        return ktcompat.messages().EndTrialResponse()
 
-    def _report(self, lost) -> None:
+    def report(self, lost) -> None:
+        """Say, and tell `on_lost`, which workers were lost (as the oracle returns them)."""
         for trial_id, worker, reason in lost:
             self.echo(f"worker {worker} lost ({reason}): trial {trial_id} goes back to the "
                       f"queue")
             self.on_lost(trial_id, worker, reason)
-
-    def watch(self) -> None:
-        """Take back the trials of workers silent for longer than the timeout."""
-        now, lost = time.monotonic(), []
-        with self.lock:
-            for worker in list(self.oracle.ongoing_trials):
-                silent = now - self.heard.get(worker, now)
-                if silent > self.timeout:
-                    lost.append(self._lose(worker, f"silent for {silent:.0f} s"))
-        self._report(lost)
-
-    def finished(self) -> bool:
-        """Every trial has ended and every worker still alive has been told to stop."""
-        with self.lock:
-            oracle = self.oracle
-            if not self.stop_triggered or oracle.ongoing_trials or oracle._retry_queue:
-                return False
-            now, linger = time.monotonic(), 3 * HEARTBEAT_SECONDS
-            return all(now - self.heard.get(w, 0.0) > linger for w in oracle.tuner_ids)
 
 
 def run_chief(prepared: Prepared, callback=None):
@@ -305,14 +241,16 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
         except Exception as error:  # MLflow down: the run is closed at the end instead
             echo(f"could not close the run of trial {trial_id} ({error.__class__.__name__})")
 
-    servicer = _Servicer(oracle, config.worker_timeout, close_lost_run, echo)
+    oracle.set_workers(config.worker_timeout, linger=3 * HEARTBEAT_SECONDS,
+                       max_losses=MAX_LOSSES)
+    servicer = _Servicer(oracle, close_lost_run, echo)
     token = config.worker_token
     if token is None:  # a chief started from the library: the token is made here
         token = new_token()
         echo(f"worker token: {token} (give it to workers: --token or {TOKEN_ENV})")
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8),
                          interceptors=[_TokenCheck(token)])
-    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    ktcompat.add_servicer(servicer, server)
     if config.tls_cert:
         credentials = grpc.ssl_server_credentials(
             [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
@@ -326,22 +264,22 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
     server.start()
     echo(f"chief listening on {config.chief}: waiting for workers")
     try:
-        while not servicer.finished():
+        while not oracle.all_ended():
             time.sleep(0.5)
-            servicer.watch()
+            servicer.report(oracle.take_back_silent())
     finally:
         server.stop(grace=2).wait()
     closed = tracker.close_stale_runs(experiment_id, search_run_id)
     if closed:
         echo(f"closed {closed} trial run(s) left running by lost workers")
-    if servicer.fatal:
-        raise RuntimeError(servicer.fatal)
+    if oracle.fatal:
+        raise RuntimeError(oracle.fatal)
 
 
 # --- the workers --------------------------------------------------------------------
 
 
-class _WorkerClient(oracle_client.OracleClient):
+class _WorkerClient(ktcompat.OracleClient):
     """KerasTuner's client of the chief, naming its worker on every call, with a
     heartbeat thread, and patient when the chief has no trial to hand out yet."""
 
@@ -357,7 +295,7 @@ class _WorkerClient(oracle_client.OracleClient):
                        Path(tls_ca).read_bytes())) if tls_ca
                    else grpc.insecure_channel(address))
         channel = grpc.intercept_channel(channel, _Metadata(((_TOKEN_KEY, token),)))
-        self.stub = protos.get_service_grpc().OracleStub(channel)
+        self.stub = ktcompat.stub(channel)
         self._stopped = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="nas-heartbeat",
                                            daemon=True)
@@ -366,7 +304,7 @@ class _WorkerClient(oracle_client.OracleClient):
     def _beat(self) -> None:
         while not self._stopped.wait(HEARTBEAT_SECONDS):
             try:
-                self.stub.GetBestTrials(protos.get_service().GetBestTrialsRequest(num_trials=0),
+                self.stub.GetBestTrials(ktcompat.messages().GetBestTrialsRequest(num_trials=0),
                                         metadata=self._metadata,
                                         timeout=HEARTBEAT_SECONDS * 2)
             except grpc.RpcError:  # the chief is away; KerasTuner's calls wait for it
@@ -379,7 +317,7 @@ class _WorkerClient(oracle_client.OracleClient):
         """Ask the chief once; `SearchError` if it refuses this worker's token, or cannot
         be reached (its search's run says it listens)."""
         try:
-            self.stub.GetBestTrials(protos.get_service().GetBestTrialsRequest(num_trials=0),
+            self.stub.GetBestTrials(ktcompat.messages().GetBestTrialsRequest(num_trials=0),
                                     metadata=self._metadata, wait_for_ready=True,
                                     timeout=timeout)
         except grpc.RpcError as error:
@@ -395,8 +333,8 @@ class _WorkerClient(oracle_client.OracleClient):
     def create_trial(self, tuner_id):
         while True:
             response = self.stub.CreateTrial(
-                protos.get_service().CreateTrialRequest(tuner_id=tuner_id),
-                metadata=self._metadata, wait_for_ready=True, timeout=oracle_client.TIMEOUT)
+                ktcompat.messages().CreateTrialRequest(tuner_id=tuner_id),
+                metadata=self._metadata, wait_for_ready=True, timeout=ktcompat.CALL_TIMEOUT)
             trial = trial_module.Trial.from_proto(response.trial)
             if trial.status != _STATUS.IDLE:
                 return trial
@@ -404,9 +342,9 @@ class _WorkerClient(oracle_client.OracleClient):
 
     def end_trial(self, trial):
         if self.should_report:
-            self.stub.EndTrial(protos.get_service().EndTrialRequest(trial=trial.to_proto()),
+            self.stub.EndTrial(ktcompat.messages().EndTrialRequest(trial=trial.to_proto()),
                                metadata=self._metadata, wait_for_ready=True,
-                               timeout=oracle_client.TIMEOUT)
+                               timeout=ktcompat.CALL_TIMEOUT)
 
 
 def prepare_worker(config: SearchConfig) -> Prepared:

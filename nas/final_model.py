@@ -19,7 +19,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from nas import results, tracking
+from nas import mlflowcompat, results, tracking
 
 __all__ = ["CHAMPION", "CHECKPOINT", "MODEL_NAME", "TAG_FINAL", "TAG_REFIT", "ensemble_of",
            "final_trials", "log_best_model", "log_model", "logged_model", "logged_weights",
@@ -108,23 +108,13 @@ def prepare_model_logging() -> None:
     `mlflow.tensorflow.log_model` checks the pip requirements against the installed
     packages, and MLflow first maps every installed module to its package (~0.6 s, then
     cached). This builds the map in a background thread; `nas search` starts it before
-    importing TensorFlow, so the two overlap. (An MLflow internal: if it moves, the map
-    is simply built when the model is logged.)
+    importing TensorFlow, so the two overlap (an MLflow internal: `nas.mlflowcompat`).
     """
     global _preparing
     if _preparing is None:
-        _preparing = threading.Thread(target=_map_packages, name="nas-package-map",
-                                      daemon=True)
+        _preparing = threading.Thread(target=mlflowcompat.map_packages,
+                                      name="nas-package-map", daemon=True)
         _preparing.start()
-
-
-def _map_packages() -> None:
-    try:
-        from mlflow.utils import requirements_utils
-
-        requirements_utils._init_modules_to_packages_map()
-    except Exception:  # only a head start; logging the model builds it anyway
-        pass
 
 
 def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
@@ -293,9 +283,9 @@ def mlflow_store(tracking_uri: str):
     put back by hand.
     """
     import mlflow
-    from mlflow.tracking._tracking_service import utils
 
-    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    saved_uri = mlflowcompat.set_tracking_uri()
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
     try:
         yield

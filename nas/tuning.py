@@ -23,10 +23,9 @@ from typing import Callable
 import keras
 import keras_tuner as kt
 import tensorflow as tf
-from keras_tuner.src.engine import trial as trial_module
-from tensorflow.python.framework import ops as _tf_ops
+from keras_tuner.engine import trial as trial_module
 
-from nas import ktcompat
+from nas import ktcompat, tfcompat
 from nas.architecture import Architecture, Rejection, hyperparameter_specs
 from nas.models import build_model
 from nas.settings import TUNERS
@@ -76,9 +75,8 @@ def _declare_knob(hp: kt.HyperParameters, name: str, knob: Knob) -> None:
         hp.Float(name, knob.min, knob.max, step=knob.step, sampling=knob.sampling)
 
 
-class _Guard(ktcompat.AtomicOracle):
-    """Oracle mixin: impossible or over-budget proposals never become trials (and its
-    state files are replaced atomically: `nas.ktcompat`).
+class _Guard:
+    """Oracle mixin: impossible or over-budget proposals never become trials.
 
     `check(values)` returns why a candidate must not be trained, or None.
     """
@@ -99,7 +97,7 @@ class _Guard(ktcompat.AtomicOracle):
         self.rejection_reasons["over budget" if over else "impossible"] += 1
         if self._on_reject is not None:
             self._on_reject(reason)
-        self._tried_so_far.add(self._compute_values_hash(values))
+        ktcompat.remember_tried(self, values)
 
     def _first_accepted(self, propose: Callable[[dict | None], dict | None]) -> dict | None:
         """The first proposal the guard accepts; None when the proposals run out.
@@ -141,9 +139,7 @@ class _Guard(ktcompat.AtomicOracle):
         limit = getattr(self, "time_limit", None)
         if limit is not None and self.elapsed() + self.next_trial_estimate() > limit:
             self.stopped_by_time = True
-            self.tuner_ids.discard(tuner_id)
-            return trial_module.Trial(self.hyperparameters.copy(),
-                                      status=trial_module.TrialStatus.STOPPED)
+            return ktcompat.stopped_trial(self, tuner_id)
         trial = super().create_trial(tuner_id)
         if trial.status == trial_module.TrialStatus.RUNNING and hasattr(self, "_started"):
             self._started.setdefault(trial.trial_id, time.monotonic())
@@ -173,15 +169,20 @@ class _Guard(ktcompat.AtomicOracle):
         self._since = time.monotonic()
 
 
-class _RandomOracle(_Guard, kt.oracles.RandomSearchOracle):
+class _Oracle(_Guard, ktcompat.LostWorkers, ktcompat.AtomicOracle):
+    """What every oracle here adds to KerasTuner's: the guard, a chief's lost workers
+    (`nas.distributed`) and a state replaced atomically (`nas.ktcompat`)."""
+
+
+class _RandomOracle(_Oracle, kt.oracles.RandomSearchOracle):
     pass
 
 
-class _HyperbandOracle(_Guard, kt.oracles.HyperbandOracle):
+class _HyperbandOracle(_Oracle, kt.oracles.HyperbandOracle):
     pass
 
 
-class _BayesianOracle(_Guard, kt.oracles.BayesianOptimizationOracle):
+class _BayesianOracle(_Oracle, kt.oracles.BayesianOptimizationOracle):
     def populate_space(self, trial_id):
         response = super().populate_space(trial_id)
         values = response.get("values")
@@ -191,11 +192,11 @@ class _BayesianOracle(_Guard, kt.oracles.BayesianOptimizationOracle):
                 # The Gaussian process would propose the same point again: fall back
                 # to a guarded random proposal.
                 self._reject(values, reason)
-                return self._random_populate_space()
+                return ktcompat.random_populate_space(self)
         return response
 
 
-class _GridOracle(_Guard, kt.oracles.GridSearchOracle):
+class _GridOracle(_Oracle, kt.oracles.GridSearchOracle):
     def _get_next_combination(self, values):
         # Walk the grid past rejected points, each from the last one rejected.
         parent = super()._get_next_combination
@@ -204,7 +205,7 @@ class _GridOracle(_Guard, kt.oracles.GridSearchOracle):
     def populate_space(self, trial_id):
         response = super().populate_space(trial_id)
         values = response.get("values")
-        if values and self._check(values) is not None and len(self.start_order) == 0:
+        if values and self._check(values) is not None and ktcompat.trials_started(self) == 0:
             # The first grid point (all defaults) is impossible: start from the first
             # possible one instead.
             self._reject(values, self._check(values))
@@ -243,7 +244,7 @@ POPULATION = 10  # ... drawn from this many of the latest finished trials
 MAX_MOVES = 200  # tries at a new, untried move before falling back to a random candidate
 
 
-class _EvolutionOracle(_Guard, kt.Oracle):
+class _EvolutionOracle(_Oracle, kt.Oracle):
     """Known-good seeds first, then regularized evolution with one-knob mutations.
 
     The first trials are `KNOWN_GOOD` snapped to the space. After them, each proposal
@@ -266,19 +267,18 @@ class _EvolutionOracle(_Guard, kt.Oracle):
         return {"status": trial_module.TrialStatus.RUNNING, "values": values}
 
     def _rng(self) -> random.Random:
-        self._seed_state += 1  # saved with the oracle: a resumed search goes on, not over
-        return random.Random(self._seed_state)
+        return random.Random(ktcompat.next_seed(self))
 
     def _propose(self) -> dict | None:
         for seed in self.seeds:
             values = self._complete(seed, lambda hp: _snap(hp, seed.get(hp.name)))
-            if not self._duplicate(values) and self._check(values) is None:
+            if not ktcompat.tried(self, values) and self._check(values) is None:
                 return values
         finished = [t for t in self.trials.values()
                     if t.status == trial_module.TrialStatus.COMPLETED and t.score is not None
                     and t.score == t.score]
         if not finished:
-            return kt.Oracle._random_values(self)
+            return ktcompat.random_values(self)
         finished.sort(key=lambda t: int(re.sub(r"\D", "", t.trial_id) or 0))
         population = finished[-POPULATION:]
         for _ in range(MAX_MOVES):
@@ -287,9 +287,9 @@ class _EvolutionOracle(_Guard, kt.Oracle):
             parent = (max if self.objective.direction == "max" else min)(
                 entrants, key=lambda t: t.score).hyperparameters.values
             values = self._mutate(parent, rng)
-            if values is not None and not self._duplicate(values):
+            if values is not None and not ktcompat.tried(self, values):
                 return values
-        return kt.Oracle._random_values(self)
+        return ktcompat.random_values(self)
 
     def _complete(self, chosen: dict, pick) -> dict:
         """Values for every active knob: `pick(hp)` where it says, else a stand-in."""
@@ -623,7 +623,7 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         self.hooks.trial_started(trial, architecture, resumed=prior)
         self.hypermodel.last_fit_seconds = 0.0
         self.hypermodel.resume = resume
-        registered = _custom_gradients()
+        registered = tfcompat.custom_gradients()
         if self.stopping is not None:
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), self.stopping.callback()]
         try:
@@ -637,7 +637,7 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
             raise
         finally:
             self.hypermodel.resume = None
-            _forget_custom_gradients(registered)
+            tfcompat.forget_custom_gradients(registered)
         if resume is not None:
             resume.clear()
         self.hooks.trial_ended(trial, architecture, histories[-1].history,
@@ -662,27 +662,6 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
 
     def on_epoch_end(self, trial, model, epoch, logs=None):
         self.hooks.epoch_ended(trial, epoch, logs or {})
-
-
-def _custom_gradients() -> set:
-    registry = getattr(getattr(_tf_ops, "_gradient_registry", None), "_registry", None)
-    return set(registry) if registry is not None else set()
-
-
-def _forget_custom_gradients(before: set) -> None:
-    """Drop the custom gradients a trial's training registered in TensorFlow's registry.
-
-    Every traced train step registers a `CustomGradient-N` (tf.distribute's all-reduce)
-    in a global registry that is never emptied, and it holds the whole traced graph: about
-    10 MB per trial that `clear_session` does not free. The trial's model is done with
-    them once its training has ended. (TensorFlow internals: if they move, this does
-    nothing.)
-    """
-    registry = getattr(getattr(_tf_ops, "_gradient_registry", None), "_registry", None)
-    if registry is None:
-        return
-    for name in [n for n in registry if n not in before and n.startswith("CustomGradient-")]:
-        del registry[name]
 
 
 class MedianStopping:
