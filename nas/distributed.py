@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +39,7 @@ import grpc
 from keras_tuner.engine import trial as trial_module
 
 from nas import ktcompat, tracking
-from nas.errors import SearchError
+from nas.errors import SearchError, SearchFailed
 from nas.search import Prepared
 from nas.settings import SearchConfig
 
@@ -198,7 +198,7 @@ class _Servicer(ktcompat.OracleServicer):
             self.on_lost(trial_id, worker, reason)
 
 
-def run_chief(prepared: Prepared, callback=None):
+def run_chief(prepared: Prepared, callback=None, give_up=None):
     """Run the search as its chief: its oracle served to the workers, which train the
     trials (`nas.search.run`, with `serve` in place of training here). Returns the
     search's `SearchResult`."""
@@ -208,17 +208,20 @@ def run_chief(prepared: Prepared, callback=None):
     callback = callback if callback is not None else Printer()
     return search.run(prepared, callback, serve=lambda tuner, experiment_id, search_run_id:
                       serve(tuner, prepared, experiment_id, search_run_id,
-                            callback.on_message))
+                            callback.on_message, give_up))
 
 
-def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, echo) -> None:
+def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, echo,
+          give_up=None) -> None:
     """Run the oracle of `tuner` for remote workers until the search has ended.
 
     Called by `nas.search.run` in place of `tuner.search` (`run_chief`); the parent run
-    stays open around it.
+    stays open around it. `give_up()`, if given, is asked every half second whether no
+    worker is left to train the trials.
 
     Raises:
         RuntimeError: the chief cannot listen, or too many consecutive trials failed.
+        nas.errors.SearchFailed: `give_up()` said so.
     """
     config, tracker = prepared.config, prepared.tracker
     host, port = parse_address(config.chief)
@@ -267,6 +270,9 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
         while not oracle.all_ended():
             time.sleep(0.5)
             servicer.report(oracle.take_back_silent())
+            if give_up is not None and give_up():
+                raise SearchFailed("every worker failed before the search ended; finished "
+                                   "trials are kept", [])
     finally:
         server.stop(grace=2).wait()
     closed = tracker.close_stale_runs(experiment_id, search_run_id)
@@ -488,50 +494,65 @@ def worker_command(chief: str, space: str, pipeline: str, experiment: str,
 # --- one machine, one command -------------------------------------------------------
 
 
-def run_local(search_args: list[str], worker_args: list[str], workers: int, echo,
-              stop_seconds: float = 60.0) -> int:
-    """`nas search --workers N`: a chief and N workers on 127.0.0.1; the chief's exit code.
+def prepare_local(config: SearchConfig) -> Prepared:
+    """Check the input of `nas search --workers N` (`run_local`): this process will be the
+    chief, on a free port of 127.0.0.1, with a token of its own. Writes nothing.
 
-    `search_args` and `worker_args` are the command-line options of the chief and of
-    the workers (without `--chief`). Every process started here is stopped before
-    returning.
+    Raises:
+        SearchError, nas.data.DataError, nas.tracking.TrackingError.
     """
-    chief = f"127.0.0.1:{free_port()}"
+    from nas import search
+
+    if config.chief:
+        raise SearchError("`workers` and `chief` exclude each other: `workers` starts its own "
+                          "chief on 127.0.0.1")
+    return search.prepare(dataclasses.replace(
+        config, chief=f"127.0.0.1:{free_port()}", worker_token=new_token()))
+
+
+def run_local(prepared: Prepared, space: str, pipeline: str, workers: int, callback=None,
+              stop_seconds: float = 60.0):
+    """`nas search --workers N`: this process the chief (`run_chief`), N `nas worker`
+    processes on 127.0.0.1 training its trials; the search's `SearchResult`.
+
+    `space` and `pipeline` are what the workers load (names or paths, as the user gave
+    them). Every worker started here has ended, or is stopped, before this returns.
+
+    Raises:
+        nas.errors.SearchFailed: every worker failed before the search ended (or too many
+            trials did).
+    """
+    config, uri = prepared.config, prepared.tracker.tracking_uri
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    env[TOKEN_ENV] = new_token()  # the chief's and its workers' (not on their command lines)
-    base = [sys.executable, "-m", "nas.cli"]
+    env[TOKEN_ENV] = config.worker_token  # not on their command lines
+    command = [sys.executable, "-m", "nas.cli", "worker", "--chief", config.chief,
+               "--space", space, "--pipeline", pipeline, "--experiment",
+               config.experiment_name, "--tracking-uri", uri, "--workdir", config.workdir]
+    command += ["--distribution", config.distribution] if config.distribution else []
+    command += ["--skip-bad-images"] if config.skip_bad_images else []
     processes: list[subprocess.Popen] = []
-    previous = signal.signal(signal.SIGTERM, _stop_local)
+
+    def all_failed() -> bool:
+        # A worker exits 0 once the chief says the search is over; all gone, none of them
+        # so, and the chief would wait for workers forever.
+        return all(process.poll() not in (None, 0) for process in processes)
+
+    ended = False
     try:
-        chief_process = subprocess.Popen(base + ["search", *search_args, "--chief", chief],
-                                         env=env)
-        processes.append(chief_process)
         for number in range(1, workers + 1):
-            processes.append(subprocess.Popen(
-                base + ["worker", *worker_args, "--chief", chief,
-                        "--worker-id", f"local-{number}"], env=env))
-        while chief_process.poll() is None:
-            codes = [p.poll() for p in processes[1:]]
-            # A worker exits 0 once the chief says the search is over; all gone, none
-            # of them so, and the chief would wait for workers forever.
-            if all(code not in (None, 0) for code in codes):
-                echo("Error: every worker failed before the search ended; stopping the chief")
-                chief_process.terminate()
-                chief_process.wait()
-                return 1
-            time.sleep(0.5)
-        deadline = time.monotonic() + stop_seconds
-        for process in processes[1:]:
+            processes.append(subprocess.Popen(command + ["--worker-id", f"local-{number}"],
+                                              env=env))
+        result = run_chief(prepared, callback, give_up=all_failed)
+        ended = True
+        return result
+    finally:
+        deadline = time.monotonic() + (stop_seconds if ended else 0.0)
+        for process in processes:  # they end on their own once the search has ended
             try:
                 process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        return chief_process.returncode
-    except (KeyboardInterrupt, tracking.Interrupted):
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
         for process in processes:
             if process.poll() is None:
                 process.terminate()
@@ -541,7 +562,3 @@ def run_local(search_args: list[str], worker_args: list[str], workers: int, echo
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def _stop_local(signum, frame):
-    raise tracking.Interrupted(f"signal {signal.Signals(signum).name}")

@@ -98,14 +98,15 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
     for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
         if path and b"-----BEGIN " not in Path(path).read_bytes():
             raise click.BadParameter(f"{path!r} is not a PEM file", param_hint=flag)
-    if workers:
-        _search_with_local_workers(config, workers)
-    if chief:
+    if workers or chief:
         from nas import distributed
-
-        distributed.check_address(chief)
-        config.worker_token = distributed.new_token()
-    prepared = search_module.prepare(config)
+    if workers:  # this process the chief, N local workers
+        prepared = distributed.prepare_local(config)
+    else:
+        if chief:
+            distributed.check_address(chief)
+            config.worker_token = distributed.new_token()
+        prepared = search_module.prepare(config)
     click.echo(f"searching {config.space.name} on {config.pipeline.name} with {tuner}: "
                f"{plural(max_trials, 'trial')}, experiment {config.experiment_name!r}")
     if prepared.state:
@@ -119,9 +120,9 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
     shown = Progress(terminal=sys.stdout.isatty(), epochs=progress)
     try:
         with shown:
-            if chief:  # workers train the trials; this process serves the oracle
-                from nas import distributed
-
+            if workers:
+                result = distributed.run_local(prepared, space, pipeline, workers, shown)
+            elif chief:  # workers train the trials; this process serves the oracle
                 result = distributed.run_chief(prepared, shown)
             else:
                 result = search_module.run(prepared, shown)
@@ -285,40 +286,3 @@ def _print_worker_command(prepared, space: str, pipeline: str) -> None:
     if not uri.startswith(("http://", "https://")):
         click.echo(f"  (workers on other machines need a tracking server both reach: "
                    f"--tracking-uri http://...; {uri} is local to this machine)")
-
-
-def _search_with_local_workers(config, workers: int) -> None:
-    """`nas search --workers N`: the chief and N workers as processes; exits with the chief's
-    exit code."""
-    from nas import distributed
-    from nas import search as search_module
-
-    if config.chief:
-        raise click.UsageError("--workers and --chief exclude each other: --workers starts "
-                               "its own chief on 127.0.0.1")
-    # Checks the input and creates the tracking store once, before several processes
-    # open it at the same time.
-    prepared = search_module.prepare(config)
-    params = click.get_current_context().params
-    chief_args = _options_of(click.get_current_context(), skip={"workers", "chief"})
-    worker_args = ["--space", params["space"], "--pipeline", params["pipeline"],
-                   "--experiment", config.experiment_name,
-                   "--tracking-uri", prepared.tracker.tracking_uri,
-                   "--workdir", config.workdir, "--distribution", params["distribution"]]
-    worker_args += ["--skip-bad-images"] if config.skip_bad_images else []
-    sys.exit(distributed.run_local(chief_args, worker_args, workers, echo=click.echo))
-
-
-def _options_of(ctx: click.Context, skip: set[str]) -> list[str]:
-    """The options of the running command, as arguments that give them again."""
-    args = []
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if not isinstance(param, click.Option) or param.name in skip or value is None:
-            continue
-        if param.is_flag:
-            args += [param.opts[0]] if value else param.secondary_opts[:1]
-        else:
-            args += [param.opts[0], str(value)]
-    return args
-
