@@ -29,7 +29,8 @@ lock per oracle, entered again by the thread that holds it, kept when the method
 `_save_model` and `best_value`, `keras_tuner.src.protos`,
 `keras_tuner.src.distribute.oracle_chief.OracleServicer`,
 `keras_tuner.src.distribute.oracle_client.OracleClient` and `TIMEOUT`,
-`keras_tuner.src.engine.conditions` (its `print`).
+`keras_tuner.src.engine.conditions` (its `print`), and the text of the RuntimeError
+`Oracle._check_consecutive_failures` raises (`too_many_failures`).
 
 Overridden private methods, in nas/tuning.py: `Oracle._random_values` (`_Guard`),
 `GridSearchOracle._get_next_combination` (`_GridOracle`), `BaseTuner._try_build` (which
@@ -371,3 +372,10 @@ def quiet_conditions() -> None:
     """Silence `Parent.to_proto`, which prints the first value of every condition: each
     trial sent over gRPC would print lines of stray numbers."""
     conditions.print = lambda *args, **kwargs: None
+
+
+def too_many_failures(error: BaseException) -> bool:
+    """Whether `error` is KerasTuner's end of a search whose trials failed too often in a
+    row: 1.4.8's `Oracle._check_consecutive_failures` raises a plain RuntimeError("Number of
+    consecutive failures exceeded the limit of N.") from `end_trial`."""
+    return isinstance(error, RuntimeError) and "consecutive failures" in str(error)

@@ -421,10 +421,12 @@ def _finished(oracle, max_trials: int) -> bool:
 def _search(tuner, search) -> None:
     """`search()` (the tuner's search), with KerasTuner's too-many-failures error made
     readable."""
+    from nas import ktcompat
+
     try:
         search()
     except RuntimeError as error:
-        if "consecutive failures" not in str(error):
+        if not ktcompat.too_many_failures(error):
             raise
         failed = [t for t in tuner.oracle.trials.values() if t.status in ("FAILED", "INVALID")]
         lines = [f"trial {t.trial_id}: {_last_line(t.message)}" for t in failed]
