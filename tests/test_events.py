@@ -17,24 +17,10 @@ def test_a_search_reports_its_trials_epochs_rejections_and_end_as_events(tmp_pat
 
     seen = []
 
-    class Recorder(Callback):
-        def on_message(self, text):
-            seen.append(text)
-
-        def on_trial_begin(self, event):
-            seen.append(event)
-
-        def on_epoch_end(self, event):
-            seen.append(event)
-
-        def on_trial_end(self, event):
-            seen.append(event)
-
-        def on_candidate_rejected(self, event):
-            seen.append(event)
-
-        def on_search_end(self, event):
-            seen.append(event)
+    recorder = Callback()  # every event, and every notice, in the order they came
+    for method in ("on_message", "on_trial_begin", "on_epoch_end", "on_trial_end",
+                   "on_candidate_rejected", "on_search_end"):
+        setattr(recorder, method, seen.append)
 
     # Under this budget many of the tiny space's candidates are too large: rejected inside
     # the oracle, each an event with its kind.
@@ -42,7 +28,7 @@ def test_a_search_reports_its_trials_epochs_rejections_and_end_as_events(tmp_pat
                                  tuner="random", max_trials=2, epochs=2, max_params=400,
                                  experiment="events", tracking_uri=f"sqlite:///{tmp_path}/m.db",
                                  workdir=str(tmp_path / ".nas"), ensemble=1)
-    result = search.run(search.prepare(config), Recorder())
+    result = search.run(search.prepare(config), recorder)
 
     kinds = [type(e).__name__ for e in seen if not isinstance(e, str)]
     trials = [kind for kind in kinds if kind != "CandidateRejected"]

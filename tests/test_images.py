@@ -49,6 +49,15 @@ def break_some(root: Path) -> list[str]:
     return ["circle/notes.txt", "square/empty.png", "triangle/cut.jpg", "triangle/cut.png"]
 
 
+def augmented_space(path: Path, augment: str) -> Path:
+    """The tiny space, named `augmented`, with the `augment:` section `augment` (YAML lines),
+    written to `path`."""
+    path.write_text(Path(__file__).parent.parent.joinpath("search_spaces", "tiny.yaml")
+                    .read_text().replace("name: tiny", "name: augmented")
+                    + "augment:\n" + augment)
+    return path
+
+
 def pipeline(path: Path, folder: Path, extra: str = "") -> str:
     path.write_text(f"name: {path.stem}\n"
                     f"data: {{source: directory, path: {folder}, image_size: 16, {extra}}}\n"
@@ -317,11 +326,9 @@ def test_a_mixed_folder_streams_trains_skips_bad_files_and_augments_in_training_
 
     folder = make_folder(tmp_path / "data", per_class=24)
     bad = break_some(folder)
-    space = tmp_path / "augmented.yaml"
-    space.write_text(Path(__file__).parent.parent.joinpath("search_spaces", "tiny.yaml")
-                     .read_text().replace("name: tiny", "name: augmented")
-                     + "augment:\n  flip: horizontal\n  rotation: [0.05, 0.1]\n"
-                       "  translation: 0.1\n  zoom: 0.1\n  contrast: 0.2\n")
+    space = augmented_space(tmp_path / "augmented.yaml",
+                            "  flip: horizontal\n  rotation: [0.05, 0.1]\n  translation: 0.1\n"
+                            "  zoom: 0.1\n  contrast: 0.2\n")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = CliRunner().invoke(main, [
         "search", "--space", str(space), "--max-trials", "2", "--ensemble", "1",

@@ -93,15 +93,12 @@ def test_refit_retrains_the_final_model_on_training_and_validation_data(tmp_path
 def test_no_final_model_of_an_augmented_space_augments_what_it_serves(tmp_path):
     """Every path to a final model (the ensemble, --refit, the MLflow model, the export)
     leaves the training-only augmentation layers out: it predicts the same twice."""
-    from pathlib import Path
-
     import mlflow.tensorflow
 
-    space = tmp_path / "augmented.yaml"
-    space.write_text(Path(__file__).parent.parent.joinpath("search_spaces", "tiny.yaml")
-                     .read_text().replace("name: tiny", "name: augmented")
-                     + "augment:\n  flip: horizontal\n  rotation: 0.1\n  zoom: 0.1\n"
-                       "  contrast: 0.2\n")
+    from test_images import augmented_space
+
+    space = augmented_space(tmp_path / "augmented.yaml", "  flip: horizontal\n  rotation: 0.1\n"
+                            "  zoom: 0.1\n  contrast: 0.2\n")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     x = load_arrays(load_pipeline("digits")).x_val[:32]
     for experiment, flags in (("ensemble", ["--ensemble", "2"]),
