@@ -237,7 +237,7 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
                 tags = run.data.tags
                 if (run.info.status in ("RUNNING", "FINISHED")
                         and tags.get(tracking.TAG_TRIAL) == trial_id
-                        and tags.get("nas.worker") == worker):
+                        and tags.get(tracking.TAG_WORKER) == worker):
                     tracker.set_tags(run.info.run_id,
                                      {"nas.error": f"worker {worker} was lost ({reason})"})
                     tracker.end(run.info.run_id, "KILLED")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 from nas.errors import InputError, Interrupted
 
 __all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "TAG_SEARCH",
-           "TAG_ERROR", "TAG_MAX_TRIALS", "TAG_FINAL", "TAG_REFIT"]
+           "TAG_ERROR", "TAG_WORKER", "TAG_MAX_TRIALS", "TAG_FINAL", "TAG_REFIT"]
 
 # The tags nas writes and reads back, named here alone. MLflow is imported only where it
 # is used, so that reading these (`nas.results`, `nas trials`) costs no MLflow import.
@@ -28,6 +28,7 @@ TAG_KIND = "nas.kind"  # "search" or "trial"
 TAG_TRIAL = "nas.trial_id"  # on a trial's run (on a logged model: the ids of its trials)
 TAG_SEARCH = "nas.search_run_id"  # on a trial's run: the run of its search
 TAG_ERROR = "nas.error"  # on a trial's run: why it failed
+TAG_WORKER = "nas.worker"  # on a trial's run: the worker that trained it ("local": none)
 TAG_MAX_TRIALS = "nas.max_trials"  # on a search's run, once it grew past its first budget
 TAG_FINAL = "nas.final_trials"  # on a search's run: the trial(s) of its final model
 TAG_REFIT = "nas.refit"  # on a search's run: "1" when its final model was retrained (--refit)

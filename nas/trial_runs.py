@@ -64,6 +64,9 @@ class TrialRuns:
         self.earlier = 0  # trials ended by earlier processes of a resumed search
         self.ended = 0  # trials ended by this process
         self.device = device_name()
+        # A worker of a distributed search (KerasTuner's tuner id), else None.
+        self.worker = os.environ.get("KERASTUNER_TUNER_ID")
+        self.worker = None if self.worker in (None, "chief") else self.worker
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "nas-mlflow")
         self._unclosed: set[str] = set()  # runs opened and not yet closed (writer thread)
         self._closed = False
@@ -122,9 +125,28 @@ class TrialRuns:
                     {k: v[epoch] for k, v in resumed["history"].items()
                      if k in _CURVES and epoch < len(v)}, step=epoch)
             self._logged_until = max(self._logged_until, resumed["epoch"])
+        elif self.worker is not None:
+            self._say_if_restarted(trial.trial_id)
         self.callback.on_trial_begin(TrialStarted(
             trial.trial_id, self.earlier + self.ended + 1, self.total,
             None if resumed is None else resumed["epoch"] + 2))
+
+    def _say_if_restarted(self, trial_id: str) -> None:
+        """On a worker: say so when another worker trained this trial before (it was lost)
+        and its last epoch is not in this worker's working folder, so it starts over."""
+        try:
+            earlier = self.tracker.client.search_runs(
+                [self.experiment_id], filter_string=(
+                    f"tags.`{tracking.TAG_SEARCH}` = '{self.search_run_id}' and "
+                    f"tags.`{tracking.TAG_TRIAL}` = '{trial_id}'"), max_results=10)
+        except Exception:  # only a notice: the trial trains anyway
+            return
+        others = sorted({r.data.tags.get(tracking.TAG_WORKER) for r in earlier} - {self.worker, None})
+        if others:
+            self.callback.on_message(
+                f"trial {trial_id} starts again at epoch 1: worker {', '.join(others)} "
+                f"trained it before and was lost, and its last epoch is not in this "
+                f"worker's working folder (a --workdir the workers share continues it)")
 
     def current_run_id(self) -> str | None:
         """The current trial's run, once it is written (None before)."""
@@ -145,7 +167,7 @@ class TrialRuns:
             self.experiment_id, f"trial-{trial.trial_id}",
             tags={tracking.TAG_KIND: "trial", tracking.TAG_TRIAL: trial.trial_id,
                   tracking.TAG_SEARCH: self.search_run_id, "nas.device": self.device,
-                  "nas.worker": os.environ.get("KERASTUNER_TUNER_ID", "local")},
+                  tracking.TAG_WORKER: self.worker or "local"},
             parent_run_id=self.search_run_id, start_time=start_time,
         )
         try:
@@ -170,8 +192,8 @@ class TrialRuns:
                 or run.data.tags.get(tracking.TAG_SEARCH) != self.search_run_id):
             return False
         self.tracker.client.update_run(run_id, status="RUNNING")
-        if "nas.error" in run.data.tags:  # "the process running it died": it lives again
-            self.tracker.client.delete_tag(run_id, "nas.error")
+        if tracking.TAG_ERROR in run.data.tags:  # "the process running it died": it lives again
+            self.tracker.client.delete_tag(run_id, tracking.TAG_ERROR)
         self._unclosed.add(run_id)
         return True
 
@@ -260,7 +282,7 @@ class TrialRuns:
         if error is not None:
             status = ("KILLED" if isinstance(error, (KeyboardInterrupt, tracking.Interrupted))
                       else "FAILED")
-            tags["nas.error"] = (f"{error.__class__.__name__}: "
+            tags[tracking.TAG_ERROR] = (f"{error.__class__.__name__}: "
                                  f"{str(error) or 'interrupted'}")[:5000]
         self._writer.submit(self._close_run, run_id, status,
                             self._pending + self.tracker.metrics(metrics), tags,
@@ -270,7 +292,7 @@ class TrialRuns:
         self.callback.on_trial_end(TrialEnded(
             trial.trial_id, self.earlier + self.ended, self.total, self.objective,
             metrics.get("objective"), self.best, architecture.params, seconds, status, run_id,
-            tags.get("nas.error")))
+            tags.get(tracking.TAG_ERROR)))
         if failed_flush is not None and error is failed_flush:
             raise failed_flush  # KerasTuner records the trial as failed
 
@@ -293,4 +315,4 @@ class TrialRuns:
 
     def _close_unclosed(self) -> None:
         for run_id in list(self._unclosed):
-            self._close_run(run_id, "KILLED", [], {"nas.error": "interrupted"})
+            self._close_run(run_id, "KILLED", [], {tracking.TAG_ERROR: "interrupted"})

@@ -288,6 +288,9 @@ def test_a_killed_worker_loses_only_its_trial(processes, mlflow_server):
     assert "worker w1 was lost" in first.data.tags["nas.error"]
     (retried,) = [r for r in finished if r.data.tags["nas.trial_id"] == trial_id]
     assert retried.data.tags["nas.worker"] == "w2"
+    # w2 has a working folder of its own: the trial starts over, and w2 says why.
+    assert (f"[w2] trial {trial_id} starts again at epoch 1: worker w1 trained it before and "
+            f"was lost") in processes.output("w2")
     assert not [r for r in trials if r.info.status == "RUNNING"]
 
 
