@@ -104,20 +104,25 @@ class TrialRuns:
 
     def trial_started(self, trial, architecture, resumed: dict | None = None) -> None:
         """`resumed`: the state an earlier process left of this trial (`tuning.Resume`);
-        its run is reopened and the trial goes on after its last finished epoch."""
-        self._trial = (trial, architecture, int(time.time() * 1000),
-                       (resumed or {}).get("run_id"))
+        the trial goes on after its last finished epoch, in its run reopened (unless
+        another worker, since lost, trained it there: the chief closed that run, and a new
+        one holds the trial's curves from its first epoch)."""
+        earlier = (resumed or {}).get("run_id")
         self._opened, self._flushes, self._pending = None, [], []
         self._logged_until = -1  # epochs the reopened run holds already
         self._started = self._flushed = time.perf_counter()
         self._epoch_ends, self._trial_best = [], None
-        if resumed is not None and resumed.get("run_id"):
+        if earlier is not None:
             try:  # read before training goes on, so no epoch is logged twice
-                history = self.tracker.client.get_metric_history(resumed["run_id"],
-                                                                 self.objective)
-                self._logged_until = max((m.step for m in history), default=-1)
+                run = self.tracker.client.get_run(earlier)
+                if run.data.tags.get(tracking.TAG_WORKER) != (self.worker or "local"):
+                    earlier = None
+                else:
+                    history = self.tracker.client.get_metric_history(earlier, self.objective)
+                    self._logged_until = max((m.step for m in history), default=-1)
             except Exception:  # the run is gone: a new one is opened
-                pass
+                earlier = None
+        self._trial = (trial, architecture, int(time.time() * 1000), earlier)
         if resumed is not None:
             # Epochs the dead process trained but had not yet written to MLflow.
             for epoch in range(self._logged_until + 1, resumed["epoch"] + 1):
@@ -141,7 +146,8 @@ class TrialRuns:
                     f"tags.`{tracking.TAG_TRIAL}` = '{trial_id}'"), max_results=10)
         except Exception:  # only a notice: the trial trains anyway
             return
-        others = sorted({r.data.tags.get(tracking.TAG_WORKER) for r in earlier} - {self.worker, None})
+        workers = {r.data.tags.get(tracking.TAG_WORKER) for r in earlier}
+        others = sorted(workers - {self.worker, None})
         if others:
             self.callback.on_message(
                 f"trial {trial_id} starts again at epoch 1: worker {', '.join(others)} "

@@ -294,6 +294,46 @@ def test_a_killed_worker_loses_only_its_trial(processes, mlflow_server):
     assert not [r for r in trials if r.info.status == "RUNNING"]
 
 
+def test_a_lost_workers_trial_goes_on_from_its_last_epoch_where_the_folder_is_shared(
+        processes, mlflow_server):
+    chief = f"127.0.0.1:{free_port()}"
+    start_search(processes, mlflow_server, "shared-folder", chief, "--worker-timeout", "8",
+                 "--max-trials", "2", "--epochs", "8")
+    shared = ("--workdir", str(processes.folder / "shared" / ".nas"))
+    start_worker(processes, mlflow_server, "shared-folder", chief, "w1", extra=shared)
+    project = processes.folder / "shared" / ".nas" / "shared-folder"
+    victim, deadline = None, time.monotonic() + DEADLINE
+    while victim is None:  # w1 has saved an epoch of its trial: kill it there
+        assert time.monotonic() < deadline, processes.logs()
+        saved = [p for p in project.glob("trial_*/resume.json")]
+        if saved:
+            victim = json.loads(saved[0].read_text())
+            trial_id = saved[0].parent.name.removeprefix("trial_")
+            processes.kill("w1")
+        else:
+            time.sleep(0.05)
+    start_worker(processes, mlflow_server, "shared-folder", chief, "w2", extra=shared)
+
+    assert processes.wait("chief") == 0, processes.logs()
+    assert processes.wait("w2", 60) == 0, processes.logs()
+    out = processes.output("w2")
+    assert f"[w2] trial {trial_id} resumes at epoch " in out, processes.logs()
+    assert "starts again at epoch 1" not in out
+    parents, trials = search_runs(mlflow_server, "shared-folder")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["nas.trial_id"] for r in finished) == ["0", "1"]
+    (lost,) = [r for r in trials if r.info.status != "FINISHED"]
+    assert "worker w1 was lost" in lost.data.tags["nas.error"]
+    (retried,) = [r for r in finished if r.data.tags["nas.trial_id"] == trial_id]
+    assert retried.data.tags["nas.worker"] == "w2"
+    curve = MlflowClient(mlflow_server).get_metric_history(retried.info.run_id, "val_accuracy")
+    # The whole curve, each epoch once: w1's epochs from the saved state, then w2's.
+    assert sorted(m.step for m in curve) == list(range(len(curve)))
+    assert curve[0].value == pytest.approx(victim["history"]["val_accuracy"][0])
+    assert not [r for r in trials if r.info.status == "RUNNING"]
+
+
 def test_workers_option_starts_chief_and_local_workers(processes, tmp_path):
     uri = f"sqlite:///{tmp_path}/local.db"
     processes.start("search", NAS + [
