@@ -52,12 +52,12 @@ class Parts:
         `on_reject` receives each `nas.architecture.Rejection`."""
         import keras_tuner as kt
 
-        from nas import tuning
+        from nas import oracles
 
         config, pipeline = self.config, self.config.pipeline
         constraints = config.constraints
-        oracle = tuning.make_oracle(
-            config.tuner, tuning.declare(config.space),
+        oracle = oracles.make_oracle(
+            config.tuner, oracles.declare(config.space),
             kt.Objective(pipeline.objective, pipeline.direction),
             max_trials=config.max_trials, seed=config.seed, max_epochs=config.epochs_per_trial,
             max_failures=config.max_failures,
