@@ -28,8 +28,9 @@ from nas.state import StateError, read_json, write_atomic
 
 __all__ = ["CandidateModel", "NasTuner", "MedianStopping", "stopping_rule", "early_stopping"]
 
-# Collects the garbage of finished trials while the next one trains (see NasTuner._try_build).
-_COLLECTOR = concurrent.futures.ThreadPoolExecutor(1, "nas-gc")
+# Collects the garbage of finished trials while the next one trains (see NasTuner._try_build):
+# one for the process, made by the first tuner that collects in the background.
+_COLLECTOR: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 class CandidateModel(kt.HyperModel):
@@ -209,10 +210,17 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
     `hooks` receives `trial_started(trial, architecture)`, `batch_ended()`,
     `epoch_ended(trial, epoch, logs)` and `trial_ended(trial, architecture, history,
     fit_seconds, error)`.
+
+    Two performance tricks, off unless asked for (`nas.assembly` turns them on):
+    `collect_in_background`, the last trial's garbage collected by a background thread
+    while this one trains (else before this one is built; see `_try_build`), and
+    `forget_gradients`, the custom gradients a trial leaves in TensorFlow's registry
+    dropped once it has ended (`nas.tfcompat.forget_custom_gradients`).
     """
 
     def __init__(self, oracle, hypermodel: CandidateModel, hooks,
-                 stopping: MedianStopping | None = None, **kwargs):
+                 stopping: MedianStopping | None = None, collect_in_background: bool = False,
+                 forget_gradients: bool = False, **kwargs):
         from nas import tracking  # the MLflow side, loaded by now: imported once, not per batch
 
         ktcompat.install()  # atomic checkpoints
@@ -223,6 +231,8 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         self._epoch = 0
         self._collect = False  # the last trial's garbage waits for this trial's first batch
         self._on_gpu = bool(tf.config.list_logical_devices("GPU"))
+        self._collector = _background_collector() if collect_in_background else None
+        self._forget_gradients = forget_gradients
 
     def _try_build(self, hp):
         # KerasTuner's own calls `keras.backend.clear_session()` and collects garbage twice
@@ -234,8 +244,9 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         # empties TensorFlow's kernel cache (every build ~15 ms slower); it frees nothing
         # the collection does not. Collected now instead: on a GPU, whose memory the last
         # model must leave before this one takes it, and after a trial that never trained
-        # a batch (its garbage and its predecessor's would wait for the next trial).
-        if self._collect or self._on_gpu:
+        # a batch (its garbage and its predecessor's would wait for the next trial), and
+        # always without `collect_in_background`.
+        if self._collect or self._on_gpu or self._collector is None:
             gc.collect()
             self._collect = False
         else:
@@ -243,8 +254,8 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         return self._build_hypermodel(hp)
 
     def _populate_initial_space(self):
-        # The space is declared up front (see `declare`); KerasTuner's default would
-        # build throwaway models to discover it.
+        # The space is declared up front (see `nas.oracles.declare`); KerasTuner's default
+        # would build throwaway models to discover it.
         pass
 
     def run_trial(self, trial, *args, **kwargs):
@@ -257,7 +268,7 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         self.hooks.trial_started(trial, architecture, resumed=prior)
         self.hypermodel.last_fit_seconds = 0.0
         self.hypermodel.resume = resume
-        registered = tfcompat.custom_gradients()
+        registered = tfcompat.custom_gradients() if self._forget_gradients else None
         if self.stopping is not None:
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), self.stopping.callback()]
         try:
@@ -271,7 +282,8 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
             raise
         finally:
             self.hypermodel.resume = None
-            tfcompat.forget_custom_gradients(registered)
+            if registered is not None:
+                tfcompat.forget_custom_gradients(registered)
         if resume is not None:
             resume.clear()
         self.hooks.trial_ended(trial, architecture, histories[-1].history,
@@ -287,7 +299,7 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         self.hooks.batch_ended()
         if self._collect:
             self._collect = False
-            _COLLECTOR.submit(gc.collect)
+            self._collector.submit(gc.collect)
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise kt.errors.FailedTrialError(
@@ -296,6 +308,15 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
 
     def on_epoch_end(self, trial, model, epoch, logs=None):
         self.hooks.epoch_ended(trial, epoch, logs or {})
+
+
+def _background_collector() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's one garbage-collecting thread (`NasTuner`'s `collect_in_background`),
+    made on first use."""
+    global _COLLECTOR
+    if _COLLECTOR is None:
+        _COLLECTOR = concurrent.futures.ThreadPoolExecutor(1, "nas-gc")
+    return _COLLECTOR
 
 
 class MedianStopping:
