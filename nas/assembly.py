@@ -9,6 +9,22 @@ run closes as KILLED. Also here, started explicitly by whoever runs a search, ne
 import time: TensorFlow's settings (`configure_tensorflow`) and the imports a search
 would otherwise pay for in its first and last trials (`import_ahead`).
 
+The performance tricks, and where each is started (none at import time):
+
+- the imports ahead (`import_ahead`): by `nas.search.run`, the one-process search and
+  the chief, before the search's run starts;
+- `gc.freeze()`: by `nas.search.run` once the tuner is open, so that each trial's
+  collection scans the trials' own objects only, not TensorFlow's and MLflow's modules;
+- the garbage of the last trial collected by a background thread while the next one
+  trains (`NasTuner`'s `collect_in_background`, the thread made when first asked for):
+  by `Parts.tuner`, so in every process that trains, the workers' included;
+- TensorFlow's gradient registry purged after each trial (`NasTuner`'s
+  `forget_gradients`, `nas.tfcompat.forget_custom_gradients`): by `Parts.tuner` too.
+
+Not a trick but a patch of the same kind: KerasTuner's stray print of conditions
+(`nas.ktcompat.quiet_conditions`), silenced where trials start to cross gRPC, by the chief
+(`nas.distributed.serve`) and each worker (`nas.distributed.run_worker`).
+
 Nothing here imports TensorFlow or KerasTuner at import time.
 """
 
@@ -52,12 +68,12 @@ class Parts:
         `on_reject` receives each `nas.architecture.Rejection`."""
         import keras_tuner as kt
 
-        from nas import tuning
+        from nas import oracles
 
         config, pipeline = self.config, self.config.pipeline
         constraints = config.constraints
-        oracle = tuning.make_oracle(
-            config.tuner, tuning.declare(config.space),
+        oracle = oracles.make_oracle(
+            config.tuner, oracles.declare(config.space),
             kt.Objective(pipeline.objective, pipeline.direction),
             max_trials=config.max_trials, seed=config.seed, max_epochs=config.epochs_per_trial,
             max_failures=config.max_failures,
@@ -78,6 +94,7 @@ class Parts:
                 oracle, self.hypermodel, self.hooks,
                 stopping=tuning.stopping_rule(config.tuner, pipeline.objective,
                                               pipeline.direction),
+                collect_in_background=True, forget_gradients=True,  # see the module's doc
                 directory=config.workdir, project_name=config.project_name, overwrite=False,
                 distribution_strategy=strategy(config.distribution))
 

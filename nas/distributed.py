@@ -61,8 +61,6 @@ _TOKEN_KEY = "nas-token"  # gRPC metadata: the search's worker token
 TOKEN_ENV = "NAS_WORKER_TOKEN"  # where the chief and its workers may take the token from
 _STATUS = trial_module.TrialStatus
 
-ktcompat.quiet_conditions()  # else every trial sent over gRPC prints stray numbers
-
 
 def parse_address(address: str, flag: str = "`chief`") -> tuple[str, int]:
     """`HOST:PORT` as (host, port); SearchError when it is not one."""
@@ -223,6 +221,7 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
         RuntimeError: the chief cannot listen, or too many consecutive trials failed.
         nas.errors.SearchFailed: `give_up()` said so.
     """
+    ktcompat.quiet_conditions()  # else every trial sent over gRPC prints stray numbers
     config, tracker = prepared.config, prepared.tracker
     host, port = parse_address(config.chief)
     oracle = tuner.oracle
@@ -446,6 +445,7 @@ def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[s
     echo(f"worker {config.worker_id}: search run {search_run_id}, chief {config.chief}")
 
     assembly.configure_tensorflow(config)
+    ktcompat.quiet_conditions()  # else every trial sent over gRPC prints stray numbers
     # Read by KerasTuner when the tuner is built: this process is a worker of that chief.
     os.environ.update(KERASTUNER_TUNER_ID=config.worker_id, KERASTUNER_ORACLE_IP=host,
                       KERASTUNER_ORACLE_PORT=str(port))

@@ -10,7 +10,7 @@ What nas adds to KerasTuner that needs them:
   and renamed (`nas.state.write_atomic`), and a state unreadable anyway is a
   `nas.state.StateError`, not a `JSONDecodeError` (`AtomicOracle`, `AtomicTuner`,
   `install`); `rebuild` gives a fresh oracle a search's history from MLflow's trial runs.
-- what the guard and the evolution oracle (`nas.tuning`) need of an oracle's bookkeeping:
+- what the guard and the evolution oracle (`nas.oracles`) need of an oracle's bookkeeping:
   `remember_tried`, `tried`, `random_values`, `next_seed`, `random_populate_space`,
   `trials_started`, `stopped_trial`.
 - a chief's oracle that knows its workers (`LostWorkers`), under KerasTuner's own lock
@@ -32,9 +32,10 @@ lock per oracle, entered again by the thread that holds it, kept when the method
 `keras_tuner.src.engine.conditions` (its `print`), and the text of the RuntimeError
 `Oracle._check_consecutive_failures` raises (`too_many_failures`).
 
-Overridden private methods, in nas/tuning.py: `Oracle._random_values` (`_Guard`),
-`GridSearchOracle._get_next_combination` (`_GridOracle`), `BaseTuner._try_build` (which
-calls `Tuner._build_hypermodel`) and `BaseTuner._populate_initial_space` (`NasTuner`).
+Overridden private methods: in nas/oracles.py, `Oracle._random_values` (`_Guard`) and
+`GridSearchOracle._get_next_combination` (`_GridOracle`); in nas/tuning.py,
+`BaseTuner._try_build` (which calls `Tuner._build_hypermodel`) and
+`BaseTuner._populate_initial_space` (`NasTuner`).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def rebuild(oracle, trials: list[dict], directory, project_name: str) -> None:
     oracle.save()
 
 
-# --- the guard's and the evolution oracle's bookkeeping (nas.tuning) ---------------------
+# --- the guard's and the evolution oracle's bookkeeping (nas.oracles) --------------------
 
 
 def remember_tried(oracle, values: dict) -> None:

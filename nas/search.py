@@ -269,7 +269,7 @@ def _open_tuner(config: SearchConfig, tracker, experiment_id: str, search_run_id
                 resumed: bool, new_oracle, new_tuner, echo):
     """The search's tuner, its KerasTuner state reloaded, or rebuilt from the tracking store
     when it is missing or damaged (a resumed search only)."""
-    from nas import ktcompat, tuning
+    from nas import ktcompat, oracles
 
     project_dir, tuner_file = config.project_dir, _tuner_file(config)
     # Damage shows as KerasTuner reloads (nas.ktcompat): the files are not read twice.
@@ -290,7 +290,7 @@ def _open_tuner(config: SearchConfig, tracker, experiment_id: str, search_run_id
         stale.unlink(missing_ok=True)  # the checkpoints stay: the same trials' weights
     oracle = new_oracle()
     trials = _store_trials(tracker, experiment_id, search_run_id, config,
-                           tuning.declare(config.space))
+                           oracles.declare(config.space))
     ktcompat.rebuild(oracle, trials, config.workdir, config.project_name)
     ended = sum(t["status"] != "RUNNING" for t in trials)
     echo(f"rebuilt {_count(ended, 'ended trial')} from the tracking store"

@@ -25,7 +25,7 @@ STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and s
 TAG_FINGERPRINT = "nas.fingerprint"  # on the search's run: found again by its settings
 TAG_DATA_DIGEST = "nas.data_digest"  # on the search's run: a directory's files (Arrays)
 TAG_MAX_TRIALS = tracking.TAG_MAX_TRIALS  # on the search's run, once it grew past its budget
-TUNERS = ("evolution", "random", "bayesian", "hyperband", "grid")  # --tuner (nas.tuning)
+TUNERS = ("evolution", "random", "bayesian", "hyperband", "grid")  # --tuner (nas.oracles)
 # What a worker trains with, taken from its chief's settings (`for_worker`).
 _WORKER_TRAINING = ("tuner", "max_trials", "epochs", "batch_size", "seed", "mixed_precision",
                     "jit_compile")

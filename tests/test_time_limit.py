@@ -7,8 +7,8 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from nas.cli import main
+from nas.oracles import declare, make_oracle
 from nas.specs import load_space
-from nas.tuning import declare, make_oracle
 
 SEARCH = ["search", "--space", "tiny", "--epochs", "3", "--experiment", "timed"]
 

@@ -6,8 +6,8 @@ import keras_tuner as kt
 import pytest
 
 from nas.architecture import Architecture
+from nas.oracles import declare, make_oracle
 from nas.specs import Constraints, load_space
-from nas.tuning import declare, make_oracle
 
 
 def test_whole_space_is_declared_up_front_with_conditions():
