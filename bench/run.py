@@ -368,7 +368,10 @@ def figure_augment(table: Table, sizes: dict, root: Path) -> None:
     default = load_space("cnn")
     text = default.text
     if default.augment:  # the row without: the same space, its augment: section cut
-        plain_text = text[:text.index("augment:")]
+        import yaml
+
+        plain_text = yaml.safe_dump({key: value for key, value in yaml.safe_load(text).items()
+                                     if key != "augment"}, sort_keys=False)
         rows = {"cnn (default, with augment:)": None, "cnn without augment:": plain_text}
     else:
         rows = {"cnn (default, no augment:)": None,
