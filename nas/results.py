@@ -265,7 +265,7 @@ def select_trials(rows: Iterable[TrialRow], search: Search, status: str | None =
     rows = list(rows)
     if status is not None:
         if status.upper() not in STATUSES:
-            raise ResultsError(f"status: {status!r} is not one of {list(STATUSES)}")
+            raise ResultsError(f"`status`: {status!r} is not one of {list(STATUSES)}")
         rows = [r for r in rows if r.status == status.upper()]
     marks = {}
     if pareto:
