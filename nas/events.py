@@ -134,6 +134,8 @@ def line(event) -> str:
         return (f"{place}: {event.objective} {shown}  best {best}  params {event.params:,}  "
                 f"{event.seconds:.1f} s")
     if isinstance(event, TrialStarted):
+        if event.resumed_at is None:
+            return f"trial {event.trial_id} ({event.trial}/{event.trials}) starts"
         done = event.resumed_at - 1
         trained = "epoch 1 was" if done == 1 else f"epochs 1-{done} were"
         return (f"trial {event.trial_id} resumes at epoch {event.resumed_at} ({trained} "

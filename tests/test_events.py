@@ -71,3 +71,20 @@ def test_a_library_error_names_the_parameter_and_the_cli_its_flag(tmp_path):
                                        str(afile / "work")])
     assert result.exit_code == 2
     assert result.output == f"Error: --workdir: {afile} is a file, not a folder\n"
+
+
+def test_each_event_reads_as_one_line():
+    from nas.events import CandidateRejected, TrialEnded, TrialStarted, line
+
+    assert line(TrialStarted("3", 1, 5)) == "trial 3 (1/5) starts"
+    assert line(TrialStarted("3", 1, 5, resumed_at=4)) == (
+        "trial 3 resumes at epoch 4 (epochs 1-3 were trained by an earlier process)")
+    assert line(TrialStarted("3", 1, 5, resumed_at=2)).endswith("(epoch 1 was trained by an "
+                                                                "earlier process)")
+    assert line(TrialEnded("3", 2, 5, "val_loss", 0.25, 0.2, 1234, 3.04, "FINISHED")) == (
+        "trial 3 (2/5): val_loss 0.2500  best 0.2000  params 1,234  3.0 s")
+    assert line(TrialEnded("3", 2, 5, "val_loss", None, None, 10, 1.0, "FAILED",
+                           error="ValueError: nan")) == (
+        "trial 3 (2/5): val_loss FAILED  best -  params 10  1.0 s")
+    assert line(CandidateRejected("impossible", "stage 2: ...", 2)) == (
+        "candidate rejected (impossible): stage 2: ...")
