@@ -264,7 +264,8 @@ def budget_problem(space: SearchSpace, input_shape, num_classes: int,
     gives the smallest parameter count and FLOPs the space reaches (lower bounds, said so,
     in a space too large to weigh exactly). A space whose costs are bounds is refused only
     when nothing can fit; None then means some candidate may. `origins` names where each
-    budget came from ({"max_params": "--max-params"}), for the message.
+    budget came from ({"max_params": "`max_params`"}, a parameter the CLI shows as its flag),
+    for the message.
     """
     report = analyse(space, input_shape, num_classes)
     inputs = f"{_shape(report.input_shape)} inputs"
@@ -290,13 +291,14 @@ def budget_problem(space: SearchSpace, input_shape, num_classes: int,
 
 def search_problem(config, input_shape, num_classes: int) -> str | None:
     """`budget_problem` for a `nas.search.SearchConfig`, naming where each budget came from:
-    the flag, or the `constraints:` of the pipeline or of the space."""
+    the parameter (`max_params`, the CLI's flag), or the `constraints:` of the pipeline or
+    of the space."""
     constraints = config.constraints
     origins = {}
     for key in ("max_params", "max_flops"):
         value = getattr(constraints, key)
         if getattr(config, key) == value:
-            origins[key] = "--" + key.replace("_", "-")
+            origins[key] = f"`{key}`"
         elif getattr(config.pipeline.constraints, key) == value:
             origins[key] = f"{config.pipeline.source_file}: constraints.{key}"
         else:
