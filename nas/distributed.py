@@ -249,7 +249,7 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
     token = config.worker_token
     if token is None:  # a chief started from the library: the token is made here
         token = new_token()
-        echo(f"worker token: {token} (give it to workers: --token or {TOKEN_ENV})")
+        echo(f"worker token: {token} (give it to workers: `token` or {TOKEN_ENV})")
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8),
                          interceptors=[_TokenCheck(token)])
     ktcompat.add_servicer(servicer, server)

@@ -19,9 +19,15 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-__all__ = ["NasError", "InputError", "SearchFailed", "Interrupted", "SearchError"]
+__all__ = ["NasError", "InputError", "SearchFailed", "Interrupted", "SearchError", "render"]
 
 _PARAMETER = re.compile(r"`(\w+)`")
+
+
+def render(text: str, name_of: Callable[[str], str]) -> str:
+    """`text` with every parameter it names in backticks as `name_of(parameter)` calls it
+    (the CLI: its flag; the library: the parameter's name)."""
+    return _PARAMETER.sub(lambda m: name_of(m.group(1)), text)
 
 
 class NasError(Exception):
@@ -34,7 +40,7 @@ class NasError(Exception):
 
     def render(self, name_of: Callable[[str], str]) -> str:
         """The message with every parameter as `name_of(parameter)` calls it."""
-        return _PARAMETER.sub(lambda m: name_of(m.group(1)), self.message)
+        return render(self.message, name_of)
 
 
 class InputError(NasError, ValueError):

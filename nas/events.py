@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from nas.errors import render
+
 __all__ = ["Callback", "CandidateRejected", "EpochEnded", "Printer", "SearchEnded",
            "TrialEnded", "TrialStarted", "line"]
 
@@ -108,13 +110,17 @@ class Callback:
 
 
 class Printer(Callback):
-    """Prints a search's notices and the line each trial ends with (`print` by default)."""
+    """Prints a search's notices and the line each trial ends with (`print` by default).
 
-    def __init__(self, echo=print):
-        self.echo = echo
+    A notice names the parameters it is about in backticks (`overwrite`): printed as
+    `name_of(parameter)` calls them (the CLI: `--overwrite`; by default: `overwrite`).
+    """
+
+    def __init__(self, echo=print, name_of=lambda parameter: parameter):
+        self.echo, self.name_of = echo, name_of
 
     def on_message(self, text: str) -> None:
-        self.echo(text)
+        self.echo(render(text, self.name_of))
 
     def on_trial_begin(self, event: TrialStarted) -> None:
         if event.resumed_at is not None:

@@ -230,7 +230,7 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
                                 new_oracle, parts.tuner, echo)
             hooks.resume_from(tuner.oracle)
             if resumed and _finished(tuner.oracle, config.max_trials):
-                echo("the search had already finished; its results as logged (--overwrite "
+                echo("the search had already finished; its results as logged (`overwrite` "
                      "starts afresh)")
                 return _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
             # Garbage is collected once a trial (see NasTuner._try_build); with TensorFlow

@@ -152,7 +152,7 @@ class TrialRuns:
             self.callback.on_message(
                 f"trial {trial_id} starts again at epoch 1: worker {', '.join(others)} "
                 f"trained it before and was lost, and its last epoch is not in this "
-                f"worker's working folder (a --workdir the workers share continues it)")
+                f"worker's working folder (a `workdir` the workers share continues it)")
 
     def current_run_id(self) -> str | None:
         """The current trial's run, once it is written (None before)."""

@@ -146,7 +146,7 @@ class Progress(Printer):
     line, without control characters."""
 
     def __init__(self, terminal: bool, epochs: bool = True):
-        super().__init__(self.echo_line)
+        super().__init__(self.echo_line, flag_of)
         self.terminal = terminal
         self.epochs = epochs
         self.width = 0  # of the epoch line on the screen; 0: none
@@ -258,7 +258,7 @@ def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id,
 
     start_tensorflow()
     try:
-        trained = distributed.run_worker(prepared, Printer(echo), wait=wait)
+        trained = distributed.run_worker(prepared, Printer(echo, flag_of), wait=wait)
     except (KeyboardInterrupt, Interrupted) as error:
         click.echo(f"Interrupted ({str(error) or 'Ctrl-C'}): the trial was closed as KILLED; the "
                    f"chief hands it to another worker.", err=True)
