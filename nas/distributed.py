@@ -6,25 +6,26 @@ child of that parent run, which they find in MLflow (a worker shares no file wit
 chief). To KerasTuner's service the chief adds what a long search on many machines needs:
 
 - heartbeats: every worker calls the chief every few seconds and names itself on each
-  call. A worker silent for longer than `--worker-timeout` is lost: its trial goes back
+  call. A worker silent for longer than `worker_timeout` seconds is lost: its trial goes back
   to KerasTuner's retry queue for another worker, and its MLflow run is closed KILLED.
   A worker that asks for a new trial while it still holds one has restarted: the same.
 - a hold at the end: once every trial is handed out, idle workers wait instead of
   exiting until the trials still running have ended, so a lost trial still finds a
-  worker and the search ends with `--max-trials` trials.
+  worker and the search ends with `max_trials` trials.
 - one source of truth: workers take the training settings (epochs, batch size, seed,
   precision) from the chief's parent run, and refuse another space or pipeline.
 
 The oracle keeps the books of heartbeats, lost workers and the hold, under its own lock
 (`nas.ktcompat.LostWorkers`); the chief's service here only calls it and reports.
 
-`run_local` is `nas search --workers N`: a chief and N workers on 127.0.0.1.
+`run_local` is `nas search --workers N`: this process the chief, N workers on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,7 +39,7 @@ from pathlib import Path
 import grpc
 from keras_tuner.engine import trial as trial_module
 
-from nas import ktcompat, tracking
+from nas import assembly, ktcompat, tracking
 from nas.errors import SearchError, SearchFailed
 from nas.search import Prepared
 from nas.settings import SearchConfig
@@ -249,7 +250,8 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
     token = config.worker_token
     if token is None:  # a chief started from the library: the token is made here
         token = new_token()
-        echo(f"worker token: {token} (give it to workers: `token` or {TOKEN_ENV})")
+        echo(f"worker token: {token} (give it to each worker: `nas worker --token`, or "
+             f"{TOKEN_ENV})")
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8),
                          interceptors=[_TokenCheck(token)])
     ktcompat.add_servicer(servicer, server)
@@ -262,7 +264,8 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
     if not bound:
         raise RuntimeError(f"the chief cannot listen on {config.chief}")
     tracker.set_tags(search_run_id, {TAG_CHIEF: config.chief,
-                                     TAG_SETTINGS: json.dumps(config.worker_settings(prepared.arrays))})
+                                     TAG_SETTINGS: json.dumps(
+                                         config.worker_settings(prepared.arrays))})
     server.start()
     echo(f"chief listening on {config.chief}: waiting for workers")
     try:
@@ -418,7 +421,6 @@ def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[s
         nas.errors.Interrupted / KeyboardInterrupt: stopped by a signal; the chief
             hands the trial to another worker.
     """
-    from nas import assembly
     from nas.data import make_datasets
     from nas.events import Printer
 
@@ -539,26 +541,33 @@ def run_local(prepared: Prepared, space: str, pipeline: str, workers: int, callb
         return all(process.poll() not in (None, 0) for process in processes)
 
     ended = False
-    try:
-        for number in range(1, workers + 1):
-            processes.append(subprocess.Popen(command + ["--worker-id", f"local-{number}"],
-                                              env=env))
-        result = run_chief(prepared, callback, give_up=all_failed)
-        ended = True
-        return result
-    finally:
-        deadline = time.monotonic() + (stop_seconds if ended else 0.0)
-        for process in processes:  # they end on their own once the search has ended
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    # From before the first worker starts: a SIGTERM stops the workers too.
+    with assembly.interruptions(sigint=False):
+        try:
+            for number in range(1, workers + 1):
+                processes.append(subprocess.Popen(
+                    command + ["--worker-id", f"local-{number}"], env=env))
+            result = run_chief(prepared, callback, give_up=all_failed)
+            ended = True
+            return result
+        finally:
+            try:  # once the search has ended, they end on their own
+                deadline = time.monotonic() + (stop_seconds if ended else 0.0)
+                for process in processes:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            finally:
+                _stop(processes)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """Terminate what still runs of `processes`, then kill what does not stop in 30 s."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -92,8 +92,8 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
     # After --refit the final model is the retrained one; trials asked for by name or
     # count are exported as the search trained them.
     asked = trial is not None or ensemble is not None
-    final = (final_model.final_trials(search) == [m.trial_id for m in members]
-             and not (asked and search.tags.get(final_model.TAG_REFIT) == "1"))
+    final = (search.final_trials == [m.trial_id for m in members]
+             and not (asked and search.refit))
     classes = _read_json(tracker, search.run_id, "classes.json")
     model, source = load_model(tracker, search, members, workdir, final=final)
     exported = Exported(out, format, search, members[0], source, None, tuple(members), final)
@@ -119,7 +119,7 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
                           else members[0].objective},
             # Held-out scores, measured once by `nas search`, of its final model only.
             "test": search.test if final else {},
-            "refit": final and search.tags.get(final_model.TAG_REFIT) == "1",  # retrained on train + val
+            "refit": final and search.refit,  # retrained on training + validation data
         }, indent=2) + "\n")
         _move_into_place(staged, out)
 
@@ -143,7 +143,7 @@ def _members(search: results.Search, rows, ensemble: int | None) -> list[results
     """The trials a search-level export averages: its final model's, or the best K."""
     if ensemble is None:
         by_id = {r.trial_id: r for r in rows if r.status == "FINISHED"}
-        final = [by_id.get(t) for t in final_model.final_trials(search)]
+        final = [by_id.get(t) for t in search.final_trials]
         if final and None not in final:
             return final
         ensemble = 1
@@ -166,13 +166,13 @@ def load_model(tracker: tracking.Tracker, search: results.Search,
         ExportError: neither KerasTuner's checkpoints nor a matching MLflow model is found.
     """
     ids = ",".join(m.trial_id for m in members)
-    if final and search.tags.get(final_model.TAG_REFIT) == "1":
+    if final and search.refit:
         found = _from_logged_model(tracker, search, ids)
         if found is None:
             raise ExportError(
                 f"experiment {search.experiment_name!r}: the final model (retrained by "
-                f"`refit`) was not logged to MLflow on run {search.run_id}; `trial` ID or "
-                f"`ensemble` K export the trials as the search trained them")
+                f"`nas search --refit`) was not logged to MLflow on run {search.run_id}; "
+                f"`trial` ID or `ensemble` K export the trials as the search trained them")
         return found
     if len(members) == 1:
         return load_trial_model(tracker, search, members[0], workdir)
@@ -180,7 +180,7 @@ def load_model(tracker: tracking.Tracker, search: results.Search,
     if None not in checkpoints:
         return (_ensemble_from(tracker, members, checkpoints),
                 f"the KerasTuner checkpoints in {checkpoints[0].parent.parent}")
-    found = (None if search.tags.get(final_model.TAG_REFIT) == "1"  # the logged model is the refit one
+    found = (None if search.refit  # the logged model is the refit one
              else _from_logged_model(tracker, search, ids))
     if found is not None:
         return found
@@ -228,7 +228,7 @@ def load_trial_model(tracker: tracking.Tracker, search: results.Search,
         architecture = _read_json(tracker, trial.run_id, "architecture.json")
         return (final_model.model_from_weights(architecture, checkpoint),
                 f"the KerasTuner checkpoint {checkpoint}")
-    found = (None if search.tags.get(final_model.TAG_REFIT) == "1"  # the logged model is the refit one
+    found = (None if search.refit  # the logged model is the refit one
              else _from_logged_model(tracker, search, trial.trial_id))
     if found is not None:
         return found
@@ -320,7 +320,7 @@ def _register(tracker, search, members, model, name: str, scores: dict | None,
               final: bool) -> str:
     ids = ",".join(m.trial_id for m in members)
     logged = final_model.logged_model(tracker, search)
-    refit = search.tags.get(final_model.TAG_REFIT) == "1"
+    refit = search.refit
     if logged is not None and logged.tags.get(tracking.TAG_TRIAL) == ids and (
             final or not refit):  # after --refit the logged model is the retrained one
         return final_model.register_uri(tracker, f"models:/{logged.model_id}", name, scores)

@@ -22,7 +22,7 @@ from pathlib import Path
 from nas import mlflowcompat, results, tracking
 
 __all__ = ["CHAMPION", "CHECKPOINT", "MODEL_NAME", "TAG_FINAL", "TAG_REFIT", "ensemble_of",
-           "final_trials", "log_best_model", "log_model", "logged_model", "logged_weights",
+           "log_best_model", "log_model", "logged_model", "logged_weights",
            "mlflow_store", "model_from_weights", "prepare_model_logging", "register_uri",
            "score_on_test"]
 
@@ -30,11 +30,6 @@ MODEL_NAME = "model"  # the MLflow model on the search's run: runs:/<search run 
 TAG_FINAL, TAG_REFIT = tracking.TAG_FINAL, tracking.TAG_REFIT  # on a search's run
 CHAMPION = "champion"  # the registry alias of the registered version best on its test data
 CHECKPOINT = tracking.WEIGHTS  # KerasTuner's per-trial best-epoch weights (Keras 3)
-
-
-def final_trials(search: results.Search) -> list[str]:
-    """The trial ids of a search's final model (one, or the members of its ensemble)."""
-    return search.final_trials
 
 
 def ensemble_of(models: list, trial_ids: list[str]):

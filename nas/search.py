@@ -123,6 +123,10 @@ def _other_data(config: SearchConfig, arrays: Arrays, state: dict | None) -> str
     split is by file, so other files would give it another split."""
     if not state or state.get("data_digest", "") == arrays.data_digest:
         return None
+    if "data_digest" not in state:  # written before a folder's split was by file
+        return (f"{config.pipeline.source_file}: data.path: this search was started by an "
+                f"earlier nas, which split the images in {config.pipeline.path} otherwise; "
+                f"pass `overwrite` to start afresh, or choose another `experiment`")
     return (f"{config.pipeline.source_file}: data.path: the images in {config.pipeline.path} "
             f"changed since this search started ({state.get('data_files', '?')} files then, "
             f"{arrays.samples} now), so its split would differ; restore them, or pass "
@@ -223,8 +227,10 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
         return parts.oracle(on_reject=lambda why: callback.on_candidate_rejected(
             CandidateRejected(why.kind, why.reason, why.stage)))
 
-    with assembly.interruptions(), tracker.run(experiment_id, "", run_id=search_run_id,
-                                               reopen=resumed):
+    # The handlers go back before the run is closed, as it was opened: a signal then
+    # cannot turn a finished search into an interrupted one.
+    with tracker.run(experiment_id, "", run_id=search_run_id, reopen=resumed), \
+            assembly.interruptions():
         try:
             tuner = _open_tuner(config, tracker, experiment_id, search_run_id, resumed,
                                 new_oracle, parts.tuner, echo)

@@ -290,7 +290,7 @@ def budget_problem(space: SearchSpace, input_shape, num_classes: int,
 
 
 def search_problem(config, input_shape, num_classes: int) -> str | None:
-    """`budget_problem` for a `nas.search.SearchConfig`, naming where each budget came from:
+    """`budget_problem` for a `nas.settings.SearchConfig`, naming where each budget came from:
     the parameter (`max_params`, the CLI's flag), or the `constraints:` of the pipeline or
     of the space."""
     constraints = config.constraints

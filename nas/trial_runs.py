@@ -32,7 +32,7 @@ _CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")  # a trial's per-epoc
 
 
 class TrialRuns:
-    """Tuner hooks: one nested MLflow run per trial, per-epoch metrics, a progress line.
+    """Tuner hooks: one nested MLflow run per trial, per-epoch metrics, the trial's events.
 
     A trial's run is written by one background thread, in order, while the main thread
     trains: it is queued once the first batch has trained (by then the model is built and
@@ -289,7 +289,7 @@ class TrialRuns:
             status = ("KILLED" if isinstance(error, (KeyboardInterrupt, tracking.Interrupted))
                       else "FAILED")
             tags[tracking.TAG_ERROR] = (f"{error.__class__.__name__}: "
-                                 f"{str(error) or 'interrupted'}")[:5000]
+                                        f"{str(error) or 'interrupted'}")[:5000]
         self._writer.submit(self._close_run, run_id, status,
                             self._pending + self.tracker.metrics(metrics), tags,
                             weights).result()

@@ -246,6 +246,16 @@ def test_a_search_does_not_resume_on_other_files(tmp_path):
     again = CliRunner().invoke(main, args)
     assert (again.exit_code, again.output) == (2, refused)
     assert search.data.tags["nas.data_digest"] == json.loads(written)["data_digest"]
+    # A state an earlier nas wrote (no digest: its split of a folder was another) is refused
+    # as such, whatever the files.
+    (folder / "circle" / "circle_new.png").unlink()
+    state.write_text(json.dumps({k: v for k, v in json.loads(written).items()
+                                 if not k.startswith("data_")}))
+    again = CliRunner().invoke(main, args)
+    assert (again.exit_code, again.output) == (2, (
+        f"Error: {tmp_path / 'p.yaml'}: data.path: this search was started by an earlier "
+        f"nas, which split the images in {folder} otherwise; pass --overwrite to start "
+        f"afresh, or choose another --experiment\n"))
 
 
 def test_a_worker_refuses_other_files_than_its_chiefs(tmp_path):

@@ -16,7 +16,11 @@ import click
 
 from nas.errors import InputError
 
-__all__ = ["TRACKING_URI", "EXPERIMENT", "WORKDIR", "SPACE", "PIPELINE", "PROGRESS", "DISTRIBUTION", "SKIP_BAD_IMAGES", "LATEST_EXPERIMENT", "UserError", "user_errors", "flag_of", "tensorflow_environment", "start_tensorflow", "tensorflow_lines", "Duration", "Group", "plural", "describe_final", "test_line", "cell", "count", "seconds", "distribution_of"]
+__all__ = ["TRACKING_URI", "EXPERIMENT", "WORKDIR", "SPACE", "PIPELINE", "PROGRESS",
+           "DISTRIBUTION", "SKIP_BAD_IMAGES", "LATEST_EXPERIMENT", "UserError",
+           "user_errors", "flag_of", "tensorflow_environment", "start_tensorflow",
+           "tensorflow_lines", "Duration", "Group", "plural", "describe_final",
+           "test_line", "cell", "count", "seconds", "distribution_of"]
 
 # Shared options, as constants (the MLflow CLI's way): same flag, same help everywhere.
 TRACKING_URI = click.option(
@@ -85,18 +89,24 @@ def user_errors(func):
 
 
 def flag_of(parameter: str) -> str:
-    """The flag of a library parameter: the running command's option of that name."""
+    """The flag of a library parameter: the running command's option of that name (or
+    spelled so: `format` is --format); a name no option has stays as it was, in backticks
+    (a word quoted in a message that is no parameter). Outside a command: --parameter."""
     context = click.get_current_context(silent=True)
-    for option in (context.command.params if context is not None else ()):
-        if option.name == parameter and isinstance(option, click.Option):
+    if context is None:
+        return "--" + parameter.replace("_", "-")
+    spelled = "--" + parameter.replace("_", "-")
+    for option in context.command.params:
+        if isinstance(option, click.Option) and (option.name == parameter
+                                                 or spelled in option.opts):
             return option.opts[0]
-    return "--" + parameter.replace("_", "-")
+    return f"`{parameter}`"
 
 
 def tensorflow_environment() -> None:
     """Settings TensorFlow reads once, when it starts: set before it is imported."""
     # Take GPU memory as trials need it, not all of it up front (and let several
-    # workers share one GPU); nas.search.configure_tensorflow sets it per device too.
+    # workers share one GPU); nas.assembly.configure_tensorflow sets it per device too.
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     # MLflow's INFO lines ("Creating initial MLflow database tables...") are not for users;
     # MLflow reads this when it is imported.
@@ -202,6 +212,7 @@ class Group(click.Group):
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
 
 SKIP_BAD_IMAGES = click.option(
     "--skip-bad-images", is_flag=True,
