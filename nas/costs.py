@@ -11,7 +11,7 @@ once. The per-stage arithmetic is `nas.architecture`'s own, so every number agre
 The costs are exact unless the program would pass `EXACT_WORK` points (a deep space
 with many choices per stage, on large inputs); they are then bounds, computed as if
 every stage got the fewest (or the most) channels the space has, and said to be bounds
-(`_costs`). The front a check of two budgets at once needs is exact while it is cheap
+(`space_costs`). The front a check of two budgets at once needs is exact while it is cheap
 (`FRONT_WORK`), else thinned to points that each beat a run of real ones (`_fronts`).
 Bounds only ever err towards "may fit": a space holding a candidate that fits is never
 refused.
@@ -26,10 +26,10 @@ import numpy as np
 
 from nas.architecture import (Builder, ConvKnobs, HyperparameterSpec, PoolKnobs,
                               conv_costs, pool_costs)
-from nas.counting import _assignments
+from nas.counting import assignments
 from nas.specs import Knob, SearchSpace
 
-__all__ = ["FRONT_WORK", "EXACT_WORK"]
+__all__ = ["FRONT_WORK", "EXACT_WORK", "space_costs"]
 
 # Candidate (parameters, FLOPs) points the front's dynamic program may weigh in all,
 # shared among its steps; past each step's share, the front is thinned to bounds.
@@ -239,7 +239,7 @@ class _Step:
         costs: `nas.architecture.conv_costs` (or `pool_costs`).
         dtype: What to weigh in: int64 is fast, Python integers (object) never overflow.
         channels: The channels every feature map the step leaves is taken to have
-            (None: the ones it has), for bounds (see `_costs`).
+            (None: the ones it has), for bounds (see `space_costs`).
     """
 
     def __init__(self, knobs: list[tuple], costs, dtype, channels: int | None = None):
@@ -307,9 +307,9 @@ class _Head:
 
     def __init__(self, specs: list[HyperparameterSpec], num_classes: int, dtype):
         self.dtype = dtype
-        self.reduces = list(_assignments([s for s in specs if s.name == "reduce"]))
+        self.reduces = list(assignments([s for s in specs if s.name == "reduce"]))
         # A dropout rate costs nothing: one rate stands for all (they are counted apart).
-        stacks = list(_assignments([
+        stacks = list(assignments([
             dataclasses.replace(s, knob=Knob(s.knob.type, choices=(s.knob.lowest(),)))
             if s.name.endswith("/dropout") else s for s in specs if s.name != "reduce"]))
 
@@ -447,7 +447,7 @@ def _weigh(conv: _Step, pool: _Step, head: _Head, input_shape: tuple, depths: se
     return _Costs(front, thinned, *dearest)
 
 
-def _costs(space: SearchSpace, convs: list[dict], pools: list[dict],
+def space_costs(space: SearchSpace, convs: list[dict], pools: list[dict],
            head_specs: list[HyperparameterSpec], input_shape: tuple, num_classes: int,
            sizes: int, work: int) -> tuple[_Costs, bool]:
     """The costs of the possible architectures, and whether they are exact.

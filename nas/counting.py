@@ -3,14 +3,14 @@
 Nothing here imports TensorFlow. The stages of the trunk are independent given the
 feature map each one receives, so the impossible architectures are counted by a dynamic
 program over (stage, feature-map size): the prefixes that reach each size, times the
-options that do not fit it, times the ways to finish (`_count_impossible`). The options'
+options that do not fit it, times the ways to finish (`count_impossible`). The options'
 arithmetic is `nas.architecture`'s own, so every count agrees with
 `Architecture.from_values`, and every count is exact. What the architectures cost is
 weighed in `nas.costs`.
 
 Counting covers the discrete knobs only; a continuous range (a log-sampled learning
 rate, a dropout range without a step) has no count and is listed as left out
-(`_left_out`).
+(`left_out`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ from nas.architecture import (CONV_SHAPE_KNOBS, POOL_KNOBS, Builder, ConvKnobs,
                               hyperparameter_specs, pool_costs)
 from nas.specs import SearchSpace
 
+__all__ = ["Sizes", "assignments", "count_assignments", "count_impossible", "left_out",
+           "stage_options"]
+
 
 # --- knobs ---------------------------------------------------------------------------
 
 
-def _assignments(specs: list[HyperparameterSpec]) -> Iterator[dict]:
+def assignments(specs: list[HyperparameterSpec]) -> Iterator[dict]:
     """Every assignment of `specs` that respects the conditions among them.
 
     A condition on a knob outside `specs` counts as met; a continuous knob takes its
@@ -68,7 +71,7 @@ def _active(spec: HyperparameterSpec, chosen: dict) -> bool:
     return all(chosen.get(parent) in allowed for parent, allowed in spec.conditions)
 
 
-def _count(specs: list[HyperparameterSpec]) -> int:
+def count_assignments(specs: list[HyperparameterSpec]) -> int:
     """How many assignments `specs` have (a continuous knob counts once), without listing
     them: only the knobs others depend on are enumerated."""
     names = {spec.name for spec in specs}
@@ -76,10 +79,10 @@ def _count(specs: list[HyperparameterSpec]) -> int:
     leaves = [spec for spec in specs if spec.name not in parents]
     return sum(math.prod(len(spec.knob.values() or [None]) for spec in leaves
                          if _active(spec, chosen))
-               for chosen in _assignments([spec for spec in specs if spec.name in parents]))
+               for chosen in assignments([spec for spec in specs if spec.name in parents]))
 
 
-def _left_out(space: SearchSpace) -> tuple[str, ...]:
+def left_out(space: SearchSpace) -> tuple[str, ...]:
     seen, out = set(), []
     for spec in hyperparameter_specs(space):
         base = _bare(spec.name)
@@ -90,7 +93,7 @@ def _left_out(space: SearchSpace) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _stage_options(specs: list[HyperparameterSpec]) -> tuple[list[dict], list[dict]]:
+def stage_options(specs: list[HyperparameterSpec]) -> tuple[list[dict], list[dict]]:
     """Every assignment of a stage's knobs but its pool's, and of its pool's.
 
     Every stage has the same knobs: one stage's are read, named without the "stage_1/"
@@ -100,8 +103,8 @@ def _stage_options(specs: list[HyperparameterSpec]) -> tuple[list[dict], list[di
     stage = [dataclasses.replace(s, name=_bare(s.name), conditions=tuple(
         (_bare(parent), allowed) for parent, allowed in s.conditions))
         for s in specs if s.name.startswith("stage_1/")]
-    return (list(_assignments([s for s in stage if s.name not in POOL_KNOBS])),
-            list(_assignments([s for s in stage if s.name in POOL_KNOBS])))
+    return (list(assignments([s for s in stage if s.name not in POOL_KNOBS])),
+            list(assignments([s for s in stage if s.name in POOL_KNOBS])))
 
 
 # --- impossible architectures --------------------------------------------------------
@@ -118,7 +121,7 @@ def _rows(options: list[dict], key) -> tuple[list[dict], list[int]]:
     return list(first.values()), list(shared.values())
 
 
-class _Sizes:
+class Sizes:
     """Which of a stage's options fit a feature map of each size, and why the others do
     not: the options read by the knobs the feature map's height and width depend on.
 
@@ -181,7 +184,7 @@ class _Sizes:
         return self._reasons[key]
 
 
-def _count_impossible(sizes: _Sizes, input_shape: tuple, depths: set[int],
+def count_impossible(sizes: Sizes, input_shape: tuple, depths: set[int],
                       completions: dict[int, int]) -> collections.Counter:
     """{why: impossible architectures}, exactly: the prefixes that reach each feature-map
     size, stage by stage, times the options that do not fit it, times the ways to finish."""

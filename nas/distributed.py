@@ -473,24 +473,29 @@ def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[s
     return sorted(parts.hooks.runs)
 
 
-def worker_command(chief: str, space: str, pipeline: str, experiment: str,
-                   tracking_uri: str, distribution: str | None = None,
-                   token: str | None = None, tls_ca: str | None = None,
-                   skip_bad_images: bool = False) -> str:
+def worker_args(config: SearchConfig, space: str, pipeline: str, tracking_uri: str,
+                token: str | None = None, tls_ca: str | None = None,
+                workdir: bool = False) -> list[str]:
+    """The options of `nas worker` that join `config`'s search (its chief at
+    `config.chief`): `space` and `pipeline` as the user gave them, `workdir` to share the
+    chief's working folder."""
+    args = ["--chief", config.chief, "--space", space, "--pipeline", pipeline,
+            "--experiment", config.experiment_name, "--tracking-uri", tracking_uri]
+    args += ["--workdir", config.workdir] if workdir else []
+    args += ["--tls-ca", tls_ca] if tls_ca else []
+    args += ["--token", token] if token else []
+    args += ["--distribution", config.distribution] if config.distribution else []
+    args += ["--skip-bad-images"] if config.skip_bad_images else []
+    return args
+
+
+def worker_command(config: SearchConfig, space: str, pipeline: str, tracking_uri: str,
+                   token: str | None = None, tls_ca: str | None = None) -> str:
     """The command line that starts one more worker of this search."""
     import shlex
 
-    parts = ["nas", "worker", "--chief", chief, "--space", space, "--pipeline", pipeline,
-             "--experiment", experiment, "--tracking-uri", tracking_uri]
-    if tls_ca:
-        parts += ["--tls-ca", tls_ca]
-    if token:
-        parts += ["--token", token]
-    if distribution:
-        parts += ["--distribution", distribution]
-    if skip_bad_images:
-        parts += ["--skip-bad-images"]
-    return shlex.join(parts)
+    return shlex.join(["nas", "worker", *worker_args(config, space, pipeline, tracking_uri,
+                                                     token, tls_ca)])
 
 
 # --- one machine, one command -------------------------------------------------------
@@ -528,11 +533,8 @@ def run_local(prepared: Prepared, space: str, pipeline: str, workers: int, callb
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env[TOKEN_ENV] = config.worker_token  # not on their command lines
-    command = [sys.executable, "-m", "nas.cli", "worker", "--chief", config.chief,
-               "--space", space, "--pipeline", pipeline, "--experiment",
-               config.experiment_name, "--tracking-uri", uri, "--workdir", config.workdir]
-    command += ["--distribution", config.distribution] if config.distribution else []
-    command += ["--skip-bad-images"] if config.skip_bad_images else []
+    command = [sys.executable, "-m", "nas.cli", "worker",
+               *worker_args(config, space, pipeline, uri, workdir=True)]
     processes: list[subprocess.Popen] = []
 
     def all_failed() -> bool:

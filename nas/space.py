@@ -20,8 +20,8 @@ import math
 import random
 
 from nas.architecture import Architecture, hyperparameter_specs
-from nas.costs import FRONT_WORK, _costs
-from nas.counting import _count, _count_impossible, _left_out, _Sizes, _stage_options
+from nas.costs import FRONT_WORK, space_costs
+from nas.counting import Sizes, count_assignments, count_impossible, left_out, stage_options
 from nas.specs import Constraints, Knob, Pipeline, SearchSpace
 
 __all__ = ["SpaceReport", "analyse", "input_signature", "sample", "budget_problem",
@@ -179,26 +179,26 @@ def analyse(space: SearchSpace, input_shape, num_classes: int,
     """
     input_shape = tuple(int(d) for d in input_shape)
     specs = hyperparameter_specs(space)
-    convs, pools = _stage_options(specs)
+    convs, pools = stage_options(specs)
     head_specs = [s for s in specs if s.name == "reduce" or s.name.startswith("dense_")]
     training_specs = [s for s in specs
                       if s.name in _TRAINING_KNOBS or s.name.startswith("augment/")]
-    head_count = _count(head_specs)
+    head_count = count_assignments(head_specs)
     depths = set(space.depth.values())
     per_stage = len(convs) * len(pools)
     # Ways to finish an architecture whose prefix ends with each stage.
     completions = {stage: head_count * sum(per_stage ** (d - stage) for d in depths
                                            if d >= stage)
                    for stage in range(1, max(depths) + 1)}
-    sizes = _Sizes(convs, pools)
-    reasons = _count_impossible(sizes, input_shape, depths, completions)
-    costs, exact = _costs(space, convs, pools, head_specs, input_shape, num_classes,
+    sizes = Sizes(convs, pools)
+    reasons = count_impossible(sizes, input_shape, depths, completions)
+    costs, exact = space_costs(space, convs, pools, head_specs, input_shape, num_classes,
                           len(sizes.met), work)
     front = list(zip(costs.front.params.tolist(), costs.front.flops.tolist()))
     return SpaceReport(
         space=space, input_shape=input_shape, num_classes=num_classes,
         architectures=sum(head_count * per_stage ** d for d in depths),
-        training_settings=_count(training_specs), left_out=_left_out(space),
+        training_settings=count_assignments(training_specs), left_out=left_out(space),
         impossible=sum(reasons.values()),
         impossible_reasons=tuple(sorted(reasons.items(), key=lambda item: (-item[1], item[0]))),
         front=tuple(front), max_params=costs.max_params, max_flops=costs.max_flops,

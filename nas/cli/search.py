@@ -273,11 +273,9 @@ def _print_worker_command(prepared, space: str, pipeline: str) -> None:
     config = prepared.config
     uri = prepared.tracker.tracking_uri
     click.echo("start workers (any number, on any machine that reaches this one) with:")
-    click.echo("  " + distributed.worker_command(config.chief, space, pipeline,
-                                                 config.experiment_name, uri,
-                                                 config.distribution, config.worker_token,
-                                                 "CERT.pem" if config.tls_cert else None,
-                                                 config.skip_bad_images))
+    click.echo("  " + distributed.worker_command(config, space, pipeline, uri,
+                                                 config.worker_token,
+                                                 "CERT.pem" if config.tls_cert else None))
     click.echo(f"  (the token is this search's; the chief refuses workers without it. Set "
                f"{distributed.TOKEN_ENV} to choose it, e.g. to keep it when the chief restarts)")
     if config.tls_cert:
