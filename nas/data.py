@@ -7,7 +7,8 @@ validation data into shuffled, batched, prefetched `tf.data` pipelines, once per
 The test data never reaches a `Datasets`: the search cannot read it; the final model is
 scored on it once, after the search (`test_dataset`).
 
-The bundled digits, the keras.datasets and npz files are arrays in memory. A
+The bundled digits, mnist, fashion_mnist and cifar10 (found on this machine and read
+by `nas.datasets`, never downloaded) and npz files are arrays in memory. A
 `directory` source is listed once (its files checked from their headers, in parallel)
 and streamed: each file is read, decoded and resized inside `tf.data`, in parallel,
 cached in memory only when the decoded images fit `MEMORY_CACHE_BYTES` (see
@@ -28,20 +29,19 @@ itself, so an exported model takes images exactly as the pipeline reads them.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import hashlib
-import io
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from nas.errors import InputError
-from nas.specs import Pipeline
+from nas import datasets
+from nas.errors import DataError  # raised here, and by nas.datasets
+from nas.specs import DATASETS, Pipeline
 
-__all__ = ["DataError", "Arrays", "Datasets", "ImageFiles", "class_folders", "images",
+__all__ = ["Arrays", "Datasets", "ImageFiles", "class_folders", "images",
            "load_arrays", "make_datasets", "refit_dataset", "test_dataset"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # what a `directory` source reads
@@ -55,22 +55,6 @@ HEADER_CHUNK = 256  # files one task checks: not a task (a future) per file, for
 _BMP_COMPRESSIONS = {1: "RLE8", 2: "RLE4", 3: "BITFIELDS", 4: "JPEG", 5: "PNG",
                      6: "ALPHABITFIELDS"}
 _BMP_BGR_MASKS = (0x00FF0000, 0x0000FF00, 0x000000FF)  # red, green, blue: TensorFlow's order
-
-_KERAS_FILES = {  # where keras.datasets looks, under $KERAS_HOME (default ~/.keras)
-    "mnist": "datasets/mnist.npz",
-    "fashion_mnist": "datasets/fashion-mnist/ (the four *-ubyte.gz files)",
-    "cifar10": "datasets/cifar-10-batches-py-target/ (the extracted archive)",
-}
-_KERAS_CLASSES = {
-    "fashion_mnist": ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-                      "sneaker", "bag", "ankle boot"],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                "ship", "truck"],
-}
-
-
-class DataError(InputError):
-    """The pipeline's data is missing or unusable; the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +153,7 @@ def load_arrays(pipeline: Pipeline, skip_bad_images: bool = False) -> Arrays:
     unreadable one is refused, or left out with `skip_bad_images`.
 
     Raises:
-        DataError: the data is missing, cannot be downloaded, or is malformed.
+        DataError: the data is missing (never downloaded: `nas.datasets`) or malformed.
     """
     where = f"{pipeline.source_file}: data"
     source = pipeline.data_source
@@ -180,9 +164,9 @@ def load_arrays(pipeline: Pipeline, skip_bad_images: bool = False) -> Arrays:
         digits = load_digits()
         x, y = digits.images.astype("float32"), digits.target.astype("int64")
         class_names, default_scale = [str(c) for c in digits.target_names], 16.0
-    elif source in _KERAS_FILES:
-        (x, y), (x_test, y_test) = _keras_dataset(source, where)
-        class_names, default_scale = _KERAS_CLASSES.get(source), 255.0
+    elif source in DATASETS:
+        (x, y), (x_test, y_test) = datasets.load(source, pipeline.path, where)
+        class_names, default_scale = list(datasets.CLASS_NAMES[source]), 255.0
     elif source == "npz":
         x, y, x_val, y_val, x_test, y_test, class_names = _npz(pipeline.path, where)
         default_scale = 255.0 if x.dtype == np.uint8 else max(float(np.max(x)), 1.0)
@@ -365,22 +349,6 @@ def _as_images(x, field: str) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{field}: dtype {x.dtype} is not numeric")
     return x.astype("float32")
-
-
-def _keras_dataset(source: str, where: str):
-    import keras
-
-    loader = getattr(keras.datasets, source)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # keras' "Downloading data from ..."
-            return loader.load_data()
-    except Exception as error:  # keras raises a bare Exception on a failed download
-        reason = str(error).split(" -- ")[-1].strip() or error.__class__.__name__
-        home = os.environ.get("KERAS_HOME", os.path.join("~", ".keras"))
-        raise DataError(
-            f"{where}.source: {source!r} could not be downloaded ({reason}); offline, put "
-            f"the files at {os.path.join(home, _KERAS_FILES[source])}"
-        ) from None
 
 
 def _npz(path: str, where: str):

@@ -359,7 +359,7 @@ def prepare_worker(config: SearchConfig) -> Prepared:
     """Check a worker's input; raise before anything is written.
 
     Raises:
-        SearchError, nas.data.DataError, nas.tracking.TrackingError.
+        SearchError, nas.errors.DataError, nas.tracking.TrackingError.
     """
     from nas.data import load_arrays
 
@@ -506,7 +506,7 @@ def prepare_local(config: SearchConfig) -> Prepared:
     chief, on a free port of 127.0.0.1, with a token of its own. Writes nothing.
 
     Raises:
-        SearchError, nas.data.DataError, nas.tracking.TrackingError.
+        SearchError, nas.errors.DataError, nas.tracking.TrackingError.
     """
     from nas import search
 

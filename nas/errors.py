@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-__all__ = ["NasError", "InputError", "SearchFailed", "Interrupted", "SearchError", "render"]
+__all__ = ["NasError", "InputError", "SearchFailed", "Interrupted", "SearchError", "DataError",
+           "render"]
 
 _PARAMETER = re.compile(r"`(\w+)`")
 
@@ -49,6 +50,10 @@ class InputError(NasError, ValueError):
 
 class SearchError(InputError):
     """The search cannot start as asked (the user's input); nothing was written."""
+
+
+class DataError(InputError):
+    """The pipeline's data is missing or unusable; the message says which and why."""
 
 
 class SearchFailed(NasError, RuntimeError):

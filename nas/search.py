@@ -66,7 +66,7 @@ def prepare(config: SearchConfig) -> Prepared:
     """Check everything the user gave us; raise before anything is written.
 
     Raises:
-        SearchError, nas.data.DataError, nas.tracking.TrackingError.
+        SearchError, nas.errors.DataError, nas.tracking.TrackingError.
     """
     if config.max_trials < 1:
         raise SearchError(f"`max_trials`: {config.max_trials} must be at least 1")

@@ -29,9 +29,10 @@ __all__ = ["SpaceReport", "analyse", "input_signature", "sample", "budget_proble
 
 # Knobs that shape the training, not the network: counted apart from the architectures.
 _TRAINING_KNOBS = ("optimizer", "learning_rate")  # and every `augment/...` knob
-# (input shape, classes, default pixel scale) of the bundled digits and the
-# keras.datasets sources, so neither scikit-learn (a second's import) nor TensorFlow is
-# needed to know them; tests/test_space.py holds them to what `nas.data` reads.
+# (input shape, classes, default pixel scale) of the bundled digits and the well-known
+# datasets (nas.datasets), so neither scikit-learn (a second's import) nor TensorFlow is
+# needed to know them; tests/test_space.py and tests/test_datasets.py hold them to what
+# `nas.data` reads.
 _KNOWN_SIGNATURES = {"digits": ((8, 8, 1), 10, 16.0), "mnist": ((28, 28, 1), 10, 255.0),
                      "fashion_mnist": ((28, 28, 1), 10, 255.0),
                      "cifar10": ((32, 32, 3), 10, 255.0)}
@@ -145,11 +146,12 @@ def input_signature(pipeline: Pipeline) -> tuple[tuple[int, int, int], int, floa
     """(input shape, number of classes, pixel scale) of a pipeline, without TensorFlow.
 
     An `npz` file is read (as `nas search` reads it); the shapes of the bundled digits
-    and of the keras.datasets sources are known; a `directory` pipeline's shape comes
-    from its `image_size` and `color_mode`, and its classes from its sub-folders.
+    and of the well-known datasets (mnist, fashion_mnist, cifar10) are known; a
+    `directory` pipeline's shape comes from its `image_size` and `color_mode`, and its
+    classes from its sub-folders.
 
     Raises:
-        nas.data.DataError: the data is missing or malformed.
+        nas.errors.DataError: the data is missing or malformed.
     """
     from nas.data import class_folders, load_arrays
 

@@ -37,6 +37,9 @@ REDUCERS = ("flatten", "global_avg", "global_max")
 ACTIVATIONS = ("relu", "elu", "gelu", "selu", "swish", "tanh", "sigmoid", "leaky_relu")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam")
 SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "directory", "npz")
+PATH_SOURCES = ("directory", "npz")  # those that need a `data.path`
+# The well-known datasets (nas.datasets): a `data.path` is the first place looked in.
+DATASETS = ("mnist", "fashion_mnist", "cifar10")
 COLOR_MODES = ("grayscale", "rgb")
 CACHES = ("auto", "memory", "none")  # where a directory's decoded images are kept (nas.data)
 OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
@@ -164,7 +167,7 @@ class Pipeline:
     name: str
     source_file: str
     data_source: str
-    path: str | None
+    path: str | None  # absolute; for mnist, fashion_mnist, cifar10 the first place looked in
     image_size: tuple[int, int] | None
     color_mode: str
     cache: str  # a directory's decoded images: "auto", "memory" or "none" (nas.data)
@@ -432,13 +435,15 @@ def load_pipeline(ref: str) -> Pipeline:
     source = r.scalar(d["source"], "data.source", "str", allowed=SOURCES)
 
     data_path = None
-    if source in ("directory", "npz"):
-        if "path" not in d:
-            r.fail("data.path", f"is required for source {source!r}")
+    if source in PATH_SOURCES and "path" not in d:
+        r.fail("data.path", f"is required for source {source!r}")
+    if "path" in d:
+        if source not in PATH_SOURCES + DATASETS:
+            *names, last = PATH_SOURCES + DATASETS
+            r.fail("data.path", f"only applies to the {', '.join(names)} and {last} sources, "
+                   f"not {source!r}")
         data_path = r.scalar(d["path"], "data.path", "str")
         data_path = str((path.parent / os.path.expanduser(data_path)).resolve())
-    elif "path" in d:
-        r.fail("data.path", f"only applies to the directory and npz sources, not {source!r}")
 
     image_size = None
     if "image_size" in d:

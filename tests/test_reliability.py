@@ -487,7 +487,7 @@ def bad_inputs(tmp):
     yield (["--pipeline", path], f"Error: {path}: data.path: {tmp}/half.npz must hold both "
                                  f"x_test and y_test, or neither")
     yield (["--pipeline", "mnist"],
-           "Error: pipelines/mnist.yaml: data.source: 'mnist' could not be downloaded")
+           "Error: pipelines/mnist.yaml: data.source: 'mnist' not found offline; looked in ")
     yield (["--tracking-uri", "http://127.0.0.1:9"],
            "Error: --tracking-uri: http://127.0.0.1:9 cannot be reached")
     yield (["--workdir", write(tmp / "a_file", "") + "/state"],

@@ -172,7 +172,8 @@ def test_pipeline_defaults_and_relative_paths(tmp_path):
          "'directory', 'npz']"),
         ("data: {source: npz}", "data.path: is required for source 'npz'"),
         ("data: {source: digits, path: x}",
-         "data.path: only applies to the directory and npz sources, not 'digits'"),
+         "data.path: only applies to the directory, npz, mnist, fashion_mnist and cifar10 "
+         "sources, not 'digits'"),
         ("data: {source: digits}\ntrain: {epochs: 0}", "train.epochs: 0 is below the minimum 1"),
         ("data: {source: digits, validation_split: 1.5}",
          "data.validation_split: 1.5 is not in [0.0, 1.0)"),

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 import nas.data
+import nas.datasets
 import nas.tuning
 from nas.cli import main
 from nas.data import load_arrays
@@ -82,7 +83,7 @@ def test_keras_datasets_test_on_their_official_test_split(monkeypatch):
     rng = np.random.default_rng(0)
     train = (rng.integers(0, 255, (500, 28, 28), dtype=np.uint8), np.arange(500) % 10)
     official = (np.zeros((100, 28, 28), dtype=np.uint8), np.arange(100) % 10)
-    monkeypatch.setattr(nas.data, "_keras_dataset", lambda source, where: (train, official))
+    monkeypatch.setattr(nas.datasets, "load", lambda source, path, where: (train, official))
     arrays = load_arrays(load_pipeline("mnist"))
     assert arrays.test_source == "own"
     assert len(arrays.y_test) == 100 and not arrays.x_test.any()  # the official test split
