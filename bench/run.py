@@ -5,6 +5,7 @@
     python bench/run.py --only memory    # one figure (repeatable: --only data --only startup)
     python bench/run.py --only quality --tuners random,bayesian,hyperband
     python bench/run.py --only shapes    # the quality comparison on generated shapes
+    python bench/run.py --only fashion --time-limit 30m   # real data (bench/fashion.py)
 
 Prints one table (figure, nas, baseline, ratio, target, ok) and exits 1 when a target is
 missed. Every baseline is measured by this same run. Each measurement runs in a fresh
@@ -31,8 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import fashion
+
 FIGURES = ("overhead", "startup", "memory", "rejection", "data", "quality", "shapes", "images",
-           "augment")
+           "augment", "fashion")
 _RESULT = "BENCH_RESULT "
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
 _ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -1031,7 +1034,7 @@ def worker_images_steps(pipeline: str, epochs: int, rounds: int) -> dict:
 
 WORKERS = {"baseline": worker_baseline, "svc": worker_svc, "memory": worker_memory, "decide": worker_decide,
            "build": worker_build, "data": worker_data, "images_search": worker_images_search,
-           "images_steps": worker_images_steps}
+           "images_steps": worker_images_steps, **fashion.WORKERS}
 
 
 # --- main ----------------------------------------------------------------------------
@@ -1071,6 +1074,11 @@ def main(argv=None) -> int:
                              "(comma-separated)  [default: random,bayesian,hyperband]")
     parser.add_argument("--split-seeds", default=None, metavar="LIST",
                         help="quality: the digits split seeds  [default: 0,1,2,3,4]")
+    parser.add_argument("--time-limit", default="30m", metavar="DURATION",
+                        help="fashion: every row's time limit (90s, 30m, 1h)  [default: 30m]")
+    parser.add_argument("--rows", default=",".join(fashion.ROWS), metavar="LIST",
+                        help=f"fashion: the rows, in this order  [default: "
+                             f"{','.join(fashion.ROWS)}]")
     parser.add_argument("--worker", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -1081,7 +1089,7 @@ def main(argv=None) -> int:
     sizes = dict(QUICK if args.quick else FULL)
     if args.split_seeds:
         sizes["q_seeds"] = tuple(int(x) for x in args.split_seeds.split(","))
-    figures = args.only or list(FIGURES)
+    figures = args.only or [f for f in FIGURES if f != "fashion"]  # fashion: an hour a row
     tuners = [t for t in args.tuners.split(",") if t]
     table = Table()
     started = time.perf_counter()
@@ -1110,6 +1118,13 @@ def main(argv=None) -> int:
                 figure_images(table, sizes, root)
             elif figure == "augment":
                 figure_augment(table, sizes, root)
+            elif figure == "fashion":
+                from nas.cli.common import Duration
+
+                limit = Duration().convert(args.time_limit, None, None)
+                rows = [row for row in args.rows.split(",") if row]
+                fashion.figure_fashion(table, root, limit, rows, run_worker, nas_executable(),
+                                       _ENV, log)
     if args.quick:
         table.notes.append("--quick: smaller sizes than the targets are defined for")
     print(header + "\n")

@@ -61,6 +61,20 @@ class Parts:
     config: SearchConfig
     hypermodel: object  # nas.tuning.CandidateModel
     hooks: TrialRuns
+    samples: tuple[int, int] = (0, 0)  # training and validation samples
+
+    @property
+    def funnel(self):
+        """The plan of a search that looks before it trains (`nas.funnel`), or None: the
+        default tuner given a time limit, on at least `funnel.MIN_SAMPLES` training images."""
+        from nas import funnel
+
+        config = self.config
+        if (config.tuner != "evolution" or config.time_limit is None
+                or self.samples[0] < funnel.MIN_SAMPLES):
+            return None
+        return funnel.Funnel(config.time_limit, *self.samples, config.ensemble,
+                             config.pipeline.direction)
 
     def oracle(self, guarded: bool = True, on_reject=None):
         """The search's oracle. `guarded`: impossible and over-budget candidates are
@@ -80,6 +94,8 @@ class Parts:
             check=((lambda values: self.hypermodel.check(values, constraints)) if guarded
                    else (lambda values: None)),
             time_limit=config.time_limit if guarded else None,
+            funnel=(self.funnel, lambda values: self.hypermodel.architecture(values).flops)
+            if guarded and self.funnel is not None else None,
         )
         oracle.on_reject(on_reject)
         return oracle
@@ -103,6 +119,7 @@ class Parts:
         from nas import tuning
 
         config, pipeline = self.config, self.config.pipeline
+        tuner.shares = datasets.share  # a look's share of the training data (nas.funnel)
         tuner.search(datasets.train, validation_data=datasets.validation,
                      epochs=config.epochs_per_trial, verbose=0, shuffle=False,
                      callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
@@ -119,7 +136,7 @@ def assemble(config: SearchConfig, arrays, tracker, experiment_id: str, search_r
                                        mixed_precision=config.mixed_precision)
     hooks = TrialRuns(tracker, experiment_id, search_run_id, config, callback,
                       config.max_trials)
-    return Parts(config, hypermodel, hooks)
+    return Parts(config, hypermodel, hooks, (len(arrays.y_train), len(arrays.y_val)))
 
 
 def strategy(name: str | None):

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import os
 import struct
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -42,7 +44,7 @@ from nas.errors import DataError  # raised here, and by nas.datasets
 from nas.specs import DATASETS, Pipeline
 
 __all__ = ["Arrays", "Datasets", "ImageFiles", "class_folders", "images",
-           "load_arrays", "make_datasets", "refit_dataset", "test_dataset"]
+           "load_arrays", "make_datasets", "refit_dataset", "test_dataset", "training_share"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # what a `directory` source reads
 # `cache: auto` keeps a directory's decoded images in memory up to this many bytes (uint8,
@@ -140,10 +142,15 @@ class Arrays:
 @dataclasses.dataclass(frozen=True)
 class Datasets:
     """Batched, prefetched training and validation datasets (never the test data); cached
-    in memory when they are arrays, or a directory's images that fit (`ImageFiles`)."""
+    in memory when they are arrays, or a directory's images that fit (`ImageFiles`).
+
+    `share(fraction)` is the training data of a cheap look (`nas.funnel`): a stratified
+    `fraction` of the training split (`training_share`), made once per fraction.
+    """
 
     train: object
     validation: object
+    share: Callable[[float], object] | None = None
 
 
 def load_arrays(pipeline: Pipeline, skip_bad_images: bool = False) -> Arrays:
@@ -273,11 +280,34 @@ def _split(x, y, share: float, rng, class_names, where: str, field: str,
 
 def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
     """Shuffled (training), batched and prefetched `tf.data` pipelines over `arrays`."""
+
+    @functools.cache
+    def share(fraction: float):
+        if fraction >= 1:
+            return train
+        picked = training_share(arrays, fraction)
+        return _pipeline(arrays, arrays.x_train[picked], arrays.y_train[picked], batch_size,
+                         seed, shuffle=True)
+
+    train = _pipeline(arrays, arrays.x_train, arrays.y_train, batch_size, seed, shuffle=True)
     return Datasets(
-        train=_pipeline(arrays, arrays.x_train, arrays.y_train, batch_size, seed, shuffle=True),
+        train=train,
         validation=_pipeline(arrays, arrays.x_val, arrays.y_val, batch_size, seed,
                              shuffle=False),
+        share=share,
     )
+
+
+def training_share(arrays: Arrays, fraction: float) -> np.ndarray:
+    """The indices, into the training split, of a stratified `fraction` of it: each class's
+    first `fraction` of its samples (at least one) in the split's order, which is already
+    shuffled (seeded) or ranked by a seeded hash (a directory's). Never the validation or
+    the test data; a larger fraction holds every sample of a smaller one."""
+    picked = []
+    for label in np.unique(arrays.y_train):
+        members = np.flatnonzero(arrays.y_train == label)
+        picked.append(members[:max(1, int(round(len(members) * fraction)))])
+    return np.sort(np.concatenate(picked))
 
 
 def refit_dataset(arrays: Arrays, batch_size: int, seed: int = 0):

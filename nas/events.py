@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from nas.errors import render
+from nas.settings import UNCAPPED_TRIALS
 
 __all__ = ["Callback", "CandidateRejected", "EpochEnded", "Printer", "SearchEnded",
            "TrialEnded", "TrialStarted", "line"]
@@ -130,10 +131,17 @@ class Printer(Callback):
         self.echo(line(event))
 
 
+def _place(event) -> str:
+    """"4/10": the trial's place among the search's trials; "4" where the time limit, not a
+    count, ends the search (`nas.settings.UNCAPPED_TRIALS`)."""
+    return (f"{event.trial}" if event.trials >= UNCAPPED_TRIALS
+            else f"{event.trial}/{event.trials}")
+
+
 def line(event) -> str:
     """The line an event reads as, as `nas search` prints it."""
     if isinstance(event, TrialEnded):
-        place = f"trial {event.trial_id} ({event.trial}/{event.trials})"
+        place = f"trial {event.trial_id} ({_place(event)})"
         value = float("nan") if event.value is None else event.value
         shown = f"{value:.4f}" if event.error is None else event.status
         best = f"{event.best:.4f}" if event.best is not None else "-"
@@ -141,7 +149,7 @@ def line(event) -> str:
                 f"{event.seconds:.1f} s")
     if isinstance(event, TrialStarted):
         if event.resumed_at is None:
-            return f"trial {event.trial_id} ({event.trial}/{event.trials}) starts"
+            return f"trial {event.trial_id} ({_place(event)}) starts"
         done = event.resumed_at - 1
         trained = "epoch 1 was" if done == 1 else f"epochs 1-{done} were"
         return (f"trial {event.trial_id} resumes at epoch {event.resumed_at} ({trained} "

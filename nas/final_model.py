@@ -19,7 +19,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from nas import mlflowcompat, results, tracking
+from nas import funnel, mlflowcompat, results, tracking
 
 __all__ = ["CHAMPION", "CHECKPOINT", "MODEL_NAME", "TAG_FINAL", "TAG_REFIT", "ensemble_of",
            "log_best_model", "log_model", "logged_model", "logged_weights",
@@ -132,7 +132,7 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
     kept as the run's `nas.model_error` tag. Returns the test scores ({} without) and the
     final model's trial ids ([] when it could not be made).
     """
-    members = result.finished[:max(1, ensemble)]
+    members = _of_full_fidelity(result.finished, tuner.oracle)[:max(1, ensemble)]
     if not members:
         return {}, []
     ids = [m.trial_id for m in members]
@@ -165,6 +165,14 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
         tracker.set_tags(search_run_id, {"nas.model_error": message})
         echo(f"warning: the best model was not logged to MLflow ({message})")
         return {}, []
+
+
+def _of_full_fidelity(finished: list, oracle) -> list:
+    """The finished trials trained on all the training data, best first: a funnel's looks
+    (`nas.funnel`) saw a share of it, and are members only when no trial saw it all."""
+    full = [row for row in finished if row.trial_id in oracle.trials and funnel.fidelity(
+        oracle.trials[row.trial_id].hyperparameters.values)[0] >= 1]
+    return full or finished
 
 
 def _refit(hypermodel, trial, data, seed: int):

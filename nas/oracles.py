@@ -18,6 +18,7 @@ from typing import Callable
 import keras_tuner as kt
 from keras_tuner.engine import trial as trial_module
 
+from nas import funnel as funnel_module
 from nas import ktcompat
 from nas.architecture import Rejection, hyperparameter_specs
 from nas.settings import TUNERS
@@ -113,6 +114,7 @@ class _Guard:
         self.time_limit = seconds
         self.spent = getattr(self, "spent", 0.0)
         self.durations = getattr(self, "durations", [])
+        self.trial_seconds = getattr(self, "trial_seconds", {})  # trial id -> its wall time
         self.stopped_by_time = False
         self._since, self._started = time.monotonic(), {}
 
@@ -122,9 +124,17 @@ class _Guard:
     def next_trial_estimate(self) -> float:
         return sum(self.durations) / len(self.durations) if self.durations else 0.0
 
-    def create_trial(self, tuner_id):
+    def out_of_time(self) -> bool:
+        """Whether the next trial would not end within the time limit."""
         limit = getattr(self, "time_limit", None)
-        if limit is not None and self.elapsed() + self.next_trial_estimate() > limit:
+        return limit is not None and self.elapsed() + self.next_trial_estimate() > limit
+
+    def seconds_left(self) -> float | None:
+        """What a running trial may still take before the limit (None: no deadline)."""
+        return None
+
+    def create_trial(self, tuner_id):
+        if self.out_of_time():
             self.stopped_by_time = True
             return ktcompat.stopped_trial(self, tuner_id)
         trial = super().create_trial(tuner_id)
@@ -136,6 +146,7 @@ class _Guard:
         started = getattr(self, "_started", {}).pop(trial.trial_id, None)
         if started is not None:
             self.durations.append(time.monotonic() - started)
+            self.trial_seconds[trial.trial_id] = self.durations[-1]
         return super().end_trial(trial)
 
     def get_state(self):
@@ -145,6 +156,7 @@ class _Guard:
         if hasattr(self, "_since"):
             state["nas_spent_seconds"] = self.elapsed()
             state["nas_trial_seconds"] = list(self.durations)
+            state["nas_seconds_by_trial"] = dict(self.trial_seconds)
         return state
 
     def set_state(self, state):
@@ -153,6 +165,7 @@ class _Guard:
         self.rejection_reasons = collections.Counter(state.get("nas_rejection_reasons", {}))
         self.spent = state.get("nas_spent_seconds", 0.0)
         self.durations = list(state.get("nas_trial_seconds", []))
+        self.trial_seconds = dict(state.get("nas_seconds_by_trial", {}))
         self._since = time.monotonic()
 
 
@@ -246,17 +259,78 @@ class _EvolutionOracle(_Oracle, kt.Oracle):
     def __init__(self, seeds=KNOWN_GOOD, **kwargs):
         super().__init__(**kwargs)
         self.seeds = [dict(seed) for seed in seeds]
+        self.funnel: funnel_module.Funnel | None = None
+        self._parent: str | None = None  # the trial the last mutation moved a knob of
+
+    def set_funnel(self, plan: funnel_module.Funnel, flops: Callable[[dict], int]) -> None:
+        """Spend the time limit as `plan` says (`nas.funnel`): looks at a share of the
+        data, then full trainings of the best; `flops(values)` is a candidate's cost."""
+        self.funnel, self._flops = plan, flops
+
+    def out_of_time(self) -> bool:
+        return False if self.funnel is not None else super().out_of_time()
+
+    def seconds_left(self) -> float | None:
+        return None if self.funnel is None else self.funnel.left(self.elapsed())
 
     def populate_space(self, trial_id):
+        if self.funnel is not None:
+            return self._funnel_step()
         values = self._first_accepted(lambda rejected: self._propose())
         if values is None:
             return {"status": trial_module.TrialStatus.STOPPED, "values": None}
         return {"status": trial_module.TrialStatus.RUNNING, "values": values}
 
+    def _funnel_step(self) -> dict:
+        """The funnel's next trial: a look at a new candidate (a one-knob move starts from
+        its parent's weights) or the full training of a look, from its weights."""
+        elapsed, trained = self.elapsed(), self._trained()
+        running = tuple(t.hyperparameters.values.get(funnel_module.PARENT, "")
+                        for t in self.ongoing_trials.values()
+                        if funnel_module.fidelity(t.hyperparameters.values)[0] >= 1)
+        step = self.funnel.next(elapsed, trained, running)
+        values = None
+        if step is not None and step.kind == "full":
+            look = self.trials[step.parent].hyperparameters.values
+            values = {**funnel_module.architecture_values(look), funnel_module.SHARE: 1.0,
+                      funnel_module.EPOCHS: step.epochs, funnel_module.PARENT: step.parent}
+        elif step is not None:
+            self._parent = None
+            candidate = self._first_accepted(lambda rejected: self._propose())
+            if candidate is not None and self.funnel.look_fits(self._flops(candidate),
+                                                               elapsed, trained):
+                ktcompat.remember_tried(self, candidate)  # looked at: never again
+                values = {**candidate, funnel_module.SHARE: step.share,
+                          funnel_module.EPOCHS: step.epochs,
+                          funnel_module.PARENT: self._parent or ""}
+        if values is None:
+            self.stopped_by_time = True
+            return {"status": trial_module.TrialStatus.STOPPED, "values": None}
+        return {"status": trial_module.TrialStatus.RUNNING, "values": values}
+
+    def _trained(self) -> list[funnel_module.Trained]:
+        """The ended trials, oldest first, as the funnel plans with them."""
+        ended = (trial_module.TrialStatus.COMPLETED, trial_module.TrialStatus.FAILED,
+                 trial_module.TrialStatus.INVALID)
+        trained = []
+        for trial in sorted(self.trials.values(), key=lambda t: _number(t.trial_id)):
+            if trial.status not in ended:
+                continue
+            values = trial.hyperparameters.values
+            share, epochs = funnel_module.fidelity(values)
+            score = trial.score if trial.status == trial_module.TrialStatus.COMPLETED else None
+            trained.append(funnel_module.Trained(
+                trial.trial_id, share, epochs or 0, score,
+                self.trial_seconds.get(trial.trial_id, 0.0),
+                self._flops(funnel_module.architecture_values(values)),
+                values.get(funnel_module.PARENT) or None))
+        return trained
+
     def _rng(self) -> random.Random:
         return random.Random(ktcompat.next_seed(self))
 
     def _propose(self) -> dict | None:
+        self._parent = None
         for seed in self.seeds:
             values = self._complete(seed, lambda hp: _snap(hp, seed.get(hp.name)))
             if not ktcompat.tried(self, values) and self._check(values) is None:
@@ -264,17 +338,21 @@ class _EvolutionOracle(_Oracle, kt.Oracle):
         finished = [t for t in self.trials.values()
                     if t.status == trial_module.TrialStatus.COMPLETED and t.score is not None
                     and t.score == t.score]
+        if self.funnel is not None:  # looks are compared with looks
+            finished = [t for t in finished
+                        if funnel_module.fidelity(t.hyperparameters.values)[0] < 1]
         if not finished:
             return ktcompat.random_values(self)
-        finished.sort(key=lambda t: int(re.sub(r"\D", "", t.trial_id) or 0))
+        finished.sort(key=lambda t: _number(t.trial_id))
         population = finished[-POPULATION:]
         for _ in range(MAX_MOVES):
             rng = self._rng()
             entrants = rng.sample(population, min(TOURNAMENT, len(population)))
             parent = (max if self.objective.direction == "max" else min)(
-                entrants, key=lambda t: t.score).hyperparameters.values
-            values = self._mutate(parent, rng)
+                entrants, key=lambda t: t.score)
+            values = self._mutate(parent.hyperparameters.values, rng)
             if values is not None and not ktcompat.tried(self, values):
+                self._parent = parent.trial_id
                 return values
         return ktcompat.random_values(self)
 
@@ -302,6 +380,10 @@ class _EvolutionOracle(_Oracle, kt.Oracle):
             return None
         return self._complete(parent, lambda hp: moved if hp.name == knob.name
                               else parent.get(hp.name))
+
+
+def _number(trial_id: str) -> int:
+    return int(re.sub(r"\D", "", trial_id) or 0)
 
 
 def _ordered_values(hp) -> list | None:
@@ -359,8 +441,11 @@ def _snap(hp, target):
 def make_oracle(tuner: str, hyperparameters: kt.HyperParameters, objective: kt.Objective,
                 max_trials: int, seed: int, max_epochs: int, max_failures: int,
                 check: Callable[[dict], Rejection | None],
-                time_limit: float | None = None) -> kt.Oracle:
-    """The oracle for `tuner`, guarded by `check`, proposing within `time_limit` seconds."""
+                time_limit: float | None = None,
+                funnel: tuple[funnel_module.Funnel, Callable[[dict], int]] | None = None,
+                ) -> kt.Oracle:
+    """The oracle for `tuner`, guarded by `check`, proposing within `time_limit` seconds;
+    `funnel` (evolution only): the plan that spends that time and a candidate's FLOPs."""
     common = dict(objective=objective, hyperparameters=hyperparameters, seed=seed,
                   tune_new_entries=False, allow_new_entries=False,
                   max_consecutive_failed_trials=max_failures)
@@ -382,4 +467,6 @@ def make_oracle(tuner: str, hyperparameters: kt.HyperParameters, objective: kt.O
         raise ValueError(f"tuner {tuner!r} is not one of {list(TUNERS)}")
     oracle.set_guard(check)
     oracle.set_time_limit(time_limit)
+    if funnel is not None and tuner == "evolution":
+        oracle.set_funnel(*funnel)
     return oracle

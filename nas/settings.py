@@ -18,7 +18,7 @@ from pathlib import Path
 from nas import tracking  # its tag names only: MLflow is not imported
 from nas.specs import Constraints, Pipeline, SearchSpace
 
-__all__ = ["SearchConfig", "STATE_FILE", "TAG_DATA_DIGEST", "TAG_FINGERPRINT", "TAG_MAX_TRIALS",
+__all__ = ["MAX_TRIALS", "SearchConfig", "STATE_FILE", "UNCAPPED_TRIALS", "TAG_DATA_DIGEST", "TAG_FINGERPRINT", "TAG_MAX_TRIALS",
            "project_folder"]
 
 STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
@@ -26,6 +26,9 @@ TAG_FINGERPRINT = "nas.fingerprint"  # on the search's run: found again by its s
 TAG_DATA_DIGEST = "nas.data_digest"  # on the search's run: a directory's files (Arrays)
 TAG_MAX_TRIALS = tracking.TAG_MAX_TRIALS  # on the search's run, once it grew past its budget
 TUNERS = ("evolution", "random", "bayesian", "hyperband", "grid")  # --tuner (nas.oracles)
+MAX_TRIALS = 10  # --max-trials without --time-limit
+# --max-trials with --time-limit: as many trials as the time holds (lines show no total).
+UNCAPPED_TRIALS = 1000
 # What a worker trains with, taken from its chief's settings (`for_worker`).
 _WORKER_TRAINING = ("tuner", "max_trials", "epochs", "batch_size", "seed", "mixed_precision",
                     "jit_compile")
@@ -38,7 +41,7 @@ class SearchConfig:
     space: SearchSpace
     pipeline: Pipeline
     tuner: str = "evolution"
-    max_trials: int = 10
+    max_trials: int = MAX_TRIALS
     time_limit: float | None = None  # seconds; with max_trials, whichever comes first
     epochs: int | None = None
     batch_size: int | None = None

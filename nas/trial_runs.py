@@ -12,7 +12,7 @@ import concurrent.futures
 import os
 import time
 
-from nas import tracking
+from nas import funnel, tracking
 from nas.events import EpochEnded, TrialEnded, TrialStarted
 from nas.settings import SearchConfig
 
@@ -232,9 +232,10 @@ class TrialRuns:
         # The first epoch also builds the model and traces its training step; once there
         # are later ones, they say better what an epoch takes.
         per_epoch = sum(steps[1:]) / len(steps[1:]) if len(steps) > 1 else steps[0]
-        # Hyperband's trials have their own number of epochs; a resumed trial's epoch
-        # numbers count the epochs an earlier process trained.
-        epochs = max(int(trial.hyperparameters.values.get("tuner/epochs", self.epochs)),
+        # Hyperband's and a funnel's trials have their own number of epochs; a resumed
+        # trial's epoch numbers count the epochs an earlier process trained.
+        values = trial.hyperparameters.values
+        epochs = max(int(values.get("tuner/epochs", values.get(funnel.EPOCHS, self.epochs))),
                      epoch + 1)
         trial_left = per_epoch * (epochs - epoch - 1)
         place = self.earlier + self.ended + 1

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -20,13 +21,14 @@ import keras
 import keras_tuner as kt
 import tensorflow as tf
 
-from nas import ktcompat, tfcompat
+from nas import funnel, ktcompat, tfcompat, tracking
 from nas.architecture import Architecture, Rejection
 from nas.models import build_model
 from nas.specs import SearchSpace
 from nas.state import StateError, read_json, write_atomic
 
-__all__ = ["CandidateModel", "NasTuner", "MedianStopping", "stopping_rule", "early_stopping"]
+__all__ = ["CandidateModel", "CosineDecay", "NasTuner", "MedianStopping", "early_stopping",
+           "inherit", "stopping_rule", "trained_model"]
 
 # Collects the garbage of finished trials while the next one trains (see NasTuner._try_build):
 # one for the process, made by the first tuner that collects in the background.
@@ -261,6 +263,7 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
     def run_trial(self, trial, *args, **kwargs):
         values = trial.hyperparameters.values
         architecture = self.hypermodel.architecture(values)
+        args, kwargs = self._fidelity(values, args, kwargs)
         # Hyperband's trials continue earlier trials by design (tuner/initial_epoch).
         resume = (None if "tuner/epochs" in values else
                   Resume(self.get_trial_dir(trial.trial_id), self.hooks.current_run_id, values))
@@ -269,7 +272,7 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         self.hypermodel.last_fit_seconds = 0.0
         self.hypermodel.resume = resume
         registered = tfcompat.custom_gradients() if self._forget_gradients else None
-        if self.stopping is not None:
+        if self.stopping is not None and not _full_training(values):
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), self.stopping.callback()]
         try:
             histories = super().run_trial(trial, *args, **kwargs)
@@ -290,6 +293,40 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
                                self.hypermodel.last_fit_seconds, None)
         return histories
 
+    def _fidelity(self, values: dict, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The fit's arguments for a trial of a funnel (`nas.funnel`): a look trains on its
+        share of the training data; its epochs are the trial's, over which the learning
+        rate decays, within the time the search has left (`CosineDecay`); a full training
+        is not stopped early but by that time."""
+        share, epochs = funnel.fidelity(values)
+        if epochs is None:
+            return args, kwargs
+        if share < 1:
+            args = (self.shares(share), *args[1:])
+        callbacks = [c for c in kwargs.get("callbacks", [])
+                     if not (_full_training(values)
+                             and isinstance(c, keras.callbacks.EarlyStopping))]
+        left = self.oracle.seconds_left() if hasattr(self.oracle, "seconds_left") else None
+        callbacks.append(CosineDecay(values["learning_rate"], epochs, left))
+        return args, {**kwargs, "epochs": epochs, "callbacks": callbacks}
+
+    def _build_hypermodel(self, hp):
+        model = super()._build_hypermodel(hp)
+        parent = hp.values.get(funnel.PARENT)
+        if parent:  # a child starts from its parent's weights wherever a layer is the same
+            inherit(model, self._parent_model(parent))
+        return model
+
+    def _parent_model(self, trial_id: str):
+        """The model of trial `trial_id` at its best epoch, or None when it or its weights
+        are gone (a lost working folder: the child then starts afresh)."""
+        try:
+            values = self.oracle.get_trial(trial_id).hyperparameters.values
+        except (KeyError, AttributeError):
+            return None
+        return trained_model(self.hypermodel, values,
+                             Path(self.get_trial_dir(trial_id)) / tracking.WEIGHTS)
+
     def on_epoch_begin(self, trial, model, epoch, logs=None):
         self._epoch = epoch
 
@@ -308,6 +345,86 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
 
     def on_epoch_end(self, trial, model, epoch, logs=None):
         self.hooks.epoch_ended(trial, epoch, logs or {})
+
+
+def _full_training(values: dict) -> bool:
+    """Whether a trial is a funnel's full training, which the funnel sized to its time."""
+    share, epochs = funnel.fidelity(values)
+    return epochs is not None and share >= 1
+
+
+def trained_model(hypermodel: CandidateModel, values: dict, checkpoint: Path):
+    """The candidate `values` picks, with the weights saved in `checkpoint` (its optimizer's
+    state left out), or None when the file is gone."""
+    if not Path(checkpoint).is_file():
+        return None
+    model = build_model(hypermodel.architecture(values), jit_compile=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(str(checkpoint))
+    return model
+
+
+def inherit(model, parent) -> list[str]:
+    """Start `model` from `parent`'s weights wherever a layer of the same name holds
+    weights of the same shapes (Lamarckian inheritance, as in network morphism): a layer
+    whose shape changed, or that the parent lacks, keeps its fresh weights. Returns the
+    names of the layers inherited (none when `parent` is None)."""
+    if parent is None:
+        return []
+    names = {layer.name for layer in parent.layers}
+    inherited = []
+    for layer in model.layers:
+        mine = layer.get_weights()
+        if not mine or layer.name not in names:
+            continue
+        theirs = parent.get_layer(layer.name).get_weights()
+        if len(theirs) == len(mine) and all(a.shape == b.shape for a, b in zip(theirs, mine)):
+            layer.set_weights(theirs)
+            inherited.append(layer.name)
+    return inherited
+
+
+class CosineDecay(keras.callbacks.Callback):
+    """The learning rate from `initial` down towards zero over `epochs` epochs along half a
+    cosine (SGDR without restarts, Loshchilov & Hutter), set at each epoch's start, so that
+    a trial given a known number of epochs converges by its end.
+
+    With `seconds` (the time the search has left), the epochs are also made to fit it:
+    once an epoch has been timed, the decay ends at the last epoch that still ends in time
+    when that comes first, and training stops when another epoch would not end in time.
+    Epochs count from the trial's start: a resumed trial goes on where its rate was.
+    """
+
+    def __init__(self, initial: float, epochs: int, seconds: float | None = None):
+        super().__init__()
+        self.initial, self.epochs = float(initial), max(1, int(epochs))
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.horizon = self.epochs
+        self._times: list[float] = []
+        self._began = time.monotonic()
+
+    def rate(self, epoch: int) -> float:
+        return self.initial * 0.5 * (1 + math.cos(math.pi * min(epoch, self.horizon)
+                                                  / self.horizon))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._began = time.monotonic()
+        if self.end is not None and self._times:
+            fit = int((self.end - self._began) // self._epoch_seconds())
+            self.horizon = max(1, min(self.epochs, epoch + fit))
+        self.model.optimizer.learning_rate = self.rate(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        self._times.append(now - self._began)
+        if self.end is not None and now + self._epoch_seconds() > self.end:
+            self.model.stop_training = True
+
+    def _epoch_seconds(self) -> float:
+        # The first epoch also traces the training step: the later ones say better.
+        later = self._times[1:] or self._times
+        return sum(later) / len(later)
 
 
 def _background_collector() -> concurrent.futures.ThreadPoolExecutor:

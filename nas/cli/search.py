@@ -14,8 +14,8 @@ from nas.cli.common import (DISTRIBUTION, Duration, EXPERIMENT, PIPELINE, PROGRE
                             SKIP_BAD_IMAGES, SPACE, TRACKING_URI, WORKDIR, distribution_of,
                             flag_of, plural, start_tensorflow, test_line, user_errors)
 from nas.errors import Interrupted, SearchFailed
-from nas.events import Printer
-from nas.settings import TUNERS
+from nas.events import Printer, duration
+from nas.settings import MAX_TRIALS, TUNERS, UNCAPPED_TRIALS
 
 
 @click.command()
@@ -25,11 +25,13 @@ from nas.settings import TUNERS
               default="evolution", show_default=True,
               help="The search algorithm: evolution (known-good seeds, then one-knob moves "
                    "near the best) or one of KerasTuner's own.")
-@click.option("--max-trials", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Trials to train (rejected candidates do not count).")
+@click.option("--max-trials", type=click.IntRange(min=1), default=None,
+              help=f"Trials to train (rejected candidates do not count).  [default: "
+                   f"{MAX_TRIALS}; with --time-limit, as many as fit]")
 @click.option("--time-limit", type=Duration(), default=None, metavar="DURATION",
-              help="Start no trial that would not end within this time (90s, 30m, 2h); "
-                   "with --max-trials, whichever comes first.")
+              help="The time the search may take, the final model included (90s, 30m, 2h): "
+                   "no trial starts that would not end in it; with --max-trials, whichever "
+                   "comes first.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs per trial.  [default: the pipeline's]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -81,6 +83,8 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
     from nas import search as search_module
     from nas.specs import load_pipeline, load_space
 
+    if max_trials is None:
+        max_trials = MAX_TRIALS if time_limit is None else UNCAPPED_TRIALS
     config = search_module.SearchConfig(
         space=load_space(space), pipeline=load_pipeline(pipeline), tuner=tuner,
         max_trials=max_trials, time_limit=time_limit, epochs=epochs, batch_size=batch_size,
@@ -107,8 +111,10 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
             distributed.check_address(chief)
             config.worker_token = distributed.new_token()
         prepared = search_module.prepare(config)
+    budget = (f"as many trials as fit in {duration(time_limit)}"
+              if max_trials >= UNCAPPED_TRIALS else plural(max_trials, 'trial'))
     click.echo(f"searching {config.space.name} on {config.pipeline.name} with {tuner}: "
-               f"{plural(max_trials, 'trial')}, experiment {config.experiment_name!r}")
+               f"{budget}, experiment {config.experiment_name!r}")
     if prepared.state:
         click.echo(f"resuming the search in {config.project_dir} (--overwrite starts afresh)")
     if chief:
