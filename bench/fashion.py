@@ -82,7 +82,8 @@ def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log) ->
                "bench", "--no-progress"]
     if tuner != "default":
         command += ["--tuner", tuner]
-    log(f"fashion: {' '.join(command[1:5])} {command[-1]}")
+    log(f"fashion: nas search --pipeline fashion_mnist --time-limit {limit:.0f}s"
+        + ("" if tuner == "default" else f" --tuner {tuner}"))
     start = time.perf_counter()
     done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -178,12 +179,12 @@ def worker_fashion_keras_tuner(limit: float, folder: str) -> dict:
     import keras
     import keras_tuner as kt
 
-    import run
+    from baselines import small_cnn_build
 
     stop = _Limit(limit - (time.monotonic() - _STARTED))
     arrays, ((x_train, y_train), (x_val, y_val), (x_test, y_test)) = _arrays()
     keras.utils.set_random_seed(0)
-    build = run._small_cnn_build(arrays.input_shape, arrays.num_classes, arrays.pixel_scale)
+    build = small_cnn_build(arrays.input_shape, arrays.num_classes, arrays.pixel_scale)
     walls, epochs = [], []
 
     class HyperModel(kt.HyperModel):

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import fashion
+from baselines import small_cnn_build
 
 FIGURES = ("overhead", "startup", "memory", "rejection", "data", "quality", "shapes", "images",
            "augment", "fashion")
@@ -660,30 +661,6 @@ def _same_knobs_build(space, input_shape, num_classes, pixel_scale):
     return build
 
 
-def _small_cnn_build(input_shape, num_classes, pixel_scale):
-    """The KerasTuner tutorial's kind of build function: a small CNN and a few knobs."""
-    import keras
-
-    def build(hp):
-        inputs = keras.Input(input_shape)
-        x = keras.layers.Rescaling(1.0 / pixel_scale)(inputs)
-        for layer in range(hp.Int("conv_layers", 1, 2)):
-            x = keras.layers.Conv2D(hp.Choice(f"filters_{layer}", [16, 32, 64]), 3,
-                                    padding="same", activation="relu")(x)
-            x = keras.layers.MaxPooling2D(2)(x)
-        x = keras.layers.Flatten()(x)
-        x = keras.layers.Dense(hp.Choice("units", [32, 64, 128]), activation="relu")(x)
-        x = keras.layers.Dropout(hp.Float("dropout", 0.0, 0.5, step=0.1))(x)
-        outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
-        model = keras.Model(inputs, outputs)
-        model.compile(keras.optimizers.Adam(hp.Float("learning_rate", 1e-4, 1e-2,
-                                                     sampling="log")),
-                      "sparse_categorical_crossentropy", metrics=["accuracy"])
-        return model
-
-    return build
-
-
 def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: int,
                     folder: str, split_seed: int = 0, pipeline: str = "digits") -> dict:
     """A plain KerasTuner RandomSearch on `pipeline`'s data; model.fit wrapped to time it.
@@ -707,7 +684,7 @@ def worker_baseline(build: str, autolog: bool, trials: int, epochs: int, seed: i
         build_fn = _same_knobs_build(load_space("cnn"), arrays.input_shape, arrays.num_classes,
                                      arrays.pixel_scale)
     else:
-        build_fn = _small_cnn_build(arrays.input_shape, arrays.num_classes, arrays.pixel_scale)
+        build_fn = small_cnn_build(arrays.input_shape, arrays.num_classes, arrays.pixel_scale)
     if autolog:
         import mlflow
 

@@ -70,3 +70,12 @@ def test_max_trials_first_when_it_comes_first_and_a_bad_duration_is_refused(tmp_
         refused = CliRunner().invoke(main, ["search", "--time-limit", bad], prog_name="nas")
         assert refused.exit_code == 2
         assert f"Invalid value for '--time-limit': {message}" in refused.output
+
+
+def test_a_time_limit_without_max_trials_trains_as_many_trials_as_fit():
+    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--epochs", "1",
+                                       "--experiment", "timed", "--time-limit", "8s"])
+    assert result.exit_code == 0, result.output
+    assert "with evolution: as many trials as fit in 8s, experiment 'timed'" in result.output
+    assert "stopped by --time-limit" in result.output
+    assert "trial 0000 (1): val_accuracy" in result.output and "(1/" not in result.output
