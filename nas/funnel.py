@@ -26,11 +26,10 @@ Pure planning: no TensorFlow, no KerasTuner. `nas.oracles` asks it what to do ne
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 
 __all__ = ["SHARE", "EPOCHS", "PARENT", "FIDELITY_KEYS", "MIN_SAMPLES", "Funnel", "Step",
-           "Trained", "architecture_values", "fidelity"]
+           "Trained", "architecture_values", "fidelity", "from_params"]
 
 SHARE = "nas/share"  # a trial's share of the training data (1.0: all of it)
 EPOCHS = "nas/epochs"  # the epochs a trial is given (its learning rate decays over them)
@@ -75,6 +74,14 @@ def architecture_values(values: dict) -> dict:
     return {k: v for k, v in values.items() if k not in FIDELITY_KEYS}
 
 
+def from_params(params: dict) -> dict:
+    """A trial's fidelity values as its MLflow run's params hold them (strings), or {}."""
+    if SHARE not in params:
+        return {}
+    return {SHARE: float(params[SHARE]), EPOCHS: int(params[EPOCHS]),
+            PARENT: params.get(PARENT, "")}
+
+
 def fidelity(values: dict) -> tuple[float, int | None]:
     """A trial's (share, epochs): (1.0, None) for a trial outside any funnel."""
     epochs = values.get(EPOCHS)
@@ -108,9 +115,9 @@ class Funnel:
         """What an epoch of a candidate of `flops` on `share` of the data will take: from
         its `own` look when it had one, else the median rate of `trained` (None: no
         measurement yet)."""
-        measured = [own] if own is not None else [t for t in trained if t.epochs]
+        measured = [own] if own is not None and own.seconds > 0 else trained
         rates = [t.seconds / (t.epochs * self.units(t.flops, t.share)) for t in measured
-                 if t.flops and t.seconds > 0]
+                 if t.epochs and t.flops and t.seconds > 0]
         if not rates:
             return None
         return statistics.median(rates) * self.units(flops, share)
@@ -145,6 +152,8 @@ class Funnel:
         if candidates and fulls_so_far < self.finalists:
             best = candidates[0]
             per_epoch = self.epoch_seconds(best.flops, 1.0, trained, own=best)
+            if per_epoch is None:  # no time measured (a state rebuilt from MLflow): look
+                return look if left > 0 else None
             # How many full trainings the time left holds at `MIN_FULL_EPOCHS` each (at
             # least one, when none was trained yet), and this one's share of the time.
             room = int(left // (MIN_FULL_EPOCHS * per_epoch))

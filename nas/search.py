@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from nas import assembly, final_model, pareto, results, tracking
+from nas import assembly, final_model, funnel, pareto, results, tracking
 from nas.data import Arrays, load_arrays
 from nas.errors import SearchError, SearchFailed
 from nas.events import CandidateRejected, Callback, Printer, SearchEnded
@@ -396,7 +396,8 @@ def _store_trials(tracker, experiment_id: str, search_run_id: str, config: Searc
 
 
 def _values(hyperparameters, params: dict) -> dict:
-    """A trial's hyperparameter values from its run's params (MLflow keeps strings)."""
+    """A trial's hyperparameter values from its run's params (MLflow keeps strings), and
+    its fidelity in a funnel (`nas.funnel`)."""
     import keras_tuner as kt
 
     values = {}
@@ -414,7 +415,7 @@ def _values(hyperparameters, params: dict) -> dict:
             choices = hp.values if hasattr(hp, "values") else [hp.value]
             values[hp.name] = next((v for v in choices if text in (str(v), json.dumps(v))),
                                    text)
-    return values
+    return {**values, **funnel.from_params(params)}  # a funnel's look or full training
 
 
 def _finished(oracle, max_trials: int) -> bool:

@@ -52,6 +52,8 @@ def test_the_funnel_looks_first_then_trains_the_best_looks_on_all_the_data_in_th
     done = looks + [full("4", "1"), full("5", "2"), full("6", "0")]
     assert plan.next(900, done).kind == "look"
     assert plan.next(975, done) is None
+    # looks without a measured time (a state rebuilt from MLflow): another look measures one
+    assert plan.next(400, [look("0", 0.8, seconds=0.0)]).kind == "look"
 
 
 def test_the_funnel_trains_fewer_finalists_when_the_time_left_holds_fewer():
