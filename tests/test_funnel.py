@@ -160,7 +160,7 @@ def small_funnel(monkeypatch):
     """The funnel on the bundled digits (it is meant for 10,000 images and more), with a
     final-model reserve that fits a test's time limit."""
     monkeypatch.setattr(funnel, "MIN_SAMPLES", 0)
-    monkeypatch.setattr(funnel, "RESERVE_SECONDS", 4.0)
+    monkeypatch.setattr(funnel, "RESERVE_SECONDS", 6.0)
     monkeypatch.setattr(funnel, "MIN_FULL_EPOCHS", 2)
     shares = []
     original = data.make_datasets
@@ -222,7 +222,7 @@ def test_a_funnel_looks_at_shares_promotes_the_best_looks_and_fits_its_time_limi
     final = search.data.tags["nas.final_trials"].split(",")
     assert final and set(final) <= {r.data.tags["nas.trial_id"] for r in fulls}
     assert "test_accuracy" in search.data.metrics and result.stopped_by_time
-    assert wall <= 1.05 * limit + 2  # + the search's own start (prepare, MLflow's run)
+    assert wall <= 1.05 * limit + 5  # + the search's own start (prepare, MLflow's run)
     run_wall = (search.info.end_time - search.info.start_time) / 1000
     assert 0.8 * limit <= run_wall <= 1.05 * limit
 
