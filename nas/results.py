@@ -26,7 +26,7 @@ import urllib.parse
 from typing import Iterable
 
 from nas.errors import InputError
-from nas import mlflow_sqlite, tracking  # neither imports MLflow
+from nas import funnel, mlflow_sqlite, tracking  # none imports MLflow
 from nas.pareto import front_marks
 from nas.reader import Experiment, Reader, Run
 from nas.tracking import TAG_ERROR, TAG_FINAL, TAG_KIND, TAG_MAX_TRIALS, TAG_REFIT, TAG_SEARCH, \
@@ -131,6 +131,13 @@ class TrialRow:
         return {"depth": depth, "filters": per_stage("filters"),
                 "kernels": per_stage("kernel_size"), "strides": per_stage("stride"),
                 "pooling": per_stage("pool"), "pointwise": per_stage("pointwise")}
+
+    @property
+    def fidelity(self) -> str:
+        """What a funnel's trial trained on (`nas.funnel`): "20%" of the training data for
+        a look, "100%" for a full training; "" outside a funnel."""
+        share = self.values.get(funnel.SHARE)
+        return "" if share is None else f"{float(share):.0%}"
 
 
 def open_store(tracking_uri: str | None) -> tracking.Tracker:

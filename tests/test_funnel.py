@@ -8,9 +8,11 @@ import time
 import keras
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from nas import data, funnel, tuning
+from nas.cli import main
 from nas.events import Callback
 from nas.funnel import Funnel, Step, Trained
 from nas.search import SearchConfig, prepare, run
@@ -225,6 +227,14 @@ def test_a_funnel_looks_at_shares_promotes_the_best_looks_and_fits_its_time_limi
     assert wall <= 1.05 * limit + 5  # + the search's own start (prepare, MLflow's run)
     run_wall = (search.info.end_time - search.info.start_time) / 1000
     assert 0.8 * limit <= run_wall <= 1.05 * limit
+    # `nas trials` shows the funnel: what each trial trained on
+    shown = CliRunner().invoke(main, ["trials", "--experiment", "funnel"])
+    assert shown.exit_code == 0, shown.output
+    assert f"{len(trials)} trials (as many as its time limit held)" in shown.output
+    header, *lines = shown.output.splitlines()[1:]
+    assert "  data  " in header
+    assert sum(" 20%  " in line for line in lines) == len(looks)
+    assert sum(" 100%  " in line for line in lines) == len(fulls)
 
 
 def test_a_funnel_interrupted_mid_way_resumes_the_same_funnel(small_funnel):

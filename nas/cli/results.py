@@ -10,6 +10,7 @@ import click
 from nas.cli.common import (LATEST_EXPERIMENT, TRACKING_URI, UserError, cell, count,
                             describe_final, seconds, test_line, user_errors)
 from nas.results import STATUSES  # standard library alone: `nas --help` stays light
+from nas.settings import UNCAPPED_TRIALS
 
 
 @click.command()
@@ -37,9 +38,11 @@ def trials(experiment, sort, limit, status, pareto, tracking_uri):
     rows, marks = results.select_trials(every, found, status=status, pareto=pareto, sort=sort,
                                         limit=limit)
     better = "higher" if found.direction == "max" else "lower"
+    budget = (f"{len(every)} trials (as many as its time limit held)"
+              if (found.max_trials or 0) >= UNCAPPED_TRIALS
+              else f"{len(every)} of {found.max_trials or '?'} trials")
     click.echo(f"experiment {found.experiment_name!r}, search run {found.run_id} "
-               f"({found.status}): {len(every)} of {found.max_trials or '?'} trials; "
-               f"{found.objective}, {better} is better")
+               f"({found.status}): {budget}; {found.objective}, {better} is better")
     if not rows:
         click.echo(f"no trial{' is ' + status.upper() if status else ' yet'}")
         return
@@ -128,15 +131,18 @@ def ui(host, port, tracking_uri):
 
 
 def _results_table(rows, objective: str) -> str:
-    header = ("trial", "status", objective, "params", "FLOPs", "fit s", "epochs", "depth",
-              "filters", "kernels", "strides", "pool", "1x1")
+    funnel = any(r.fidelity for r in rows)  # a funnel's looks and full trainings
+    header = ("trial", "status", objective, "params", "FLOPs", "fit s", "epochs",
+              *(("data",) if funnel else ()), "depth", "filters", "kernels", "strides",
+              "pool", "1x1")
     table = [header]
     for r in rows:
         a = r.architecture
         table.append((r.trial_id, r.status,
                       "-" if r.objective is None else f"{r.objective:.4f}",
                       count(r.params), count(r.flops), seconds(r.fit_seconds),
-                      "-" if r.epochs is None else str(r.epochs), cell(a["depth"]),
+                      "-" if r.epochs is None else str(r.epochs),
+                      *((r.fidelity or "-",) if funnel else ()), cell(a["depth"]),
                       cell(a["filters"]), cell(a["kernels"]), cell(a["strides"]),
                       cell(a["pooling"]), cell(a["pointwise"])))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -201,11 +201,15 @@ def _print_result(result) -> None:
 
 
 def _trial_table(trials, objective: str) -> str:
-    rows = [("trial", objective, "params", "FLOPs", "fit s", "depth", "filters", "kernels")]
+    funnel = any(t.fidelity for t in trials)  # a funnel's looks and full trainings
+    rows = [("trial", objective, "params", "FLOPs", "fit s", *(("data", "epochs") if funnel
+                                                              else ()),
+             "depth", "filters", "kernels")]
     for t in trials:
         a = t.architecture
+        shown = (t.fidelity or "-", str(t.epochs)) if funnel else ()
         rows.append((t.trial_id, f"{t.objective:.4f}", f"{t.params:,}", f"{t.flops:,}",
-                     f"{t.fit_seconds:.1f}", str(a["depth"]),
+                     f"{t.fit_seconds:.1f}", *shown, str(a["depth"]),
                      ",".join(map(str, a["filters"])), ",".join(map(str, a["kernels"]))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
