@@ -59,7 +59,9 @@ class Prepared:
     tracker: tracking.Tracker
     state: dict | None  # the saved state of the search being resumed
     previous: dict | None = None  # the state of a search that --overwrite replaces
-    lock: SearchLock | None = None  # taken by `run`; `prepare` only checks it is free
+    # Taken by `run` (or before it, by its caller: `nas search`); `prepare` only checks
+    # it is free.
+    lock: SearchLock | None = None
 
 
 def prepare(config: SearchConfig) -> Prepared:
@@ -154,7 +156,8 @@ def run(prepared: Prepared, callback: Callback | None = None, serve=None) -> Sea
     (`nas.distributed.run_chief`).
 
     The search holds its lock (`nas.state.SearchLock`) from before it writes anything
-    until it returns or raises.
+    until it returns or raises (taken here, unless the caller took `prepared.lock` already;
+    released here either way).
 
     Raises:
         nas.state.StateError: another process holds the search's lock.

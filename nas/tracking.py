@@ -3,7 +3,8 @@
 Everything goes through an explicit `MlflowClient`, not MLflow's global active run,
 so the chief and the workers of a distributed search log into the same parent run.
 Runs are context managers: a run ends FINISHED, FAILED when an exception escapes,
-or KILLED when the process is interrupted; a run is always closed.
+or KILLED when the process is interrupted; a run is always closed. A new local SQLite
+store is created by one process at a time (`Tracker`), however many start at once.
 """
 
 from __future__ import annotations
@@ -69,10 +70,12 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str | None = None):
+        import mlflow
         from mlflow import MlflowClient
 
         os.environ.setdefault(NO_RUN_LINKS, "true")
-        self.client = MlflowClient(tracking_uri)
+        with _one_creator(tracking_uri or mlflow.get_tracking_uri()):
+            self.client = MlflowClient(tracking_uri)  # opens the store: creates a new one
         self.tracking_uri = self.client.tracking_uri
 
     def check(self) -> None:
@@ -211,6 +214,65 @@ class Tracker:
             self.client.set_tag(run.info.run_id, TAG_ERROR, "the process running it died")
             self.end(run.info.run_id, "KILLED")
         return len(stale)
+
+
+@contextlib.contextmanager
+def _one_creator(uri: str) -> Iterator[None]:
+    """While inside, this process alone may create the local SQLite store at `uri`.
+
+    MLflow creates its tables in an SQLite file the first time it opens the store
+    (`MlflowClient`), without a lock of its own: two processes opening a new file at once
+    both create them, and one fails (a table that already exists, or alembic's "Online
+    migration expected to match one row"). Here the store is opened under an OS lock
+    (`fcntl.flock`) on `<file>.lock` beside it, removed after: the second waits for the
+    first and finds the tables made. Any other store, or a lock that cannot be made (MLflow
+    then says why it cannot open the file): no lock.
+    """
+    path = _sqlite_file(uri)
+    held = None
+    if path is not None:
+        try:
+            held = _lock_file(path + ".lock")
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if held is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(held.name)  # while still held: a waiter then finds it gone
+            held.close()
+
+
+def _lock_file(path: str):
+    """`path`, created if missing, opened and locked (waiting for its holder)."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as MLflow would
+    while True:
+        file = open(path, "a")
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(file.fileno()), os.stat(path)):
+                return file
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            file.close()
+            raise
+        file.close()  # its holder removed it once done: lock the file there now
+
+
+def _sqlite_file(uri: str) -> str | None:
+    """The file of a local SQLite store, as SQLAlchemy (MLflow's) opens it; else None."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    if not url.database or url.database == ":memory:" or url.query.get("uri"):
+        return None  # in memory, or an SQLite URI of its own
+    return url.database
 
 
 def _param_value(value: object) -> str:

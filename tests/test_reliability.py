@@ -326,6 +326,51 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     assert len(runs_of()) == len(trials)  # nothing trained again
 
 
+def test_searches_started_at_once_on_a_new_store(tmp_path):
+    """Three searches started at once on an SQLite store none has created yet: two of one
+    experiment (one runs; the other is refused in one line, exit code 2, having written
+    nothing) and one of another (it runs too). Neither crashes creating MLflow's tables."""
+    store = tmp_path / "new.db"
+    uri = f"sqlite:///{store}"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", MLFLOW_TRACKING_URI=uri)
+
+    def start(experiment, workdir):
+        return subprocess.Popen(
+            [sys.executable, "-m", "nas.cli", "search", "--space", "tiny", "--pipeline",
+             "digits", "--max-trials", "1", "--epochs", "1", "--ensemble", "1",
+             "--experiment", experiment, "--workdir", str(tmp_path / workdir)],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    processes = [start("same", "work"), start("same", "work"), start("other", "other_work")]
+    deadline = time.monotonic() + 300
+    try:
+        ended = [(process.communicate(timeout=max(1, deadline - time.monotonic())),
+                  process.returncode) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    shown = "\n\n".join(out + err for (out, err), _ in ended)
+    assert "Traceback" not in shown, shown
+    assert sorted(code for _, code in ended[:2]) == [0, 2], shown
+    assert ended[2][1] == 0, shown
+    winner, refused = sorted(range(2), key=lambda i: ended[i][1])
+    (out, err), _ = ended[refused]
+    assert out == "", shown  # refused before it printed its first line
+    (line,) = err.splitlines()
+    assert line.startswith(f"Error: --experiment: the search 'same' is running in process "
+                           f"{processes[winner].pid} on {socket.gethostname()} since "), line
+    client = MlflowClient(uri)
+    for experiment in ("same", "other"):
+        experiment_id = client.get_experiment_by_name(experiment).experiment_id
+        runs = client.search_runs([experiment_id])
+        assert sorted(r.data.tags["nas.kind"] for r in runs) == ["search", "trial"], runs
+        assert {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(os.listdir(tmp_path / "work")) == ["same", "same.lock"]
+    assert not (tmp_path / "new.db.lock").exists()  # the store's creation lock, gone after
+
+
 @pytest.mark.parametrize("signum, shown", [(signal.SIGTERM, "signal SIGTERM"),
                                            (signal.SIGINT, "Ctrl-C")])
 def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum, shown):

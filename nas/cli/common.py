@@ -6,11 +6,15 @@ Nothing here imports TensorFlow or MLflow at import time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.abc
+import importlib.util
 import os
 import re
 import sys
 import tempfile
+from typing import Iterator
 
 import click
 
@@ -104,13 +108,22 @@ def flag_of(parameter: str) -> str:
 
 
 def tensorflow_environment() -> None:
-    """Settings TensorFlow reads once, when it starts: set before it is imported."""
+    """Settings TensorFlow reads once, when it starts: set before it is imported. From
+    here on, wherever TensorFlow is first imported, its start-up lines are held to the log
+    level (`start_tensorflow`)."""
     # Take GPU memory as trials need it, not all of it up front (and let several
     # workers share one GPU); nas.assembly.configure_tensorflow sets it per device too.
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     # MLflow's INFO lines ("Creating initial MLflow database tables...") are not for users;
     # MLflow reads this when it is imported.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # unless the user chose a level
+    if "tensorflow" not in sys.modules and not any(
+            isinstance(finder, _TensorFlowFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TensorFlowFinder())
+
+
+_started = False  # TensorFlow imported and its devices found (`start_tensorflow`)
 
 
 def start_tensorflow() -> None:
@@ -123,19 +136,43 @@ def start_tensorflow() -> None:
     them. They are caught while TensorFlow starts, and only those at or above the level
     are written: none at the level nas sets when the user did not (3), nor at the user's
     3; more at a lower level the user chose.
+
+    A command may import TensorFlow before this, inside a library call (Keras to read a
+    Keras dataset, KerasTuner in `nas worker`): once `tensorflow_environment` has run,
+    that first import is held the same way (`_TensorFlowFinder`).
     """
-    if "tensorflow" in sys.modules:
+    global _started
+    if _started:
+        return
+    with _start_up_lines_held():
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()
+    _started = True
+
+
+_holding = False  # inside `_start_up_lines_held`
+
+
+@contextlib.contextmanager
+def _start_up_lines_held() -> Iterator[None]:
+    """While inside, stderr (file descriptor 2, where TensorFlow's C++ code writes) is
+    caught; then only the lines at or above TF_CPP_MIN_LOG_LEVEL are written
+    (`tensorflow_lines`). Inside another: nothing more."""
+    global _holding
+    if _holding:
+        yield
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
+        _holding = True
         try:
-            import tensorflow as tf
-
-            tf.config.list_logical_devices()
+            yield
         finally:
+            _holding = False
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
@@ -145,6 +182,42 @@ def start_tensorflow() -> None:
             if shown:
                 sys.stderr.write(shown)
                 sys.stderr.flush()
+
+
+class _TensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds TensorFlow for its first import, wherever that is, and has it run with its
+    start-up lines held (`_start_up_lines_held`): on every path of every command, not
+    only where `start_tensorflow` is called. Keras and KerasTuner import TensorFlow too."""
+
+    def __init__(self):
+        self.finding = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow" or self.finding or _holding:
+            return None
+        self.finding = True
+        try:
+            spec = importlib.util.find_spec(name)  # as the other finders find it
+        finally:
+            self.finding = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _HeldLoader(spec.loader)
+        return spec
+
+
+class _HeldLoader(importlib.abc.Loader):
+    """Runs `loader`'s module with its start-up lines held; the module keeps `loader`."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self.loader
+        with _start_up_lines_held():
+            self.loader.exec_module(module)
 
 
 _LOG_PREFIX = re.compile(r"([IWEF])\d{4} ")  # absl/glog: I0000 00:00:... file.cc:12] ...

@@ -111,6 +111,9 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
             distributed.check_address(chief)
             config.worker_token = distributed.new_token()
         prepared = search_module.prepare(config)
+    # Taken now, not when `run` starts: of two searches of one experiment started at once,
+    # the second is refused here, in one line, before it prints or loads anything.
+    prepared.lock.acquire()
     budget = (f"as many trials as fit in {duration(time_limit)}"
               if max_trials >= UNCAPPED_TRIALS else plural(max_trials, 'trial'))
     click.echo(f"searching {config.space.name} on {config.pipeline.name} with {tuner}: "
