@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from nas.specs import Constraints, Knob, SearchSpace
 
 __all__ = ["Architecture", "Builder", "Impossible", "Layer", "HyperparameterSpec",
@@ -44,8 +46,12 @@ def hyperparameter_specs(space: SearchSpace) -> list[HyperparameterSpec]:
     for stage in range(1, max(depths) + 1):
         active = (("depth", tuple(d for d in depths if d >= stage)),)
         prefix = f"stage_{stage}/"
+        # A space that stacks no convs declares what it did before `convs` existed: its
+        # searches resume, and propose the same candidates, as they did.
+        stacked = (("convs", space.convs),) if space.convs.values() != [1] else ()
         for name, knob in (
             ("filters", space.filters),
+            *stacked,
             ("kernel_size", space.kernel_size),
             ("stride", space.stride),
             ("padding", space.padding),
@@ -286,7 +292,7 @@ _AUGMENT_LAYERS = {"flip": "RandomFlip", "rotation": "RandomRotation",
 # The stage knobs the feature map's height and width after a stage's convolutions
 # depend on, and its pool's knobs (each also says why a stage does not fit); the other
 # knobs change only channels and costs. No condition joins the pool's to the others.
-CONV_SHAPE_KNOBS = ("kernel_size", "stride", "padding")
+CONV_SHAPE_KNOBS = ("convs", "kernel_size", "stride", "padding")
 POOL_KNOBS = ("pool", "pool_size", "pool_stride")
 
 
@@ -303,13 +309,15 @@ class ConvKnobs(NamedTuple):
     same: Any  # 1: same padding, 0: valid
     batch_norm: Any
     pointwise: Any
+    convs: Any = 1  # stacked convs: the first strides, the others keep the size ("same")
 
     @classmethod
     def of(cls, values: dict, prefix: str = "") -> "ConvKnobs":
         """The numbers of the stage whose knobs are named `prefix` + knob in `values`."""
         return cls(values[prefix + "filters"], values[prefix + "kernel_size"],
                    values[prefix + "stride"], int(values[prefix + "padding"] == "same"),
-                   int(values[prefix + "batch_norm"]), int(values[prefix + "pointwise"]))
+                   int(values[prefix + "batch_norm"]), int(values[prefix + "pointwise"]),
+                   values.get(prefix + "convs", 1))
 
 
 class PoolKnobs(NamedTuple):
@@ -335,6 +343,11 @@ def _conv_size(size, k: ConvKnobs):
     """A conv's output size along one side; below 1 when the kernel does not fit."""
     valid = (size - k.kernel) // k.stride + 1
     return valid + k.same * (-(-size // k.stride) - valid)
+
+
+def _next_conv_size(size, k: ConvKnobs):
+    """The output size of a stage's second (or later) conv: stride 1, the stage's padding."""
+    return size - (1 - k.same) * (k.kernel - 1)
 
 
 def _pooled_size(size, k: PoolKnobs):
@@ -374,15 +387,26 @@ def conv_costs(shape, k: ConvKnobs):
     """
     h, w, c = shape
     oh, ow = _conv_size(h, k), _conv_size(w, k)
+    params, flops = _conv_unit_costs(k, c, oh * ow)
+    for extra in range(1, int(np.max(k.convs))):  # the stacked convs, where there are
+        on = (k.convs > extra) * 1
+        nh, nw = _next_conv_size(oh, k), _next_conv_size(ow, k)  # never larger
+        more_params, more_flops = _conv_unit_costs(k, k.filters, nh * nw)
+        params, flops = params + on * more_params, flops + on * more_flops
+        oh, ow = oh + on * (nh - oh), ow + on * (nw - ow)
     pixels = oh * ow
-    conv_params, conv_flops = _conv_cost(k, c, pixels)
-    bn_params, bn_flops = _batch_norm_cost(k, pixels)
     pointwise_params, pointwise_flops = _pointwise_cost(k, pixels)
-    activation = _activation_flops(k, pixels)
-    params = conv_params + k.batch_norm * bn_params + k.pointwise * pointwise_params
-    flops = (conv_flops + k.batch_norm * bn_flops + activation
-             + k.pointwise * (pointwise_flops + activation))
+    params = params + k.pointwise * pointwise_params
+    flops = flops + k.pointwise * (pointwise_flops + _activation_flops(k, pixels))
     return oh, ow, k.filters, params, flops
+
+
+def _conv_unit_costs(k: ConvKnobs, channels, pixels):
+    """One conv of a stage with its batch norm and activation: (parameters, FLOPs)."""
+    conv_params, conv_flops = _conv_cost(k, channels, pixels)
+    bn_params, bn_flops = _batch_norm_cost(k, pixels)
+    return (conv_params + k.batch_norm * bn_params,
+            conv_flops + k.batch_norm * bn_flops + _activation_flops(k, pixels))
 
 
 def pool_costs(shape, k: PoolKnobs):
@@ -429,15 +453,17 @@ class Builder:
                 f"stage {stage}: a {k.kernel}x{k.kernel} conv with {padding} padding and "
                 f"stride {k.stride} does not fit the {h}x{w} feature map"
             )
+        self._conv(p, "", k, padding, activation, c, (oh, ow), k.stride)
+        for n in range(2, k.convs + 1):  # stacked convs: stride 1, the stage's padding
+            h, w = oh, ow
+            oh, ow = _next_conv_size(h, k), _next_conv_size(w, k)
+            if oh < 1 or ow < 1:
+                raise Impossible(
+                    f"stage {stage}: conv {n} of {k.convs}, {k.kernel}x{k.kernel} with "
+                    f"{padding} padding, does not fit the {h}x{w} feature map"
+                )
+            self._conv(p, f"_{n}", k, padding, activation, k.filters, (oh, ow), 1)
         pixels = oh * ow
-        self.add(p + "conv", "Conv2D",
-                 {"filters": k.filters, "kernel_size": k.kernel, "strides": k.stride,
-                  "padding": padding, "use_bias": not k.batch_norm},
-                 (oh, ow, k.filters), *_conv_cost(k, c, pixels))
-        if k.batch_norm:
-            self.add(p + "bn", "BatchNormalization", {}, self.shape, *_batch_norm_cost(k, pixels))
-        self.add(p + "act", "Activation", {"activation": activation}, self.shape, 0,
-                 _activation_flops(k, pixels))
         if k.pointwise:
             self.add(p + "pointwise", "Conv2D",
                      {"filters": k.filters, "kernel_size": 1, "strides": 1, "padding": "same",
@@ -456,6 +482,21 @@ class Builder:
             kind = "MaxPooling2D" if pool == "max" else "AveragePooling2D"
             self.add(p + "pool", kind, {"pool_size": q.size, "strides": q.stride},
                      (ph, pw, k.filters), 0, _pool_flops(q, k.filters, ph * pw))
+
+    def _conv(self, p: str, suffix: str, k: ConvKnobs, padding: str, activation: str,
+              channels, size: tuple, stride) -> None:
+        """One conv of a stage (`suffix` "" for its first, "_2"... for the stacked ones),
+        with its batch norm and activation."""
+        pixels = size[0] * size[1]
+        self.add(p + "conv" + suffix, "Conv2D",
+                 {"filters": k.filters, "kernel_size": k.kernel, "strides": stride,
+                  "padding": padding, "use_bias": not k.batch_norm},
+                 (*size, k.filters), *_conv_cost(k, channels, pixels))
+        if k.batch_norm:
+            self.add(p + "bn" + suffix, "BatchNormalization", {}, self.shape,
+                     *_batch_norm_cost(k, pixels))
+        self.add(p + "act" + suffix, "Activation", {"activation": activation}, self.shape, 0,
+                 _activation_flops(k, pixels))
 
     def head(self, v: dict, num_classes: int) -> None:
         self.reduce(v)

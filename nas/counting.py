@@ -132,7 +132,7 @@ class Sizes:
 
     def __init__(self, convs: list[dict], pools: list[dict]):
         self.convs, shares = _rows(
-            convs, lambda option: tuple(option[name] for name in CONV_SHAPE_KNOBS))
+            convs, lambda option: tuple(option.get(name) for name in CONV_SHAPE_KNOBS))
         self.shares, self.pools = np.array(shares, np.int64), pools
         self.conv, self.pool = (type_(*(np.array(column, np.int64) for column in zip(
             *map(type_.of, options)))) for type_, options in ((ConvKnobs, self.convs),

@@ -157,6 +157,8 @@ class SearchSpace:
     constraints: Constraints
     # (name, knob) of each augmentation the space names, in `AUGMENTS` order
     augment: tuple[tuple[str, Knob], ...] = ()
+    # how many convs a stage stacks (each with its batch norm and activation)
+    convs: Knob = Knob("int", (1,))
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
 
@@ -361,7 +363,8 @@ def load_space(ref: str) -> SearchSpace:
     stages = r.mapping(data["stages"], "stages", ("depth", "conv", "pointwise", "pool"),
                        required=("depth", "conv"))
     conv = r.mapping(stages["conv"], "stages.conv",
-                     ("filters", "kernel_size", "stride", "padding", "activation", "batch_norm"),
+                     ("filters", "convs", "kernel_size", "stride", "padding", "activation",
+                      "batch_norm"),
                      required=("filters", "kernel_size"))
     pool = r.mapping(stages.get("pool", {"type": "none"}), "stages.pool", ("type", "size", "stride"))
     head = r.mapping(data["head"], "head", ("reduce", "dense"))
@@ -378,6 +381,7 @@ def load_space(ref: str) -> SearchSpace:
         source=display,
         depth=r.knob(stages["depth"], "stages.depth", "int", low=1),
         filters=r.knob(conv["filters"], "stages.conv.filters", "int", low=1),
+        convs=r.knob(conv.get("convs", 1), "stages.conv.convs", "int", low=1),
         kernel_size=r.knob(conv["kernel_size"], "stages.conv.kernel_size", "int", low=1),
         stride=r.knob(conv.get("stride", 1), "stages.conv.stride", "int", low=1),
         padding=r.knob(conv.get("padding", "same"), "stages.conv.padding", "str", allowed=PADDINGS),

@@ -62,10 +62,12 @@ def keras_from_values(values, input_shape, num_classes=10):
     for s in range(1, values["depth"] + 1):
         p = f"stage_{s}/"
         bn = values[p + "batch_norm"]
-        x = L.Conv2D(values[p + "filters"], values[p + "kernel_size"], values[p + "stride"],
-                     values[p + "padding"], use_bias=not bn)(x)
-        if bn:
-            x = L.BatchNormalization()(x)
+        for n in range(values.get(p + "convs", 1)):  # stacked convs stride once, first
+            x = L.Conv2D(values[p + "filters"], values[p + "kernel_size"],
+                         values[p + "stride"] if n == 0 else 1, values[p + "padding"],
+                         use_bias=not bn)(x)
+            if bn:
+                x = L.BatchNormalization()(x)
         if values[p + "pointwise"]:
             x = L.Conv2D(values[p + "filters"], 1)(x)
         if values[p + "pool"] != "none":
@@ -77,6 +79,78 @@ def keras_from_values(values, input_shape, num_classes=10):
     for d in range(1, values["dense_layers"] + 1):
         x = L.Dense(values[f"dense_{d}/units"])(x)
     return keras.Model(inputs, L.Dense(num_classes)(x))
+
+
+STACKED = """
+name: stacked
+stages:
+  depth: {min: 1, max: 3}
+  conv:
+    filters: [8, 16]
+    convs: [1, 2, 3]
+    kernel_size: [3, 5]
+    stride: [1, 2]
+    padding: [same, valid]
+    batch_norm: [false, true]
+  pointwise: [false, true]
+  pool: {type: [max, avg, none], size: 2}
+head:
+  reduce: [flatten, global_avg]
+  dense: {layers: {min: 0, max: 1}, units: [16]}
+optimizer: {name: adam, learning_rate: 0.001}
+"""
+
+
+@pytest.mark.parametrize("input_shape", [(12, 12, 1), (28, 28, 3)])
+def test_stacked_convs_match_keras_and_are_impossible_exactly_when_keras_fails(
+        tmp_path, input_shape):
+    import keras
+
+    from nas.models import build_model
+
+    path = tmp_path / "stacked.yaml"
+    path.write_text(STACKED)
+    built = impossible = 0
+    for architecture in candidates(str(path), input_shape, 40, seed=1):
+        assert architecture.values.get("stage_1/convs") in (1, 2, 3)
+        try:
+            reference = keras_from_values(architecture.values, input_shape)
+        except ValueError:
+            assert architecture.impossible and architecture.impossible.startswith("stage ")
+            impossible += 1
+            continue
+        assert architecture.impossible is None, architecture.table()
+        model = build_model(architecture)
+        assert architecture.params == model.count_params() == reference.count_params()
+        keras_shapes = [tuple(layer.output.shape[1:]) for layer in model.layers[1:]]
+        assert [layer.output_shape for layer in architecture.layers] == keras_shapes
+        built += 1
+        keras.backend.clear_session()
+    assert built >= 8 and (impossible >= 3 or input_shape[0] > 12)
+
+
+def test_a_hand_computed_stage_of_two_convs():
+    from nas.specs import load_space
+
+    space = load_space("tiny")
+    import dataclasses
+
+    from nas.specs import Knob
+
+    stacked = dataclasses.replace(space, convs=Knob("int", (2,)))
+    values = {"depth": 1, "stage_1/filters": 8, "stage_1/kernel_size": 3,
+              "stage_1/padding": "valid", "stage_1/pool": "none", "reduce": "flatten",
+              "dense_layers": 0, "learning_rate": 0.01}
+    a = Architecture.from_values(stacked, values, (8, 8, 1), 10)
+    first, second = a.layers[1], a.layers[3]  # conv, act, conv_2, act_2
+    assert [layer.name for layer in a.layers[1:5]] == [
+        "stage_1/conv", "stage_1/act", "stage_1/conv_2", "stage_1/act_2"]
+    assert (first.output_shape, first.params, first.flops) == ((6, 6, 8), 80, 2 * 9 * 8 * 36)
+    assert (second.output_shape, second.params) == ((4, 4, 8), 9 * 8 * 8 + 8)
+    assert second.flops == 2 * 9 * 8 * 8 * 16
+    tight = Architecture.from_values(stacked, values, (4, 4, 1), 10)
+    assert tight.impossible == ("stage 1: conv 2 of 2, 3x3 with valid padding, does not fit "
+                                "the 2x2 feature map")
 
 
 def test_impossible_exactly_when_keras_cannot_build_it():
