@@ -49,6 +49,8 @@ def hyperparameter_specs(space: SearchSpace) -> list[HyperparameterSpec]:
         # A space that stacks no convs declares what it did before `convs` existed: its
         # searches resume, and propose the same candidates, as they did.
         stacked = (("convs", space.convs),) if space.convs.values() != [1] else ()
+        stacked += (("separable", space.separable),) if space.separable.values() != [
+            False] else ()
         for name, knob in (
             ("filters", space.filters),
             *stacked,
@@ -94,7 +96,7 @@ class Layer:
 
     def describe(self) -> str:
         c = self.config
-        if self.kind == "Conv2D":
+        if self.kind in ("Conv2D", "SeparableConv2D"):
             return (f"{c['filters']} {c['kernel_size']}x{c['kernel_size']} "
                     f"stride {c['strides']} {c['padding']}")
         if self.kind in ("MaxPooling2D", "AveragePooling2D"):
@@ -310,6 +312,7 @@ class ConvKnobs(NamedTuple):
     batch_norm: Any
     pointwise: Any
     convs: Any = 1  # stacked convs: the first strides, the others keep the size ("same")
+    separable: Any = 0  # 1: depthwise-separable convs
 
     @classmethod
     def of(cls, values: dict, prefix: str = "") -> "ConvKnobs":
@@ -317,7 +320,7 @@ class ConvKnobs(NamedTuple):
         return cls(values[prefix + "filters"], values[prefix + "kernel_size"],
                    values[prefix + "stride"], int(values[prefix + "padding"] == "same"),
                    int(values[prefix + "batch_norm"]), int(values[prefix + "pointwise"]),
-                   values.get(prefix + "convs", 1))
+                   values.get(prefix + "convs", 1), int(values.get(prefix + "separable", False)))
 
 
 class PoolKnobs(NamedTuple):
@@ -356,8 +359,11 @@ def _pooled_size(size, k: PoolKnobs):
 
 
 def _conv_cost(k: ConvKnobs, channels, pixels):
-    # Batch norm's shift makes the conv bias redundant.
-    weights = k.kernel * k.kernel * channels * k.filters
+    # Batch norm's shift makes the conv bias redundant. A separable conv is a depthwise
+    # k x k conv per channel, then a 1x1 conv across them (Keras's SeparableConv2D).
+    full = k.kernel * k.kernel * channels * k.filters
+    separable = k.kernel * k.kernel * channels + channels * k.filters
+    weights = full + k.separable * (separable - full)
     return weights + k.filters * (1 - k.batch_norm), 2 * weights * pixels
 
 
@@ -488,7 +494,7 @@ class Builder:
         """One conv of a stage (`suffix` "" for its first, "_2"... for the stacked ones),
         with its batch norm and activation."""
         pixels = size[0] * size[1]
-        self.add(p + "conv" + suffix, "Conv2D",
+        self.add(p + "conv" + suffix, "SeparableConv2D" if k.separable else "Conv2D",
                  {"filters": k.filters, "kernel_size": k.kernel, "strides": stride,
                   "padding": padding, "use_bias": not k.batch_norm},
                  (*size, k.filters), *_conv_cost(k, channels, pixels))

@@ -88,6 +88,10 @@ def _make_layer(layer, policy: str) -> keras.layers.Layer:
     if layer.kind == "Conv2D":
         return keras.layers.Conv2D(c["filters"], c["kernel_size"], strides=c["strides"],
                                    padding=c["padding"], use_bias=c["use_bias"], **common)
+    if layer.kind == "SeparableConv2D":
+        return keras.layers.SeparableConv2D(c["filters"], c["kernel_size"],
+                                            strides=c["strides"], padding=c["padding"],
+                                            use_bias=c["use_bias"], **common)
     if layer.kind == "BatchNormalization":
         return keras.layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, **common)
     if layer.kind == "Activation":

@@ -159,6 +159,8 @@ class SearchSpace:
     augment: tuple[tuple[str, Knob], ...] = ()
     # how many convs a stage stacks (each with its batch norm and activation)
     convs: Knob = Knob("int", (1,))
+    # depthwise-separable convs (a depthwise conv, then a 1x1 across channels)
+    separable: Knob = Knob("bool", (False,))
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
 
@@ -364,7 +366,7 @@ def load_space(ref: str) -> SearchSpace:
                        required=("depth", "conv"))
     conv = r.mapping(stages["conv"], "stages.conv",
                      ("filters", "convs", "kernel_size", "stride", "padding", "activation",
-                      "batch_norm"),
+                      "batch_norm", "separable"),
                      required=("filters", "kernel_size"))
     pool = r.mapping(stages.get("pool", {"type": "none"}), "stages.pool", ("type", "size", "stride"))
     head = r.mapping(data["head"], "head", ("reduce", "dense"))
@@ -382,6 +384,7 @@ def load_space(ref: str) -> SearchSpace:
         depth=r.knob(stages["depth"], "stages.depth", "int", low=1),
         filters=r.knob(conv["filters"], "stages.conv.filters", "int", low=1),
         convs=r.knob(conv.get("convs", 1), "stages.conv.convs", "int", low=1),
+        separable=r.knob(conv.get("separable", False), "stages.conv.separable", "bool"),
         kernel_size=r.knob(conv["kernel_size"], "stages.conv.kernel_size", "int", low=1),
         stride=r.knob(conv.get("stride", 1), "stages.conv.stride", "int", low=1),
         padding=r.knob(conv.get("padding", "same"), "stages.conv.padding", "str", allowed=PADDINGS),

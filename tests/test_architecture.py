@@ -62,10 +62,11 @@ def keras_from_values(values, input_shape, num_classes=10):
     for s in range(1, values["depth"] + 1):
         p = f"stage_{s}/"
         bn = values[p + "batch_norm"]
+        conv = L.SeparableConv2D if values.get(p + "separable") else L.Conv2D
         for n in range(values.get(p + "convs", 1)):  # stacked convs stride once, first
-            x = L.Conv2D(values[p + "filters"], values[p + "kernel_size"],
-                         values[p + "stride"] if n == 0 else 1, values[p + "padding"],
-                         use_bias=not bn)(x)
+            x = conv(values[p + "filters"], values[p + "kernel_size"],
+                     values[p + "stride"] if n == 0 else 1, values[p + "padding"],
+                     use_bias=not bn)(x)
             if bn:
                 x = L.BatchNormalization()(x)
         if values[p + "pointwise"]:
@@ -92,6 +93,7 @@ stages:
     stride: [1, 2]
     padding: [same, valid]
     batch_norm: [false, true]
+    separable: [false, true]
   pointwise: [false, true]
   pool: {type: [max, avg, none], size: 2}
 head:
@@ -102,7 +104,7 @@ optimizer: {name: adam, learning_rate: 0.001}
 
 
 @pytest.mark.parametrize("input_shape", [(12, 12, 1), (28, 28, 3)])
-def test_stacked_convs_match_keras_and_are_impossible_exactly_when_keras_fails(
+def test_stacked_and_separable_convs_match_keras_and_are_impossible_exactly_when_keras_fails(
         tmp_path, input_shape):
     import keras
 
@@ -113,6 +115,7 @@ def test_stacked_convs_match_keras_and_are_impossible_exactly_when_keras_fails(
     built = impossible = 0
     for architecture in candidates(str(path), input_shape, 40, seed=1):
         assert architecture.values.get("stage_1/convs") in (1, 2, 3)
+        assert architecture.values.get("stage_1/separable") in (False, True)
         try:
             reference = keras_from_values(architecture.values, input_shape)
         except ValueError:
@@ -129,14 +132,12 @@ def test_stacked_convs_match_keras_and_are_impossible_exactly_when_keras_fails(
     assert built >= 8 and (impossible >= 3 or input_shape[0] > 12)
 
 
-def test_a_hand_computed_stage_of_two_convs():
-    from nas.specs import load_space
-
-    space = load_space("tiny")
+def test_a_hand_computed_stage_of_two_convs_and_a_separable_conv():
     import dataclasses
 
     from nas.specs import Knob
 
+    space = load_space("tiny")
     stacked = dataclasses.replace(space, convs=Knob("int", (2,)))
     values = {"depth": 1, "stage_1/filters": 8, "stage_1/kernel_size": 3,
               "stage_1/padding": "valid", "stage_1/pool": "none", "reduce": "flatten",
@@ -148,6 +149,11 @@ def test_a_hand_computed_stage_of_two_convs():
     assert (first.output_shape, first.params, first.flops) == ((6, 6, 8), 80, 2 * 9 * 8 * 36)
     assert (second.output_shape, second.params) == ((4, 4, 8), 9 * 8 * 8 + 8)
     assert second.flops == 2 * 9 * 8 * 8 * 16
+    separable = Architecture.from_values(
+        dataclasses.replace(stacked, separable=Knob("bool", (True,))), values, (8, 8, 1), 10)
+    conv = separable.layers[1]  # depthwise 3x3 on 1 channel, then 1 -> 8, and a bias each
+    assert (conv.kind, conv.params, conv.flops) == ("SeparableConv2D", 9 + 8 + 8,
+                                                     2 * (9 + 8) * 36)
     tight = Architecture.from_values(stacked, values, (4, 4, 1), 10)
     assert tight.impossible == ("stage 1: conv 2 of 2, 3x3 with valid padding, does not fit "
                                 "the 2x2 feature map")

@@ -52,13 +52,13 @@ SMALL_SPACES = {
         optimizer: {name: adam, learning_rate: {min: 0.0001, max: 0.01, sampling: log}}
     """,
     # Stacked convs per stage: with valid padding each shrinks the map, so the count of
-    # convs decides what fits; with batch norm and a pointwise conv on top.
+    # convs decides what fits; separable convs change the costs, not the shapes.
     "stacked": """
         stages:
           depth: {min: 1, max: 2}
           conv: {filters: [2, 3], convs: [1, 2, 3], kernel_size: [1, 3],
-                 padding: [same, valid], stride: [1, 2], batch_norm: [false, true]}
-          pointwise: [false, true]
+                 padding: [same, valid], stride: 2, batch_norm: [false, true],
+                 separable: [false, true]}
           pool: {type: [max, none], size: 2}
         head: {reduce: [flatten, global_avg]}
         optimizer: {name: adam, learning_rate: 0.01}
