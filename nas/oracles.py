@@ -242,6 +242,7 @@ KNOWN_GOOD = (
 TOURNAMENT = 3  # parents are the best of this many recent trials (regularized evolution)
 POPULATION = 10  # ... drawn from this many of the latest finished trials
 MAX_MOVES = 200  # tries at a new, untried move before falling back to a random candidate
+LOOK_TRIES = 20  # proposals tried for a look that ends in the time left, before stopping
 
 
 class _EvolutionOracle(_Oracle, kt.Oracle):
@@ -295,14 +296,16 @@ class _EvolutionOracle(_Oracle, kt.Oracle):
             values = {**funnel_module.architecture_values(look), funnel_module.SHARE: 1.0,
                       funnel_module.EPOCHS: step.epochs, funnel_module.PARENT: step.parent}
         elif step is not None:
-            self._parent = None
-            candidate = self._first_accepted(lambda rejected: self._propose())
-            if candidate is not None and self.funnel.look_fits(self._flops(candidate),
-                                                               elapsed, trained):
-                ktcompat.remember_tried(self, candidate)  # looked at: never again
-                values = {**candidate, funnel_module.SHARE: step.share,
-                          funnel_module.EPOCHS: step.epochs,
-                          funnel_module.PARENT: self._parent or ""}
+            for _ in range(LOOK_TRIES):  # a candidate whose look still ends in time
+                candidate = self._first_accepted(lambda rejected: self._propose())
+                if candidate is None:
+                    break
+                if self.funnel.look_fits(self._flops(candidate), elapsed, trained):
+                    ktcompat.remember_tried(self, candidate)  # looked at: never again
+                    values = {**candidate, funnel_module.SHARE: step.share,
+                              funnel_module.EPOCHS: step.epochs,
+                              funnel_module.PARENT: self._parent or ""}
+                    break
         if values is None:
             self.stopped_by_time = True
             return {"status": trial_module.TrialStatus.STOPPED, "values": None}
