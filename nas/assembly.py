@@ -74,7 +74,7 @@ class Parts:
                 or self.samples[0] < funnel.MIN_SAMPLES):
             return None
         return funnel.Funnel(config.time_limit, *self.samples, config.ensemble,
-                             config.pipeline.direction)
+                             config.pipeline.direction, refit=config.refit)
 
     def oracle(self, guarded: bool = True, on_reject=None):
         """The search's oracle. `guarded`: impossible and over-budget candidates are

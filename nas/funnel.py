@@ -96,14 +96,19 @@ class Funnel:
         train_samples, validation_samples: the sizes of the two splits.
         finalists: the most full trainings (the final model's `--ensemble`).
         direction: "max" or "min", the objective's.
+        refit: the final model retrains its trials on the training and validation data
+            (`--refit`), inside the limit: each full training's time is matched by its
+            refit's (on `refit_cost` times the data), held back from what follows.
     """
 
     def __init__(self, limit: float, train_samples: int, validation_samples: int,
-                 finalists: int, direction: str):
+                 finalists: int, direction: str, refit: bool = False):
         self.limit = float(limit)
         self.train_samples, self.validation_samples = train_samples, validation_samples
         self.finalists, self.direction = max(1, finalists), direction
         self.reserve = max(RESERVE_SECONDS, RESERVE_SHARE * self.limit)
+        self.refit_cost = ((train_samples + validation_samples) / max(1, train_samples)
+                           if refit else 0.0)
 
     def units(self, flops: int, share: float) -> float:
         """The work of one epoch of a candidate of `flops` on `share` of the data."""
@@ -122,14 +127,21 @@ class Funnel:
             return None
         return statistics.median(rates) * self.units(flops, share)
 
-    def left(self, elapsed: float) -> float:
-        """The seconds trials may still take (the final model's part held back)."""
-        return self.limit - self.reserve - elapsed
+    def left(self, elapsed: float, trained: list[Trained] = ()) -> float:
+        """The seconds trials may still take: the final model's part held back, and with
+        `refit` what retraining the full trainings in `trained` will take."""
+        owed = self.refit_cost * sum(t.seconds for t in trained if t.share >= 1)
+        return self.limit - self.reserve - elapsed - owed
+
+    def full_seconds(self, left: float) -> float:
+        """Of `left` seconds, what full trainings may take (with `refit`, their refits
+        take the rest)."""
+        return left / (1 + self.refit_cost)
 
     def look_fits(self, flops: int, elapsed: float, trained: list[Trained]) -> bool:
         """Whether a look at a candidate of `flops` ends in time."""
         seconds = self.epoch_seconds(flops, LOOK_SHARE, trained)
-        return seconds is None or LOOK_EPOCHS * seconds <= self.left(elapsed)
+        return seconds is None or LOOK_EPOCHS * seconds <= self.left(elapsed, trained)
 
     def next(self, elapsed: float, trained: list[Trained],
              running: tuple[str, ...] = ()) -> Step | None:
@@ -141,7 +153,7 @@ class Funnel:
         """
         looks = [t for t in trained if t.share < 1]
         fulls = [t for t in trained if t.share >= 1]
-        left = self.left(elapsed)
+        left = self.left(elapsed, trained)
         look = Step("look", LOOK_SHARE, LOOK_EPOCHS)
         if not looks or (not fulls and elapsed < LOOK_BUDGET * self.limit):
             return look if left > 0 else None
@@ -156,10 +168,11 @@ class Funnel:
                 return look if left > 0 else None
             # How many full trainings the time left holds at `MIN_FULL_EPOCHS` each (at
             # least one, when none was trained yet), and this one's share of the time.
-            room = int(left // (MIN_FULL_EPOCHS * per_epoch))
+            for_fulls = self.full_seconds(left)
+            room = int(for_fulls // (MIN_FULL_EPOCHS * per_epoch))
             count = min(self.finalists - fulls_so_far, max(room, 0 if fulls_so_far else 1))
             if count > 0:
-                epochs = int(left / count // per_epoch)
+                epochs = int(for_fulls / count // per_epoch)
                 if epochs >= (MIN_FULL_EPOCHS if fulls_so_far else 1):
                     return Step("full", 1.0, epochs, best.trial_id)
         return look if left > 0 else None

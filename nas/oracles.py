@@ -129,8 +129,9 @@ class _Guard:
         limit = getattr(self, "time_limit", None)
         return limit is not None and self.elapsed() + self.next_trial_estimate() > limit
 
-    def seconds_left(self) -> float | None:
-        """What a running trial may still take before the limit (None: no deadline)."""
+    def seconds_left(self, values: dict) -> float | None:
+        """What the running trial of `values` may still take before the limit (None: no
+        deadline)."""
         return None
 
     def create_trial(self, tuner_id):
@@ -271,8 +272,12 @@ class _EvolutionOracle(_Oracle, kt.Oracle):
     def out_of_time(self) -> bool:
         return False if self.funnel is not None else super().out_of_time()
 
-    def seconds_left(self) -> float | None:
-        return None if self.funnel is None else self.funnel.left(self.elapsed())
+    def seconds_left(self, values: dict) -> float | None:
+        if self.funnel is None:
+            return None
+        left = self.funnel.left(self.elapsed(), self._trained())
+        full = funnel_module.fidelity(values)[0] >= 1
+        return self.funnel.full_seconds(left) if full else left
 
     def populate_space(self, trial_id):
         if self.funnel is not None:

@@ -306,7 +306,8 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         callbacks = [c for c in kwargs.get("callbacks", [])
                      if not (_full_training(values)
                              and isinstance(c, keras.callbacks.EarlyStopping))]
-        left = self.oracle.seconds_left() if hasattr(self.oracle, "seconds_left") else None
+        left = (self.oracle.seconds_left(values) if hasattr(self.oracle, "seconds_left")
+                else None)
         callbacks.append(CosineDecay(values["learning_rate"], epochs, left))
         return args, {**kwargs, "epochs": epochs, "callbacks": callbacks}
 

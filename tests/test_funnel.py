@@ -70,6 +70,22 @@ def test_the_funnel_trains_fewer_finalists_when_the_time_left_holds_fewer():
     assert plan.next(850, looks + [full("2", "1")]).kind == "look"
 
 
+def test_with_refit_the_funnel_holds_back_the_time_its_refits_will_take():
+    plain = Funnel(limit=1000, train_samples=10_000, validation_samples=2_500, finalists=1,
+                   direction="max")
+    refit = Funnel(limit=1000, train_samples=10_000, validation_samples=2_500, finalists=1,
+                   direction="max", refit=True)
+    assert refit.refit_cost == 1.25  # a refit trains on training + validation data
+    looks = [look("0", 0.8), look("1", 0.7)]
+    epochs = plain.next(400, looks).epochs
+    assert refit.next(400, looks).epochs == int(refit.full_seconds(570) // (
+        plain.epoch_seconds(1000, 1.0, looks, own=looks[0])))
+    assert refit.next(400, looks).epochs < epochs * 0.5
+    trained = looks + [full("2", "0", seconds=200.0)]
+    assert refit.left(700, trained) == 1000 - 30 - 700 - 1.25 * 200  # its refit is owed
+    assert plain.left(700, trained) == 1000 - 30 - 700
+
+
 # --- a look's share of the data ------------------------------------------------------------
 
 
