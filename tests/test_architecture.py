@@ -103,9 +103,8 @@ optimizer: {name: adam, learning_rate: 0.001}
 """
 
 
-@pytest.mark.parametrize("input_shape", [(12, 12, 1), (28, 28, 3)])
 def test_stacked_and_separable_convs_match_keras_and_are_impossible_exactly_when_keras_fails(
-        tmp_path, input_shape):
+        tmp_path):
     import keras
 
     from nas.models import build_model
@@ -113,7 +112,8 @@ def test_stacked_and_separable_convs_match_keras_and_are_impossible_exactly_when
     path = tmp_path / "stacked.yaml"
     path.write_text(STACKED)
     built = impossible = 0
-    for architecture in candidates(str(path), input_shape, 40, seed=1):
+    input_shape = (12, 12, 1)  # small enough that stacked valid convs do not always fit
+    for architecture in candidates(str(path), input_shape, 20, seed=1):
         assert architecture.values.get("stage_1/convs") in (1, 2, 3)
         assert architecture.values.get("stage_1/separable") in (False, True)
         try:
@@ -129,7 +129,7 @@ def test_stacked_and_separable_convs_match_keras_and_are_impossible_exactly_when
         assert [layer.output_shape for layer in architecture.layers] == keras_shapes
         built += 1
         keras.backend.clear_session()
-    assert built >= 8 and (impossible >= 3 or input_shape[0] > 12)
+    assert built >= 8 and impossible >= 3
 
 
 def test_a_hand_computed_stage_of_two_convs_and_a_separable_conv():

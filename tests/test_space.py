@@ -56,9 +56,8 @@ SMALL_SPACES = {
     "stacked": """
         stages:
           depth: {min: 1, max: 2}
-          conv: {filters: [2, 3], convs: [1, 2, 3], kernel_size: [1, 3],
-                 padding: [same, valid], stride: 2, batch_norm: [false, true],
-                 separable: [false, true]}
+          conv: {filters: 3, convs: [1, 2, 3], kernel_size: [1, 3], padding: [same, valid],
+                 stride: 2, batch_norm: [false, true], separable: [false, true]}
           pool: {type: [max, none], size: 2}
         head: {reduce: [flatten, global_avg]}
         optimizer: {name: adam, learning_rate: 0.01}
