@@ -76,6 +76,8 @@ def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log) ->
     """`nas search` on Fashion-MNIST as a user runs it; its score and funnel from MLflow."""
     from mlflow import MlflowClient
 
+    from nas import tracking
+
     uri = f"sqlite:///{folder}/mlflow.db"
     command = [nas, "search", "--pipeline", "fashion_mnist", "--time-limit", f"{limit:.0f}s",
                "--tracking-uri", uri, "--workdir", str(folder / "work"), "--experiment",
@@ -101,7 +103,7 @@ def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log) ->
         funnel.setdefault(f"{share:g}", []).append(run.data.metrics.get("epochs_trained", 0))
     final = parent.data.tags.get("nas.final_trials", "").split(",")
     params = [r.data.metrics.get("params") for r in runs
-              if r.data.tags.get("nas.trial") in final]
+              if r.data.tags.get(tracking.TAG_TRIAL) in final]
     shown = "; ".join(f"share {share}: {len(epochs)} trials, {sum(epochs):.0f} epochs"
                       for share, epochs in sorted(funnel.items()))
     return {"test": parent.data.metrics["test_accuracy"], "wall": wall,
