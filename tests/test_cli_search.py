@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -228,9 +229,11 @@ def write_fashion_mnist(keras_home, samples=240):
     rng = np.random.default_rng(0)
     for split, count in (("train", samples), ("t10k", samples // 4)):
         with gzip.open(folder / f"{split}-labels-idx1-ubyte.gz", "wb") as file:
-            file.write(bytes(8) + (np.arange(count) % 10).astype("uint8").tobytes())
+            file.write(struct.pack(">II", 0x801, count)
+                       + (np.arange(count) % 10).astype("uint8").tobytes())
         with gzip.open(folder / f"{split}-images-idx3-ubyte.gz", "wb") as file:
-            file.write(bytes(16) + rng.integers(0, 256, (count, 28, 28), "uint8").tobytes())
+            file.write(struct.pack(">IIII", 0x803, count, 28, 28)
+                       + rng.integers(0, 256, (count, 28, 28), "uint8").tobytes())
 
 
 def test_no_tensorflow_start_up_line_at_log_level_3_on_any_path(tmp_path):

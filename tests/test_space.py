@@ -494,7 +494,8 @@ def dominated(point, front):
 
 
 # Whether one point per feature map is fewer than the front holds somewhere.
-THINNED = {"pools": True, "strides": True, "dense": False, "continuous": False}
+THINNED = {"pools": True, "strides": True, "dense": False, "continuous": False,
+           "stacked": False}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL_SPACES))

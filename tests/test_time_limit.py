@@ -76,6 +76,6 @@ def test_a_time_limit_without_max_trials_trains_as_many_trials_as_fit():
     result = CliRunner().invoke(main, ["search", "--space", "tiny", "--epochs", "1",
                                        "--experiment", "timed", "--time-limit", "8s"])
     assert result.exit_code == 0, result.output
-    assert "with evolution: as many trials as fit in 8s, experiment 'timed'" in result.output
+    assert "with evolution: as many trials as fit in 8.0s, experiment 'timed'" in result.output
     assert "stopped by --time-limit" in result.output
     assert "trial 0000 (1): val_accuracy" in result.output and "(1/" not in result.output
