@@ -55,8 +55,8 @@ IDLE_SECONDS = 1.0
 # A trial whose worker is lost this many times fails instead of going back to the queue:
 # it is probably what kills its workers (out of memory, say).
 MAX_LOSSES = 3
-TAG_CHIEF = "nas.chief"
-TAG_SETTINGS = "nas.worker_settings"
+TAG_CHIEF = tracking.TAG_CHIEF  # on the search's run
+TAG_SETTINGS = tracking.TAG_WORKER_SETTINGS  # on the search's run
 _WORKER_KEY = "nas-worker"  # gRPC metadata: the worker making a call
 _TOKEN_KEY = "nas-token"  # gRPC metadata: the search's worker token
 TOKEN_ENV = "NAS_WORKER_TOKEN"  # where the chief and its workers may take the token from
@@ -238,8 +238,8 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
                 if (run.info.status in ("RUNNING", "FINISHED")
                         and tags.get(tracking.TAG_TRIAL) == trial_id
                         and tags.get(tracking.TAG_WORKER) == worker):
-                    tracker.set_tags(run.info.run_id,
-                                     {"nas.error": f"worker {worker} was lost ({reason})"})
+                    tracker.set_tags(run.info.run_id, {
+                        tracking.TAG_ERROR: f"worker {worker} was lost ({reason})"})
                     tracker.end(run.info.run_id, "KILLED")
         except Exception as error:  # MLflow down: the run is closed at the end instead
             echo(f"could not close the run of trial {trial_id} ({error.__class__.__name__})")
@@ -386,17 +386,11 @@ def find_search(tracker: tracking.Tracker, experiment: str, chief: str, wait: fl
     deadline = time.monotonic() + wait
     waiting = False
     while True:
-        found = tracker.client.get_experiment_by_name(experiment)
-        if found is not None:
-            runs = tracker.client.search_runs(
-                [found.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                order_by=["attributes.start_time DESC"], max_results=1000)
-            runs = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"
-                    and TAG_SETTINGS in r.data.tags]
-            for matches in (lambda a: a == chief, lambda a: a.rpartition(":")[2] == str(port)):
-                chosen = [r for r in runs if matches(r.data.tags.get(TAG_CHIEF, ""))]
-                if chosen:
-                    return chosen[0]
+        runs = [r for r in tracker.running_searches(experiment) if TAG_SETTINGS in r.data.tags]
+        for matches in (lambda a: a == chief, lambda a: a.rpartition(":")[2] == str(port)):
+            chosen = [r for r in runs if matches(r.data.tags.get(TAG_CHIEF, ""))]
+            if chosen:
+                return chosen[0]
         if time.monotonic() > deadline:
             raise SearchError(
                 f"`chief`: no search of experiment {experiment!r} with its chief at {chief} "

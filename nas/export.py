@@ -137,8 +137,6 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
     return exported
 
 
-
-
 def _members(search: results.Search, rows, ensemble: int | None) -> list[results.TrialRow]:
     """The trials a search-level export averages: its final model's, or the best K."""
     if ensemble is None:
@@ -214,8 +212,6 @@ def _from_logged_model(tracker: tracking.Tracker, search: results.Search, trial_
     return model, f"the MLflow model runs:/{search.run_id}/{final_model.MODEL_NAME}"
 
 
-
-
 def load_trial_model(tracker: tracking.Tracker, search: results.Search,
                      trial: results.TrialRow, workdir: str | os.PathLike = ".nas"):
     """The trained Keras model of `trial` at its best epoch, and where it came from.
@@ -244,22 +240,6 @@ def load_trial_model(tracker: tracking.Tracker, search: results.Search,
         f"neither the KerasTuner checkpoint {where} (see `workdir`) nor an MLflow model of "
         f"this trial on run {search.run_id}"
     )
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --- the pieces ---------------------------------------------------------------------------
@@ -306,16 +286,6 @@ def _checkpoint(search: results.Search, trial: results.TrialRow, workdir) -> Pat
     return checkpoint
 
 
-
-
-
-
-
-
-
-
-
-
 def _register(tracker, search, members, model, name: str, scores: dict | None,
               final: bool) -> str:
     ids = ",".join(m.trial_id for m in members)
@@ -329,24 +299,18 @@ def _register(tracker, search, members, model, name: str, scores: dict | None,
     # a model MLflow holds.
     run_id = members[0].run_id if len(members) == 1 else search.run_id
     model_uri = final_model.log_model(tracker, run_id, model, trial_id=ids,
-                          trial_run_id=members[0].run_id if len(members) == 1 else "",
-                          echo=lambda line: None, scores=scores)
+                                      trial_run_id=members[0].run_id if len(members) == 1
+                                      else "", echo=lambda line: None, scores=scores)
     return final_model.register_uri(tracker, model_uri, name, scores)
-
-
-
-
 
 
 def _read_json(tracker: tracking.Tracker, run_id: str, artifact: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = tracker.client.download_artifacts(run_id, artifact, tmp)
+            path = tracker.download_artifact(run_id, artifact, tmp)
         except Exception:
             raise ExportError(f"run {run_id} has no {artifact} artifact (was it written by "
                               f"nas search?)") from None
         return json.loads(Path(path).read_text())
-
-
 
 

@@ -353,19 +353,12 @@ def _found_in_store(tracker, config: SearchConfig) -> dict | None:
     """The state of this search (same experiment and settings) as the tracking store holds
     it, when its working folder lost it; None if the store holds no such search. Reads
     only."""
-    experiment = tracker.client.get_experiment_by_name(config.experiment_name)
-    if experiment is None or experiment.lifecycle_stage == "deleted":
+    run = tracker.find_search_run(config.experiment_name, config.fingerprint())
+    if run is None:
         return None
-    runs = tracker.client.search_runs(
-        [experiment.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'search' and "
-                                    f"tags.`{TAG_FINGERPRINT}` = '{config.fingerprint()}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        return None
-    run = runs[0]
     params = run.data.params
     budget = run.data.tags.get(TAG_MAX_TRIALS) or params.get("max_trials")
-    return {"search_run_id": run.info.run_id, "experiment_id": experiment.experiment_id,
+    return {"search_run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
             "fingerprint": config.fingerprint(), "found_in_store": True,
             "max_trials": int(budget) if budget else config.max_trials,
             "data_digest": run.data.tags.get(TAG_DATA_DIGEST, ""),
@@ -385,7 +378,7 @@ def _store_trials(tracker, experiment_id: str, search_run_id: str, config: Searc
         status = {"FINISHED": "COMPLETED", "FAILED": "FAILED"}.get(run.info.status, "RUNNING")
         score, best_step = run.data.metrics.get("objective"), 0
         if status == "COMPLETED" and score is not None:
-            history = tracker.client.get_metric_history(run.info.run_id, objective)
+            history = tracker.metric_history(run.info.run_id, objective)
             if history:
                 best = (max if direction == "max" else min)(history, key=lambda m: m.value)
                 best_step = int(best.step)
@@ -451,7 +444,7 @@ def _close_search(tracker, state: dict, echo) -> None:
     run_id, experiment_id = state.get("search_run_id"), state.get("experiment_id")
     try:
         closed = tracker.close_stale_runs(experiment_id, run_id)
-        if tracker.client.get_run(run_id).info.status == "RUNNING":
+        if tracker.get_run(run_id).info.status == "RUNNING":
             tracker.end(run_id, "KILLED")
             closed += 1
     except Exception:  # the old run may be gone (deleted, or another store)
@@ -500,5 +493,5 @@ def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:
     if best is not None:
         metrics.update({"best_objective": best.objective, f"best_{result.objective}":
                         best.objective, "best_params": best.params, "best_flops": best.flops})
-        tags = {"nas.best_trial_id": best.trial_id, "nas.best_run_id": best.run_id or ""}
+        tags = {tracking.TAG_BEST_TRIAL: best.trial_id, tracking.TAG_BEST_RUN: best.run_id or ""}
     tracker.log_batch(run_id, tracker.metrics(metrics), tags=tags)

@@ -22,9 +22,9 @@ __all__ = ["MAX_TRIALS", "SearchConfig", "STATE_FILE", "UNCAPPED_TRIALS", "TAG_D
            "project_folder"]
 
 STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
-TAG_FINGERPRINT = "nas.fingerprint"  # on the search's run: found again by its settings
-TAG_DATA_DIGEST = "nas.data_digest"  # on the search's run: a directory's files (Arrays)
-TAG_MAX_TRIALS = tracking.TAG_MAX_TRIALS  # on the search's run, once it grew past its budget
+# The tags of the search's run these settings are found again by (named in nas.tracking).
+TAG_FINGERPRINT, TAG_DATA_DIGEST = tracking.TAG_FINGERPRINT, tracking.TAG_DATA_DIGEST
+TAG_MAX_TRIALS = tracking.TAG_MAX_TRIALS
 TUNERS = ("evolution", "random", "bayesian", "hyperband", "grid")  # --tuner (nas.oracles)
 MAX_TRIALS = 10  # --max-trials without --time-limit
 # --max-trials with --time-limit: as many trials as the time holds (lines show no total).
