@@ -202,9 +202,9 @@ def run_chief(prepared: Prepared, callback=None, give_up=None):
     trials (`nas.search.run`, with `serve` in place of training here). Returns the
     search's `SearchResult`."""
     from nas import search
-    from nas.events import Printer
+    from nas.events import Callback
 
-    callback = callback if callback is not None else Printer()
+    callback = callback if callback is not None else Callback()
     return search.run(prepared, callback, serve=lambda tuner, experiment_id, search_run_id:
                       serve(tuner, prepared, experiment_id, search_run_id,
                             callback.on_message, give_up))
@@ -407,7 +407,7 @@ def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[s
     """Train the trials the chief at `config.chief` hands out, until the search ends.
 
     Trials are logged as children of the chief's parent run, tagged `nas.worker`;
-    `callback` (a `nas.events.Callback`, by default a `Printer`) receives what happens.
+    `callback` (a `nas.events.Callback`; without one, nobody) receives what happens.
     Returns the ids of the trials this worker trained.
 
     Raises:
@@ -416,9 +416,9 @@ def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[s
             hands the trial to another worker.
     """
     from nas.data import make_datasets
-    from nas.events import Printer
+    from nas.events import Callback
 
-    callback = callback if callback is not None else Printer()
+    callback = callback if callback is not None else Callback()
     echo = callback.on_message
     config, tracker, arrays = prepared.config, prepared.tracker, prepared.arrays
     host, port = parse_address(config.chief)

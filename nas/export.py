@@ -300,7 +300,7 @@ def _register(tracker, search, members, model, name: str, scores: dict | None,
     run_id = members[0].run_id if len(members) == 1 else search.run_id
     model_uri = final_model.log_model(tracker, run_id, model, trial_id=ids,
                                       trial_run_id=members[0].run_id if len(members) == 1
-                                      else "", echo=lambda line: None, scores=scores)
+                                      else "", scores=scores)
     return final_model.register_uri(tracker, model_uri, name, scores)
 
 

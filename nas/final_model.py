@@ -32,6 +32,11 @@ CHAMPION = "champion"  # the registry alias of the registered version best on it
 CHECKPOINT = tracking.WEIGHTS  # KerasTuner's per-trial best-epoch weights (Keras 3)
 
 
+def _silent(line: str) -> None:
+    """Where a line goes when the caller gave no `echo`: nowhere (the library prints
+    nothing itself)."""
+
+
 def ensemble_of(models: list, trial_ids: list[str]):
     """One Keras model whose output is the average of `models`' class probabilities.
 
@@ -52,12 +57,12 @@ def ensemble_of(models: list, trial_ids: list[str]):
 
 
 def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
-              trial_run_id: str, register: str | None = None, echo=print,
+              trial_run_id: str, register: str | None = None, echo=_silent,
               scores: dict | None = None) -> str:
     """Log `model` on `run_id` as the MLflow model `model`; register it as `register`.
 
     `scores` (its test scores) become tags of the logged model and of the registered
-    version.
+    version. `echo(line)` is told where the model went.
 
     Returns the logged model's `models:/<model id>` URI (`runs:/<run_id>/model` loads it too).
     """
@@ -113,7 +118,7 @@ def prepare_model_logging() -> None:
 
 
 def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
-                   register: str | None = None, echo=print, test=None,
+                   register: str | None = None, echo=_silent, test=None,
                    ensemble: int = 1, refit=None,
                    seed: int = 0) -> tuple[dict, list[str]]:
     """At the end of `nas search`: make the final model, score it on the test data, log it.
@@ -128,9 +133,10 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
     score); the final model is evaluated on it once, and
     `test_loss` and `test_accuracy` are logged on the search's run and as tags of its
     MLflow model (and registered version); the tag `nas.final_trials` names its trials.
-    A failure here does not fail the search (its trials are logged): it is printed and
-    kept as the run's `nas.model_error` tag. Returns the test scores ({} without) and the
-    final model's trial ids ([] when it could not be made).
+    A failure here does not fail the search (its trials are logged): it is told to `echo`
+    and kept as the run's `nas.model_error` tag. Returns the test scores ({} without) and the
+    final model's trial ids ([] when it could not be made). `echo(line)` is told what
+    happens.
     """
     members = _of_full_fidelity(result.finished, tuner.oracle)[:max(1, ensemble)]
     if not members:

@@ -16,7 +16,7 @@ from pathlib import Path
 from nas import assembly, final_model, pareto, results, tracking
 from nas.data import Arrays, load_arrays
 from nas.errors import SearchError, SearchFailed
-from nas.events import CandidateRejected, Callback, Printer, SearchEnded
+from nas.events import CandidateRejected, Callback, SearchEnded
 from nas.settings import (STATE_FILE, TAG_DATA_DIGEST, TAG_FINGERPRINT, TAG_MAX_TRIALS,
                           SearchConfig)
 from nas.space import search_problem
@@ -147,8 +147,9 @@ def _check_workdir(folder: Path) -> None:
 def run(prepared: Prepared, callback: Callback | None = None, serve=None) -> SearchResult:
     """Train the search's trials, logging each to MLflow; return what was found.
 
-    `callback` (a `nas.events.Callback`; by default a `Printer`) receives what happens:
-    notices, trials starting and ending, epochs, rejected candidates, the search's end.
+    `callback` (a `nas.events.Callback`, such as a `Printer`; without one, nobody) receives
+    what happens: notices, trials starting and ending, epochs, rejected candidates, the
+    search's end.
     `serve(tuner, experiment_id, search_run_id)`, if given, runs the search in place of
     training here: the chief of a distributed search serves the oracle to its workers
     (`nas.distributed.run_chief`).
@@ -163,7 +164,7 @@ def run(prepared: Prepared, callback: Callback | None = None, serve=None) -> Sea
         SearchFailed: too many consecutive trials failed; finished trials are kept.
     """
     config = prepared.config
-    callback = callback if callback is not None else Printer()
+    callback = callback if callback is not None else Callback()
     lock = prepared.lock or SearchLock(config.project_dir, config.experiment_name)
     lock.acquire()
     try:
