@@ -25,7 +25,9 @@ STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and s
 # The tags of the search's run these settings are found again by (named in nas.tracking).
 TAG_FINGERPRINT, TAG_DATA_DIGEST = tracking.TAG_FINGERPRINT, tracking.TAG_DATA_DIGEST
 TAG_MAX_TRIALS = tracking.TAG_MAX_TRIALS
-TUNERS = ("evolution", "random", "bayesian", "hyperband", "grid")  # --tuner (nas.oracles)
+# --tuner: the names of `nas.oracles.ORACLES`, where each is made (KerasTuner not imported).
+TUNERS = ("evolution", "random", "bayesian", "hyperband", "grid")
+DEFAULT_TUNER = "evolution"
 MAX_TRIALS = 10  # --max-trials without --time-limit
 # --max-trials with --time-limit: as many trials as the time holds (lines show no total).
 UNCAPPED_TRIALS = 1000
@@ -40,7 +42,7 @@ class SearchConfig:
 
     space: SearchSpace
     pipeline: Pipeline
-    tuner: str = "evolution"
+    tuner: str = DEFAULT_TUNER
     max_trials: int = MAX_TRIALS
     time_limit: float | None = None  # seconds; with max_trials, whichever comes first
     epochs: int | None = None

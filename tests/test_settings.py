@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from nas.settings import SearchConfig
+from nas.settings import DEFAULT_TUNER, TUNERS, SearchConfig
 from nas.specs import load_pipeline, load_space
 
 SPACE = """\
@@ -83,3 +83,12 @@ def test_settings_are_those_an_earlier_nas_wrote(specs, given, fingerprint, sett
     worker = config.for_worker(for_workers)
     assert worker.settings() == settings
     assert worker.fingerprint() == worker_fingerprint
+
+
+def test_the_tuners_are_those_nas_oracles_makes():
+    """`nas.settings` names the tuners without importing KerasTuner; `nas.oracles` makes
+    them: one registry, the other's list checked against it."""
+    from nas import oracles
+
+    assert tuple(oracles.ORACLES) == TUNERS
+    assert DEFAULT_TUNER == TUNERS[0] == SearchConfig.tuner
