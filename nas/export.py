@@ -19,9 +19,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from nas import final_model, results, tracking
+from nas import final_model, results, resume, tracking
 from nas.errors import InputError
-from nas.settings import STATE_FILE, project_folder
+from nas.settings import project_folder
 
 __all__ = ["ExportError", "Exported", "FORMATS", "CLASS_NAMES_FILE", "export", "load_model",
            "load_trial_model"]
@@ -276,12 +276,9 @@ def _checkpoint(search: results.Search, trial: results.TrialRow, workdir) -> Pat
     """KerasTuner's checkpoint of `trial`, if this workdir holds this very search."""
     project = Path(workdir) / project_folder(search.experiment_name)
     checkpoint = project / f"trial_{trial.trial_id}" / final_model.CHECKPOINT
-    try:
-        state = json.loads((project / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    state = resume.read_state(project)
     # The same experiment name in another tracking store is another search.
-    if state.get("search_run_id") != search.run_id or not checkpoint.is_file():
+    if state is None or state.search_run_id != search.run_id or not checkpoint.is_file():
         return None
     return checkpoint
 
