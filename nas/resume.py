@@ -22,8 +22,8 @@ from nas.errors import SearchError
 from nas.settings import STATE_FILE, SearchConfig
 from nas.state import StateError, read_json, write_atomic
 
-__all__ = ["SearchState", "read_state", "saved_state", "find", "search_tags", "go_on", "write_state",
-           "close_replaced", "open_tuner", "finished"]
+__all__ = ["SearchState", "read_state", "saved_state", "find", "search_tags", "go_on",
+           "write_state", "close_replaced", "open_tuner", "finished"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,7 @@ def _found_in_store(tracker: tracking.Tracker, config: SearchConfig) -> SearchSt
     budget = run.data.tags.get(tracking.TAG_MAX_TRIALS) or params.get("max_trials")
     return SearchState(
         run.info.run_id, run.info.experiment_id, config.fingerprint(),
-        int(budget) if budget else config.max_trials,
+        int(budget) if budget else config.budget.max_trials,
         run.data.tags.get(tracking.TAG_DATA_DIGEST, ""),
         sum(int(params.get(f"{split}_samples", 0)) for split in ("train", "val", "test")),
         found_in_store=True)
@@ -208,12 +208,12 @@ def go_on(tracker: tracking.Tracker, config: SearchConfig, state: SearchState,
     closed = tracker.close_stale_runs(experiment_id, state.search_run_id)
     if closed:
         echo(f"closed {closed} trial run(s) left running by an earlier process")
-    budget = state.max_trials if state.max_trials is not None else config.max_trials
-    if config.max_trials > budget:
-        echo(f"growing the search from {budget} to {config.max_trials} trials")
-        tracker.set_tags(state.search_run_id, {tracking.TAG_MAX_TRIALS: config.max_trials})
-    return dataclasses.replace(state, max_trials=max(budget, config.max_trials),
-                               found_in_store=False)
+    wanted = config.budget.max_trials
+    budget = state.max_trials if state.max_trials is not None else wanted
+    if wanted > budget:
+        echo(f"growing the search from {budget} to {wanted} trials")
+        tracker.set_tags(state.search_run_id, {tracking.TAG_MAX_TRIALS: wanted})
+    return dataclasses.replace(state, max_trials=max(budget, wanted), found_in_store=False)
 
 
 def write_state(config: SearchConfig, state: SearchState) -> None:

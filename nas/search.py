@@ -66,21 +66,22 @@ def prepare(config: SearchConfig) -> Prepared:
     Raises:
         SearchError, nas.errors.DataError, nas.tracking.TrackingError.
     """
-    if config.max_trials < 1:
-        raise SearchError(f"`max_trials`: {config.max_trials} must be at least 1")
+    budget = config.budget
+    if budget.max_trials < 1:
+        raise SearchError(f"`max_trials`: {budget.max_trials} must be at least 1")
     if config.epochs is not None and config.epochs < 1:
         raise SearchError(f"`epochs`: {config.epochs} must be at least 1")
     if config.batch_size is not None and config.batch_size < 1:
         raise SearchError(f"`batch_size`: {config.batch_size} must be at least 1")
-    if config.max_failures < 1:
-        raise SearchError(f"`max_failures`: {config.max_failures} must be at least 1")
-    if config.ensemble < 1:
-        raise SearchError(f"`ensemble`: {config.ensemble} must be at least 1")
-    if config.time_limit is not None and config.time_limit <= 0:
-        raise SearchError(f"`time_limit`: {config.time_limit:g} s must be above 0")
-    for flag, budget in (("`max_params`", config.max_params), ("`max_flops`", config.max_flops)):
-        if budget is not None and budget < 1:
-            raise SearchError(f"{flag}: {budget} must be at least 1")
+    if budget.max_failures < 1:
+        raise SearchError(f"`max_failures`: {budget.max_failures} must be at least 1")
+    if config.final.ensemble < 1:
+        raise SearchError(f"`ensemble`: {config.final.ensemble} must be at least 1")
+    if budget.time_limit is not None and budget.time_limit <= 0:
+        raise SearchError(f"`time_limit`: {budget.time_limit:g} s must be above 0")
+    for flag, limit in (("`max_params`", config.max_params), ("`max_flops`", config.max_flops)):
+        if limit is not None and limit < 1:
+            raise SearchError(f"{flag}: {limit} must be at least 1")
     arrays = load_arrays(config.pipeline, config.skip_bad_images)
     # Before the tracking store is touched: a space nothing in can be trained is refused.
     problem = search_problem(config, arrays.input_shape, arrays.num_classes)
@@ -168,7 +169,7 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
         state = resume.SearchState(
             tracker.start_run(experiment_id, f"search-{config.experiment_name}",
                               tags=resume.search_tags(config, arrays)),
-            experiment_id, config.fingerprint(), config.max_trials, arrays.data_digest,
+            experiment_id, config.fingerprint(), config.budget.max_trials, arrays.data_digest,
             arrays.samples)
         _log_search(tracker, state.search_run_id, config, arrays)
     resume.write_state(config, state)
@@ -189,7 +190,7 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
             tuner = resume.open_tuner(config, tracker, experiment_id, search_run_id, resumed,
                                       new_oracle, parts.tuner, echo)
             hooks.resume_from(tuner.oracle)
-            if resumed and resume.finished(tuner.oracle, config.max_trials):
+            if resumed and resume.finished(tuner.oracle, config.budget.max_trials):
                 echo("the search had already finished; its results as logged (`overwrite` "
                      "starts afresh)")
                 return _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
@@ -213,12 +214,13 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
             # The only place the test data is read: the final model, scored once.
             batch_size = config.batch_size or pipeline.batch_size
             test = test_dataset(arrays, batch_size)
+            final = config.final
             result.test, result.final_trials = final_model.log_best_model(
-                tracker, search_run_id, tuner, result, register=config.register, echo=echo,
+                tracker, search_run_id, tuner, result, register=final.register, echo=echo,
                 test=None if test is None else (test, len(arrays.y_test)),
-                ensemble=config.ensemble, seed=config.seed,
-                refit=refit_dataset(arrays, batch_size, config.seed) if config.refit else None)
-            result.refit = config.refit and bool(result.final_trials)
+                ensemble=final.ensemble, seed=config.seed,
+                refit=refit_dataset(arrays, batch_size, config.seed) if final.refit else None)
+            result.refit = final.refit and bool(result.final_trials)
         finally:
             hooks.close()
             gc.unfreeze()

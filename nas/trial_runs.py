@@ -53,12 +53,12 @@ class TrialRuns:
         self.callback = callback  # a `nas.events.Callback`
         self.total = total
         self.epochs = config.epochs_per_trial
-        self.time_limit = config.time_limit
+        self.time_limit = config.budget.time_limit
         self.runs: dict[str, str] = {}
         self.best: float | None = None
         # Every trial that enters the best `keep` so far has its weights logged to MLflow
         # (what the final model needs, whatever happens to this machine's disk).
-        self.keep = max(1, config.ensemble)
+        self.keep = max(1, config.final.ensemble)
         self.project_dir = config.project_dir
         self.scores: list[float] = []  # of the finished trials, this process's and earlier
         self.earlier = 0  # trials ended by earlier processes of a resumed search

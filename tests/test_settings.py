@@ -5,11 +5,12 @@ hold, and its run's params and its workers' settings are read back by other vers
 these outputs are pinned as an earlier nas gave them.
 """
 
+import dataclasses
 import types
 
 import pytest
 
-from nas.settings import DEFAULT_TUNER, TUNERS, SearchConfig
+from nas.settings import DEFAULT_TUNER, TUNERS, Budget, FinalModel, ScaleOut, SearchConfig
 from nas.specs import load_pipeline, load_space
 
 SPACE = """\
@@ -92,3 +93,39 @@ def test_the_tuners_are_those_nas_oracles_makes():
 
     assert tuple(oracles.ORACLES) == TUNERS
     assert DEFAULT_TUNER == TUNERS[0] == SearchConfig.tuner
+
+
+def test_a_groups_settings_given_by_their_own_names_are_that_group(specs):
+    space, pipeline = specs
+    grouped = SearchConfig(space=space, pipeline=pipeline, seed=2,
+                           budget=Budget(max_trials=5, time_limit=60.0),
+                           final=FinalModel(ensemble=1), scale=ScaleOut(chief="h:1"))
+
+    assert SearchConfig(space=space, pipeline=pipeline, seed=2, max_trials=5, time_limit=60.0,
+                        ensemble=1, chief="h:1") == grouped
+    grown = dataclasses.replace(grouped, max_trials=6)
+    assert grown.budget == Budget(max_trials=6, time_limit=60.0)
+    assert (grown.final, grown.scale) == (grouped.final, grouped.scale)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_trial'"):
+        SearchConfig(space=space, pipeline=pipeline, max_trial=5)
+
+
+def test_the_cli_defaults_are_the_settings_defaults():
+    """`nas search` and `nas worker` read their defaults from the settings' dataclasses."""
+    from nas.cli.search import search, worker
+
+    fields = {f.name: f for kind in (SearchConfig, Budget, FinalModel, ScaleOut)
+              for f in dataclasses.fields(kind)}
+    # --max-trials: none given means as many as --time-limit holds (without it, the
+    # budget's default); --distribution none is no distribution (None).
+    given = {"max_trials": None, "distribution": "none"}
+    checked = set()
+    for command in (search, worker):
+        for option in command.params:
+            field = fields.get(option.name)
+            if field is None or field.default is dataclasses.MISSING or option.required:
+                continue
+            assert option.default == given.get(option.name, field.default), option.name
+            checked.add(option.name)
+    assert {"tuner", "seed", "workdir", "max_failures", "ensemble",
+            "worker_timeout"} <= checked
