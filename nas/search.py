@@ -1,7 +1,8 @@
 """One search end to end: check the input, then data -> tuner -> MLflow -> best trials.
 
 `prepare` does everything that can refuse bad input (specs are already loaded; data,
-tracking store, resume state) and writes nothing; `run` trains and logs.
+tracking store, the state of a search it resumes: `nas.resume`) and writes nothing; `run`
+trains and logs.
 """
 
 from __future__ import annotations
