@@ -70,11 +70,11 @@ class Parts:
         from nas import funnel
 
         config = self.config
-        if (config.tuner != "evolution" or config.time_limit is None
+        if (config.tuner != "evolution" or config.budget.time_limit is None
                 or self.samples[0] < funnel.MIN_SAMPLES):
             return None
-        return funnel.Funnel(config.time_limit, *self.samples, config.ensemble,
-                             config.pipeline.direction, refit=config.refit)
+        return funnel.Funnel(config.budget.time_limit, *self.samples, config.final.ensemble,
+                             config.pipeline.direction, refit=config.final.refit)
 
     def oracle(self, guarded: bool = True, on_reject=None):
         """The search's oracle. `guarded`: impossible and over-budget candidates are
@@ -89,11 +89,11 @@ class Parts:
         oracle = oracles.make_oracle(
             config.tuner, oracles.declare(config.space),
             kt.Objective(pipeline.objective, pipeline.direction),
-            max_trials=config.max_trials, seed=config.seed, max_epochs=config.epochs_per_trial,
-            max_failures=config.max_failures,
+            max_trials=config.budget.max_trials, seed=config.seed,
+            max_epochs=config.epochs_per_trial, max_failures=config.budget.max_failures,
             check=((lambda values: self.hypermodel.check(values, constraints)) if guarded
                    else (lambda values: None)),
-            time_limit=config.time_limit if guarded else None,
+            time_limit=config.budget.time_limit if guarded else None,
             funnel=(self.funnel, lambda values: self.hypermodel.architecture(values).flops)
             if guarded and self.funnel is not None else None,
         )
@@ -112,7 +112,7 @@ class Parts:
                                               pipeline.direction),
                 collect_in_background=True, forget_gradients=True,  # see the module's doc
                 directory=config.workdir, project_name=config.project_name, overwrite=False,
-                distribution_strategy=strategy(config.distribution))
+                distribution_strategy=strategy(config.scale.distribution))
 
     def search(self, tuner, datasets) -> None:
         """Train the trials `tuner`'s oracle proposes, on `datasets`, until it stops."""
@@ -135,7 +135,7 @@ def assemble(config: SearchConfig, arrays, tracker, experiment_id: str, search_r
                                        arrays.pixel_scale, jit_compile=config.jit_compile,
                                        mixed_precision=config.mixed_precision)
     hooks = TrialRuns(tracker, experiment_id, search_run_id, config, callback,
-                      config.max_trials)
+                      config.budget.max_trials)
     return Parts(config, hypermodel, hooks, (len(arrays.y_train), len(arrays.y_val)))
 
 

@@ -55,8 +55,8 @@ IDLE_SECONDS = 1.0
 # A trial whose worker is lost this many times fails instead of going back to the queue:
 # it is probably what kills its workers (out of memory, say).
 MAX_LOSSES = 3
-TAG_CHIEF = "nas.chief"
-TAG_SETTINGS = "nas.worker_settings"
+TAG_CHIEF = tracking.TAG_CHIEF  # on the search's run
+TAG_SETTINGS = tracking.TAG_WORKER_SETTINGS  # on the search's run
 _WORKER_KEY = "nas-worker"  # gRPC metadata: the worker making a call
 _TOKEN_KEY = "nas-token"  # gRPC metadata: the search's worker token
 TOKEN_ENV = "NAS_WORKER_TOKEN"  # where the chief and its workers may take the token from
@@ -202,9 +202,9 @@ def run_chief(prepared: Prepared, callback=None, give_up=None):
     trials (`nas.search.run`, with `serve` in place of training here). Returns the
     search's `SearchResult`."""
     from nas import search
-    from nas.events import Printer
+    from nas.events import Callback
 
-    callback = callback if callback is not None else Printer()
+    callback = callback if callback is not None else Callback()
     return search.run(prepared, callback, serve=lambda tuner, experiment_id, search_run_id:
                       serve(tuner, prepared, experiment_id, search_run_id,
                             callback.on_message, give_up))
@@ -223,8 +223,8 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
         nas.errors.SearchFailed: `give_up()` said so.
     """
     ktcompat.quiet_conditions()  # else every trial sent over gRPC prints stray numbers
-    config, tracker = prepared.config, prepared.tracker
-    host, port = parse_address(config.chief)
+    config, scale, tracker = prepared.config, prepared.config.scale, prepared.tracker
+    host, port = parse_address(scale.chief)
     oracle = tuner.oracle
     oracle.verbose = 0
     tuner.save()  # so a restarted chief reloads the oracle and resumes
@@ -238,16 +238,16 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
                 if (run.info.status in ("RUNNING", "FINISHED")
                         and tags.get(tracking.TAG_TRIAL) == trial_id
                         and tags.get(tracking.TAG_WORKER) == worker):
-                    tracker.set_tags(run.info.run_id,
-                                     {"nas.error": f"worker {worker} was lost ({reason})"})
+                    tracker.set_tags(run.info.run_id, {
+                        tracking.TAG_ERROR: f"worker {worker} was lost ({reason})"})
                     tracker.end(run.info.run_id, "KILLED")
         except Exception as error:  # MLflow down: the run is closed at the end instead
             echo(f"could not close the run of trial {trial_id} ({error.__class__.__name__})")
 
-    oracle.set_workers(config.worker_timeout, linger=3 * HEARTBEAT_SECONDS,
+    oracle.set_workers(scale.worker_timeout, linger=3 * HEARTBEAT_SECONDS,
                        max_losses=MAX_LOSSES)
     servicer = _Servicer(oracle, close_lost_run, echo)
-    token = config.worker_token
+    token = scale.worker_token
     if token is None:  # a chief started from the library: the token is made here
         token = new_token()
         echo(f"worker token: {token} (give it to each worker: `nas worker --token`, or "
@@ -255,19 +255,19 @@ def serve(tuner, prepared: Prepared, experiment_id: str, search_run_id: str, ech
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8),
                          interceptors=[_TokenCheck(token)])
     ktcompat.add_servicer(servicer, server)
-    if config.tls_cert:
+    if scale.tls_cert:
         credentials = grpc.ssl_server_credentials(
-            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+            [(Path(scale.tls_key).read_bytes(), Path(scale.tls_cert).read_bytes())])
         bound = server.add_secure_port(f"{host}:{port}", credentials)
     else:
         bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
-        raise RuntimeError(f"the chief cannot listen on {config.chief}")
-    tracker.set_tags(search_run_id, {TAG_CHIEF: config.chief,
+        raise RuntimeError(f"the chief cannot listen on {scale.chief}")
+    tracker.set_tags(search_run_id, {TAG_CHIEF: scale.chief,
                                      TAG_SETTINGS: json.dumps(
                                          config.worker_settings(prepared.arrays))})
     server.start()
-    echo(f"chief listening on {config.chief}: waiting for workers")
+    echo(f"chief listening on {scale.chief}: waiting for workers")
     try:
         while not oracle.all_ended():
             time.sleep(0.5)
@@ -363,9 +363,10 @@ def prepare_worker(config: SearchConfig) -> Prepared:
     """
     from nas.data import load_arrays
 
-    parse_address(config.chief)
-    if not config.worker_id or "chief" in config.worker_id:
-        raise SearchError(f"`worker_id`: {config.worker_id!r} must be non-empty and must not "
+    scale = config.scale
+    parse_address(scale.chief)
+    if not scale.worker_id or "chief" in scale.worker_id:
+        raise SearchError(f"`worker_id`: {scale.worker_id!r} must be non-empty and must not "
                           f"contain 'chief' (KerasTuner's name for the chief)")
     arrays = load_arrays(config.pipeline, config.skip_bad_images)
     tracker = tracking.Tracker(config.tracking_uri)
@@ -386,17 +387,11 @@ def find_search(tracker: tracking.Tracker, experiment: str, chief: str, wait: fl
     deadline = time.monotonic() + wait
     waiting = False
     while True:
-        found = tracker.client.get_experiment_by_name(experiment)
-        if found is not None:
-            runs = tracker.client.search_runs(
-                [found.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                order_by=["attributes.start_time DESC"], max_results=1000)
-            runs = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"
-                    and TAG_SETTINGS in r.data.tags]
-            for matches in (lambda a: a == chief, lambda a: a.rpartition(":")[2] == str(port)):
-                chosen = [r for r in runs if matches(r.data.tags.get(TAG_CHIEF, ""))]
-                if chosen:
-                    return chosen[0]
+        runs = [r for r in tracker.running_searches(experiment) if TAG_SETTINGS in r.data.tags]
+        for matches in (lambda a: a == chief, lambda a: a.rpartition(":")[2] == str(port)):
+            chosen = [r for r in runs if matches(r.data.tags.get(TAG_CHIEF, ""))]
+            if chosen:
+                return chosen[0]
         if time.monotonic() > deadline:
             raise SearchError(
                 f"`chief`: no search of experiment {experiment!r} with its chief at {chief} "
@@ -410,10 +405,10 @@ def find_search(tracker: tracking.Tracker, experiment: str, chief: str, wait: fl
 
 
 def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[str]:
-    """Train the trials the chief at `config.chief` hands out, until the search ends.
+    """Train the trials the chief at `config.scale.chief` hands out, until the search ends.
 
     Trials are logged as children of the chief's parent run, tagged `nas.worker`;
-    `callback` (a `nas.events.Callback`, by default a `Printer`) receives what happens.
+    `callback` (a `nas.events.Callback`; without one, nobody) receives what happens.
     Returns the ids of the trials this worker trained.
 
     Raises:
@@ -422,13 +417,14 @@ def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[s
             hands the trial to another worker.
     """
     from nas.data import make_datasets
-    from nas.events import Printer
+    from nas.events import Callback
 
-    callback = callback if callback is not None else Printer()
+    callback = callback if callback is not None else Callback()
     echo = callback.on_message
     config, tracker, arrays = prepared.config, prepared.tracker, prepared.arrays
-    host, port = parse_address(config.chief)
-    parent = find_search(tracker, config.experiment_name, config.chief, wait, echo)
+    scale = config.scale
+    host, port = parse_address(scale.chief)
+    parent = find_search(tracker, config.experiment_name, scale.chief, wait, echo)
     settings = json.loads(parent.data.tags[TAG_SETTINGS])
     kind = config.differs_from(settings)
     if kind is not None:
@@ -444,12 +440,12 @@ def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[s
             f"{arrays.samples} here), so the split would differ; a worker needs the same "
             f"image files as its chief")
     experiment_id, search_run_id = parent.info.experiment_id, parent.info.run_id
-    echo(f"worker {config.worker_id}: search run {search_run_id}, chief {config.chief}")
+    echo(f"worker {scale.worker_id}: search run {search_run_id}, chief {scale.chief}")
 
     assembly.configure_tensorflow(config)
     ktcompat.quiet_conditions()  # else every trial sent over gRPC prints stray numbers
     # Read by KerasTuner when the tuner is built: this process is a worker of that chief.
-    os.environ.update(KERASTUNER_TUNER_ID=config.worker_id, KERASTUNER_ORACLE_IP=host,
+    os.environ.update(KERASTUNER_TUNER_ID=scale.worker_id, KERASTUNER_ORACLE_IP=host,
                       KERASTUNER_ORACLE_PORT=str(port))
     parts = assembly.assemble(config, arrays, tracker, experiment_id, search_run_id, callback)
     client = None
@@ -461,9 +457,9 @@ def run_worker(prepared: Prepared, callback=None, wait: float = 600.0) -> list[s
             tuner = parts.tuner(parts.oracle(guarded=False))
             client = _WorkerClient(tuner.oracle, tuner.oracle.multi_worker,
                                    tuner.oracle.should_report,
-                                   token=config.worker_token or os.environ.get(TOKEN_ENV, ""),
-                                   tls_ca=config.tls_ca)
-            client.check_token(config.chief)
+                                   token=scale.worker_token or os.environ.get(TOKEN_ENV, ""),
+                                   tls_ca=scale.tls_ca)
+            client.check_token(scale.chief)
             tuner.oracle = client
             parts.search(tuner, make_datasets(arrays, config.batch_size, config.seed))
         finally:
@@ -477,14 +473,14 @@ def worker_args(config: SearchConfig, space: str, pipeline: str, tracking_uri: s
                 token: str | None = None, tls_ca: str | None = None,
                 workdir: bool = False) -> list[str]:
     """The options of `nas worker` that join `config`'s search (its chief at
-    `config.chief`): `space` and `pipeline` as the user gave them, `workdir` to share the
-    chief's working folder."""
-    args = ["--chief", config.chief, "--space", space, "--pipeline", pipeline,
+    `config.scale.chief`): `space` and `pipeline` as the user gave them, `workdir` to share
+    the chief's working folder."""
+    args = ["--chief", config.scale.chief, "--space", space, "--pipeline", pipeline,
             "--experiment", config.experiment_name, "--tracking-uri", tracking_uri]
     args += ["--workdir", config.workdir] if workdir else []
     args += ["--tls-ca", tls_ca] if tls_ca else []
     args += ["--token", token] if token else []
-    args += ["--distribution", config.distribution] if config.distribution else []
+    args += ["--distribution", config.scale.distribution] if config.scale.distribution else []
     args += ["--skip-bad-images"] if config.skip_bad_images else []
     return args
 
@@ -510,7 +506,7 @@ def prepare_local(config: SearchConfig) -> Prepared:
     """
     from nas import search
 
-    if config.chief:
+    if config.scale.chief:
         raise SearchError("`workers` and `chief` exclude each other: `workers` starts its own "
                           "chief on 127.0.0.1")
     return search.prepare(dataclasses.replace(
@@ -532,7 +528,7 @@ def run_local(prepared: Prepared, space: str, pipeline: str, workers: int, callb
     config, uri = prepared.config, prepared.tracker.tracking_uri
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    env[TOKEN_ENV] = config.worker_token  # not on their command lines
+    env[TOKEN_ENV] = config.scale.worker_token  # not on their command lines
     command = [sys.executable, "-m", "nas.cli", "worker",
                *worker_args(config, space, pipeline, uri, workdir=True)]
     processes: list[subprocess.Popen] = []

@@ -2,9 +2,9 @@
 
 As Keras's and KerasTuner's callbacks: subclass `Callback`, override the methods you need,
 and give it to `nas.search.run` (or `nas.distributed.run_worker`). The library prints
-nothing itself; `Printer` is the callback that prints a search's lines (the CLI's, and
-the default of `run`), `line` the one line an event reads as. Nothing here imports
-TensorFlow or MLflow.
+nothing itself (without a callback, a search reports to nobody); `Printer` is the
+callback that prints a search's lines where it is told (the CLI's), `line` the one line
+an event reads as. Nothing here imports TensorFlow or MLflow.
 """
 
 from __future__ import annotations
@@ -111,13 +111,14 @@ class Callback:
 
 
 class Printer(Callback):
-    """Prints a search's notices and the line each trial ends with (`print` by default).
+    """Prints a search's notices and the line each trial ends with, each with `echo(line)`
+    (`print`, say, or the CLI's `click.echo`).
 
     A notice names the parameters it is about in backticks (`overwrite`): printed as
     `name_of(parameter)` calls them (the CLI: `--overwrite`; by default: `overwrite`).
     """
 
-    def __init__(self, echo=print, name_of=lambda parameter: parameter):
+    def __init__(self, echo, name_of=lambda parameter: parameter):
         self.echo, self.name_of = echo, name_of
 
     def on_message(self, text: str) -> None:

@@ -19,9 +19,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from nas import final_model, results, tracking
+from nas import final_model, results, resume, tracking
 from nas.errors import InputError
-from nas.settings import STATE_FILE, project_folder
+from nas.settings import project_folder
 
 __all__ = ["ExportError", "Exported", "FORMATS", "CLASS_NAMES_FILE", "export", "load_model",
            "load_trial_model"]
@@ -137,8 +137,6 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
     return exported
 
 
-
-
 def _members(search: results.Search, rows, ensemble: int | None) -> list[results.TrialRow]:
     """The trials a search-level export averages: its final model's, or the best K."""
     if ensemble is None:
@@ -214,8 +212,6 @@ def _from_logged_model(tracker: tracking.Tracker, search: results.Search, trial_
     return model, f"the MLflow model runs:/{search.run_id}/{final_model.MODEL_NAME}"
 
 
-
-
 def load_trial_model(tracker: tracking.Tracker, search: results.Search,
                      trial: results.TrialRow, workdir: str | os.PathLike = ".nas"):
     """The trained Keras model of `trial` at its best epoch, and where it came from.
@@ -244,22 +240,6 @@ def load_trial_model(tracker: tracking.Tracker, search: results.Search,
         f"neither the KerasTuner checkpoint {where} (see `workdir`) nor an MLflow model of "
         f"this trial on run {search.run_id}"
     )
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --- the pieces ---------------------------------------------------------------------------
@@ -296,24 +276,11 @@ def _checkpoint(search: results.Search, trial: results.TrialRow, workdir) -> Pat
     """KerasTuner's checkpoint of `trial`, if this workdir holds this very search."""
     project = Path(workdir) / project_folder(search.experiment_name)
     checkpoint = project / f"trial_{trial.trial_id}" / final_model.CHECKPOINT
-    try:
-        state = json.loads((project / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    state = resume.read_state(project)
     # The same experiment name in another tracking store is another search.
-    if state.get("search_run_id") != search.run_id or not checkpoint.is_file():
+    if state is None or state.search_run_id != search.run_id or not checkpoint.is_file():
         return None
     return checkpoint
-
-
-
-
-
-
-
-
-
-
 
 
 def _register(tracker, search, members, model, name: str, scores: dict | None,
@@ -329,24 +296,18 @@ def _register(tracker, search, members, model, name: str, scores: dict | None,
     # a model MLflow holds.
     run_id = members[0].run_id if len(members) == 1 else search.run_id
     model_uri = final_model.log_model(tracker, run_id, model, trial_id=ids,
-                          trial_run_id=members[0].run_id if len(members) == 1 else "",
-                          echo=lambda line: None, scores=scores)
+                                      trial_run_id=members[0].run_id if len(members) == 1
+                                      else "", scores=scores)
     return final_model.register_uri(tracker, model_uri, name, scores)
-
-
-
-
 
 
 def _read_json(tracker: tracking.Tracker, run_id: str, artifact: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = tracker.client.download_artifacts(run_id, artifact, tmp)
+            path = tracker.download_artifact(run_id, artifact, tmp)
         except Exception:
             raise ExportError(f"run {run_id} has no {artifact} artifact (was it written by "
                               f"nas search?)") from None
         return json.loads(Path(path).read_text())
-
-
 
 

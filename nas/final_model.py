@@ -32,6 +32,11 @@ CHAMPION = "champion"  # the registry alias of the registered version best on it
 CHECKPOINT = tracking.WEIGHTS  # KerasTuner's per-trial best-epoch weights (Keras 3)
 
 
+def _silent(line: str) -> None:
+    """Where a line goes when the caller gave no `echo`: nowhere (the library prints
+    nothing itself)."""
+
+
 def ensemble_of(models: list, trial_ids: list[str]):
     """One Keras model whose output is the average of `models`' class probabilities.
 
@@ -52,12 +57,12 @@ def ensemble_of(models: list, trial_ids: list[str]):
 
 
 def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
-              trial_run_id: str, register: str | None = None, echo=print,
+              trial_run_id: str, register: str | None = None, echo=_silent,
               scores: dict | None = None) -> str:
     """Log `model` on `run_id` as the MLflow model `model`; register it as `register`.
 
     `scores` (its test scores) become tags of the logged model and of the registered
-    version.
+    version. `echo(line)` is told where the model went.
 
     Returns the logged model's `models:/<model id>` URI (`runs:/<run_id>/model` loads it too).
     """
@@ -78,7 +83,7 @@ def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
             model, name=MODEL_NAME, signature=signature,
             # Explicit: inferring them costs ~10 s of loading the model in a subprocess.
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-            tags={tracking.TAG_TRIAL: trial_id, "nas.trial_run_id": trial_run_id,
+            tags={tracking.TAG_TRIAL: trial_id, tracking.TAG_TRIAL_RUN: trial_run_id,
                   **_score_tags(scores)},
         )
     what = (f"trial {trial_id}" if "," not in trial_id
@@ -90,7 +95,7 @@ def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
 
 
 def _score_tags(scores: dict | None) -> dict:
-    return {f"nas.{name}": f"{value:.6g}" if isinstance(value, float) else str(value)
+    return {tracking.score_tag(name): f"{value:.6g}" if isinstance(value, float) else str(value)
             for name, value in (scores or {}).items()}
 
 
@@ -113,9 +118,9 @@ def prepare_model_logging() -> None:
 
 
 def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
-                   register: str | None = None, echo=print, test=None,
+                   register: str | None = None, echo=_silent, test=None,
                    ensemble: int = 1, refit=None,
-                   seed: int = 0) -> dict:
+                   seed: int = 0) -> tuple[dict, list[str]]:
     """At the end of `nas search`: make the final model, score it on the test data, log it.
 
     The final model is the best trial's at its best epoch or, with `ensemble` K > 1, the
@@ -128,9 +133,10 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
     score); the final model is evaluated on it once, and
     `test_loss` and `test_accuracy` are logged on the search's run and as tags of its
     MLflow model (and registered version); the tag `nas.final_trials` names its trials.
-    A failure here does not fail the search (its trials are logged): it is printed and
-    kept as the run's `nas.model_error` tag. Returns the test scores ({} without) and the
-    final model's trial ids ([] when it could not be made).
+    A failure here does not fail the search (its trials are logged): it is told to `echo`
+    and kept as the run's `nas.model_error` tag. Returns the test scores ({} without) and the
+    final model's trial ids ([] when it could not be made). `echo(line)` is told what
+    happens.
     """
     members = _of_full_fidelity(result.finished, tuner.oracle)[:max(1, ensemble)]
     if not members:
@@ -162,7 +168,7 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
         return scores, ids
     except Exception as error:  # the search's results stand without the model
         message = f"{error.__class__.__name__}: {error}".strip().splitlines()[0][:500]
-        tracker.set_tags(search_run_id, {"nas.model_error": message})
+        tracker.set_tags(search_run_id, {tracking.TAG_MODEL_ERROR: message})
         echo(f"warning: the best model was not logged to MLflow ({message})")
         return {}, []
 
@@ -212,11 +218,11 @@ def logged_weights(tracker: tracking.Tracker, run_id: str | None) -> Path | None
     if not run_id:
         return None
     try:
-        if not any(a.path == tracking.WEIGHTS for a in tracker.client.list_artifacts(run_id)):
+        if tracking.WEIGHTS not in tracker.list_artifacts(run_id):
             return None
         folder = tempfile.TemporaryDirectory(prefix="nas-weights-")
         _DOWNLOADS.append(folder)
-        return Path(tracker.client.download_artifacts(run_id, tracking.WEIGHTS, folder.name))
+        return Path(tracker.download_artifact(run_id, tracking.WEIGHTS, folder.name))
     except Exception:  # the run or its artifacts are gone: no weights from there
         return None
 
@@ -243,10 +249,7 @@ def no_optimizer_warning():
 
 def logged_model(tracker: tracking.Tracker, search: results.Search):
     """The MLflow model `nas search` logged on the search's run, or None."""
-    models = tracker.client.search_logged_models(
-        experiment_ids=[search.experiment_id], filter_string=f"name = '{MODEL_NAME}'",
-        order_by=[{"field_name": "creation_time", "ascending": False}],
-    )
+    models = tracker.logged_models(search.experiment_id, MODEL_NAME)
     return next((m for m in models if m.source_run_id == search.run_id), None)
 
 
@@ -258,7 +261,7 @@ def register_uri(tracker: tracking.Tracker, model_uri: str, name: str,
         version = mlflow.register_model(model_uri, name, tags=_score_tags(scores) or None)
     shown = f"{name} version {version.version}"
     if scores and "test_accuracy" in scores and _beats_champion(tracker, name, scores):
-        tracker.client.set_registered_model_alias(name, CHAMPION, version.version)
+        tracker.set_model_alias(name, CHAMPION, version.version)
         shown += f" (alias {CHAMPION}: models:/{name}@{CHAMPION})"
     return shown
 
@@ -266,14 +269,12 @@ def register_uri(tracker: tracking.Tracker, model_uri: str, name: str,
 def _beats_champion(tracker: tracking.Tracker, name: str, scores: dict) -> bool:
     """Whether a version scoring `scores` on its test data should be the champion: there
     is none, or the champion's held-out test accuracy is not higher."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        champion = tracker.client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no champion yet
+    champion = tracker.model_version_by_alias(name, CHAMPION)
+    if champion is None:  # no champion yet
         return True
     try:
-        return scores["test_accuracy"] >= float(champion.tags.get("nas.test_accuracy", "-inf"))
+        return scores["test_accuracy"] >= float(
+            champion.tags.get(tracking.score_tag("test_accuracy"), "-inf"))
     except ValueError:
         return True
 

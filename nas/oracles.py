@@ -21,14 +21,15 @@ from keras_tuner.engine import trial as trial_module
 from nas import funnel as funnel_module
 from nas import ktcompat
 from nas.architecture import Rejection, hyperparameter_specs
-from nas.settings import TUNERS
+from nas.settings import DEFAULT_TUNER, TUNERS
 from nas.specs import Knob, SearchSpace
 
-__all__ = ["TUNERS", "DEFAULT_TUNER", "KNOWN_GOOD", "MAX_REJECTIONS", "declare", "make_oracle"]
+__all__ = ["TUNERS", "DEFAULT_TUNER", "KNOWN_GOOD", "MAX_REJECTIONS", "ORACLES", "declare",
+           "make_oracle"]
 
-DEFAULT_TUNER = "evolution"
 # Consecutive rejected proposals after which the valid part of the space counts as used up.
 MAX_REJECTIONS = 5000
+
 
 def declare(space: SearchSpace) -> kt.HyperParameters:
     """The whole space as `keras_tuner.HyperParameters`, conditions included.
@@ -446,35 +447,52 @@ def _snap(hp, target):
     return hp.default
 
 
+def _counted(oracle_class) -> Callable[..., kt.Oracle]:
+    """How an oracle that proposes up to `max_trials` trials is made (all but Hyperband)."""
+    def make(max_trials: int, max_epochs: int, **common) -> kt.Oracle:
+        return oracle_class(max_trials=max_trials, **common)
+    return make
+
+
+def _hyperband(max_trials: int, max_epochs: int, **common) -> kt.Oracle:
+    # Hyperband sizes its brackets from max_epochs; the trial count is capped by
+    # Oracle.max_trials and enough iterations to reach it.
+    oracle = _HyperbandOracle(max_epochs=max_epochs, factor=3, hyperband_iterations=max_trials,
+                              **common)
+    oracle.max_trials = max_trials
+    return oracle
+
+
+# The tuners (--tuner), each name with how its oracle is made:
+# (max_trials, max_epochs, **KerasTuner's common arguments) -> a guarded oracle.
+# A new tuner is added here; `nas.settings.TUNERS` names the same ones, in the same
+# order, without importing KerasTuner (tests/test_settings.py checks they agree).
+ORACLES: dict[str, Callable[..., kt.Oracle]] = {
+    "evolution": _counted(_EvolutionOracle),
+    "random": _counted(_RandomOracle),
+    "bayesian": _counted(_BayesianOracle),
+    "hyperband": _hyperband,
+    "grid": _counted(_GridOracle),
+}
+
+
 def make_oracle(tuner: str, hyperparameters: kt.HyperParameters, objective: kt.Objective,
                 max_trials: int, seed: int, max_epochs: int, max_failures: int,
                 check: Callable[[dict], Rejection | None],
                 time_limit: float | None = None,
                 funnel: tuple[funnel_module.Funnel, Callable[[dict], int]] | None = None,
                 ) -> kt.Oracle:
-    """The oracle for `tuner`, guarded by `check`, proposing within `time_limit` seconds;
-    `funnel` (evolution only): the plan that spends that time and a candidate's FLOPs."""
-    common = dict(objective=objective, hyperparameters=hyperparameters, seed=seed,
-                  tune_new_entries=False, allow_new_entries=False,
-                  max_consecutive_failed_trials=max_failures)
-    if tuner == "evolution":
-        oracle = _EvolutionOracle(max_trials=max_trials, **common)
-    elif tuner == "random":
-        oracle = _RandomOracle(max_trials=max_trials, **common)
-    elif tuner == "bayesian":
-        oracle = _BayesianOracle(max_trials=max_trials, **common)
-    elif tuner == "grid":
-        oracle = _GridOracle(max_trials=max_trials, **common)
-    elif tuner == "hyperband":
-        # Hyperband sizes its brackets from max_epochs; the trial count is capped by
-        # Oracle.max_trials and enough iterations to reach it.
-        oracle = _HyperbandOracle(max_epochs=max_epochs, factor=3,
-                                  hyperband_iterations=max_trials, **common)
-        oracle.max_trials = max_trials
-    else:
-        raise ValueError(f"tuner {tuner!r} is not one of {list(TUNERS)}")
+    """The oracle for `tuner` (one of `ORACLES`), guarded by `check`, proposing within
+    `time_limit` seconds; `funnel` (evolution only): the plan that spends that time and a
+    candidate's FLOPs."""
+    if tuner not in ORACLES:
+        raise ValueError(f"tuner {tuner!r} is not one of {list(ORACLES)}")
+    oracle = ORACLES[tuner](max_trials, max_epochs, objective=objective,
+                            hyperparameters=hyperparameters, seed=seed,
+                            tune_new_entries=False, allow_new_entries=False,
+                            max_consecutive_failed_trials=max_failures)
     oracle.set_guard(check)
     oracle.set_time_limit(time_limit)
-    if funnel is not None and tuner == "evolution":
+    if funnel is not None and isinstance(oracle, _EvolutionOracle):
         oracle.set_funnel(*funnel)
     return oracle

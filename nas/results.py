@@ -316,7 +316,7 @@ def layer_table(store: Reader | tracking.Tracker, row: TrialRow) -> str:
     tracker = store.tracker if isinstance(store, Reader) else store
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = tracker.client.download_artifacts(row.run_id, "architecture.txt", tmp)
+            path = tracker.download_artifact(row.run_id, "architecture.txt", tmp)
         except Exception:  # an artifact store that is gone or was never written
             return f"(no architecture.txt artifact on run {row.run_id})"
         with open(path, encoding="utf-8") as f:

@@ -1,26 +1,25 @@
 """One search end to end: check the input, then data -> tuner -> MLflow -> best trials.
 
 `prepare` does everything that can refuse bad input (specs are already loaded; data,
-tracking store, resume state) and writes nothing; `run` trains and logs.
+tracking store, the state of a search it resumes: `nas.resume`) and writes nothing; `run`
+trains and logs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import shutil
 from pathlib import Path
 
-from nas import assembly, final_model, funnel, pareto, results, tracking
+from nas import assembly, final_model, pareto, results, resume, tracking
 from nas.data import Arrays, load_arrays
 from nas.errors import SearchError, SearchFailed
-from nas.events import CandidateRejected, Callback, Printer, SearchEnded
-from nas.settings import (STATE_FILE, TAG_DATA_DIGEST, TAG_FINGERPRINT, TAG_MAX_TRIALS,
-                          SearchConfig)
+from nas.events import CandidateRejected, Callback, SearchEnded
+from nas.settings import STATE_FILE, SearchConfig
 from nas.space import search_problem
-from nas.state import SearchLock, StateError, read_json, write_atomic
+from nas.state import SearchLock
 
 __all__ = ["Prepared", "SearchConfig", "SearchError", "SearchFailed", "SearchResult",
            "prepare", "run"]
@@ -57,8 +56,8 @@ class Prepared:
     config: SearchConfig
     arrays: Arrays
     tracker: tracking.Tracker
-    state: dict | None  # the saved state of the search being resumed
-    previous: dict | None = None  # the state of a search that --overwrite replaces
+    state: resume.SearchState | None  # the search being resumed (None: a new search)
+    previous: resume.SearchState | None = None  # the search `overwrite` replaces
     # Taken by `run` (or before it, by its caller: `nas search`); `prepare` only checks
     # it is free.
     lock: SearchLock | None = None
@@ -70,21 +69,22 @@ def prepare(config: SearchConfig) -> Prepared:
     Raises:
         SearchError, nas.errors.DataError, nas.tracking.TrackingError.
     """
-    if config.max_trials < 1:
-        raise SearchError(f"`max_trials`: {config.max_trials} must be at least 1")
+    budget = config.budget
+    if budget.max_trials < 1:
+        raise SearchError(f"`max_trials`: {budget.max_trials} must be at least 1")
     if config.epochs is not None and config.epochs < 1:
         raise SearchError(f"`epochs`: {config.epochs} must be at least 1")
     if config.batch_size is not None and config.batch_size < 1:
         raise SearchError(f"`batch_size`: {config.batch_size} must be at least 1")
-    if config.max_failures < 1:
-        raise SearchError(f"`max_failures`: {config.max_failures} must be at least 1")
-    if config.ensemble < 1:
-        raise SearchError(f"`ensemble`: {config.ensemble} must be at least 1")
-    if config.time_limit is not None and config.time_limit <= 0:
-        raise SearchError(f"`time_limit`: {config.time_limit:g} s must be above 0")
-    for flag, budget in (("`max_params`", config.max_params), ("`max_flops`", config.max_flops)):
-        if budget is not None and budget < 1:
-            raise SearchError(f"{flag}: {budget} must be at least 1")
+    if budget.max_failures < 1:
+        raise SearchError(f"`max_failures`: {budget.max_failures} must be at least 1")
+    if config.final.ensemble < 1:
+        raise SearchError(f"`ensemble`: {config.final.ensemble} must be at least 1")
+    if budget.time_limit is not None and budget.time_limit <= 0:
+        raise SearchError(f"`time_limit`: {budget.time_limit:g} s must be above 0")
+    for flag, limit in (("`max_params`", config.max_params), ("`max_flops`", config.max_flops)):
+        if limit is not None and limit < 1:
+            raise SearchError(f"{flag}: {limit} must be at least 1")
     arrays = load_arrays(config.pipeline, config.skip_bad_images)
     # Before the tracking store is touched: a space nothing in can be trained is refused.
     problem = search_problem(config, arrays.input_shape, arrays.num_classes)
@@ -93,46 +93,13 @@ def prepare(config: SearchConfig) -> Prepared:
     _check_workdir(config.project_dir)
     lock = SearchLock(config.project_dir, config.experiment_name)
     lock.check()  # another process runs this search: refused before anything is written
-    state = None
-    state_file = config.project_dir / STATE_FILE
-    if state_file.exists():
-        try:
-            state = read_json(state_file)
-        except (OSError, StateError):
-            state = {}  # found again in the tracking store (`run`), or refused there
-        if (state and not config.overwrite
-                and state.get("fingerprint") != config.fingerprint()):
-            raise SearchError(_other_settings(config))
+    saved = resume.saved_state(config)
     tracker = tracking.Tracker(config.tracking_uri)
     tracker.check()
     if config.overwrite:
-        return Prepared(config, arrays, tracker, None, previous=state or None, lock=lock)
-    state = state or _found_in_store(tracker, config)
-    problem = _unresumable(config, state) or _other_data(config, arrays, state)
-    if problem:
-        raise SearchError(problem)
-    return Prepared(config, arrays, tracker, state, lock=lock)
-
-
-def _other_settings(config: SearchConfig) -> str:
-    return (f"`experiment`: {config.experiment_name!r} already holds a search with other "
-            f"settings (in {config.project_dir}); pass `overwrite` to start afresh, or "
-            f"choose another `experiment`")
-
-
-def _other_data(config: SearchConfig, arrays: Arrays, state: dict | None) -> str | None:
-    """Why the search being resumed cannot go on with these files, or None: a directory's
-    split is by file, so other files would give it another split."""
-    if not state or state.get("data_digest", "") == arrays.data_digest:
-        return None
-    if "data_digest" not in state:  # written before a folder's split was by file
-        return (f"{config.pipeline.source_file}: data.path: this search was started by an "
-                f"earlier nas, which split the images in {config.pipeline.path} otherwise; "
-                f"pass `overwrite` to start afresh, or choose another `experiment`")
-    return (f"{config.pipeline.source_file}: data.path: the images in {config.pipeline.path} "
-            f"changed since this search started ({state.get('data_files', '?')} files then, "
-            f"{arrays.samples} now), so its split would differ; restore them, or pass "
-            f"`overwrite` to start afresh, or choose another `experiment`")
+        return Prepared(config, arrays, tracker, None, previous=saved, lock=lock)
+    return Prepared(config, arrays, tracker, resume.find(config, arrays, tracker, saved),
+                    lock=lock)
 
 
 def _check_workdir(folder: Path) -> None:
@@ -149,8 +116,9 @@ def _check_workdir(folder: Path) -> None:
 def run(prepared: Prepared, callback: Callback | None = None, serve=None) -> SearchResult:
     """Train the search's trials, logging each to MLflow; return what was found.
 
-    `callback` (a `nas.events.Callback`; by default a `Printer`) receives what happens:
-    notices, trials starting and ending, epochs, rejected candidates, the search's end.
+    `callback` (a `nas.events.Callback`, such as a `Printer`; without one, nobody) receives
+    what happens: notices, trials starting and ending, epochs, rejected candidates, the
+    search's end.
     `serve(tuner, experiment_id, search_run_id)`, if given, runs the search in place of
     training here: the chief of a distributed search serves the oracle to its workers
     (`nas.distributed.run_chief`).
@@ -166,7 +134,7 @@ def run(prepared: Prepared, callback: Callback | None = None, serve=None) -> Sea
         SearchFailed: too many consecutive trials failed; finished trials are kept.
     """
     config = prepared.config
-    callback = callback if callback is not None else Printer()
+    callback = callback if callback is not None else Callback()
     lock = prepared.lock or SearchLock(config.project_dir, config.experiment_name)
     lock.acquire()
     try:
@@ -195,33 +163,21 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
     project_dir.mkdir(parents=True, exist_ok=True)
 
     experiment_id = tracker.experiment_id(config.experiment_name)
-    if prepared.previous:
-        _close_search(tracker, prepared.previous, echo)
+    if prepared.previous is not None:
+        resume.close_replaced(tracker, prepared.previous, echo)
     state = prepared.state
     resumed = state is not None
-    if resumed and state.pop("found_in_store", False):
-        echo(f"found this search in the tracking store (run {state['search_run_id']}); "
-             f"going on from there")
     if resumed:
-        search_run_id = state["search_run_id"]
-        closed = tracker.close_stale_runs(experiment_id, search_run_id)
-        if closed:
-            echo(f"closed {closed} trial run(s) left running by an earlier process")
-        budget = state.get("max_trials", config.max_trials)
-        if config.max_trials > budget:
-            echo(f"growing the search from {budget} to {config.max_trials} trials")
-            tracker.set_tags(search_run_id, {TAG_MAX_TRIALS: config.max_trials})
-        state = {**state, "max_trials": max(budget, config.max_trials)}
+        state = resume.go_on(tracker, config, state, experiment_id, echo)
     else:
-        search_run_id = tracker.start_run(
-            experiment_id, f"search-{config.experiment_name}",
-            tags={tracking.TAG_KIND: "search", TAG_FINGERPRINT: config.fingerprint(),
-                  TAG_DATA_DIGEST: arrays.data_digest})
-        _log_search(tracker, search_run_id, config, arrays)
-        state = {"search_run_id": search_run_id, "experiment_id": experiment_id,
-                 "fingerprint": config.fingerprint(), "max_trials": config.max_trials,
-                 "data_digest": arrays.data_digest, "data_files": arrays.samples}
-    write_atomic(project_dir / STATE_FILE, json.dumps(state))
+        state = resume.SearchState(
+            tracker.start_run(experiment_id, f"search-{config.experiment_name}",
+                              tags=resume.search_tags(config, arrays)),
+            experiment_id, config.fingerprint(), config.budget.max_trials, arrays.data_digest,
+            arrays.samples)
+        _log_search(tracker, state.search_run_id, config, arrays)
+    resume.write_state(config, state)
+    search_run_id = state.search_run_id
 
     parts = assembly.assemble(config, arrays, tracker, experiment_id, search_run_id, callback)
     hooks = parts.hooks
@@ -235,10 +191,10 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
     with tracker.run(experiment_id, "", run_id=search_run_id, reopen=resumed), \
             assembly.interruptions():
         try:
-            tuner = _open_tuner(config, tracker, experiment_id, search_run_id, resumed,
-                                new_oracle, parts.tuner, echo)
+            tuner = resume.open_tuner(config, tracker, experiment_id, search_run_id, resumed,
+                                      new_oracle, parts.tuner, echo)
             hooks.resume_from(tuner.oracle)
-            if resumed and _finished(tuner.oracle, config.max_trials):
+            if resumed and resume.finished(tuner.oracle, config.budget.max_trials):
                 echo("the search had already finished; its results as logged (`overwrite` "
                      "starts afresh)")
                 return _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
@@ -262,170 +218,17 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
             # The only place the test data is read: the final model, scored once.
             batch_size = config.batch_size or pipeline.batch_size
             test = test_dataset(arrays, batch_size)
+            final = config.final
             result.test, result.final_trials = final_model.log_best_model(
-                tracker, search_run_id, tuner, result, register=config.register, echo=echo,
+                tracker, search_run_id, tuner, result, register=final.register, echo=echo,
                 test=None if test is None else (test, len(arrays.y_test)),
-                ensemble=config.ensemble, seed=config.seed,
-                refit=refit_dataset(arrays, batch_size, config.seed) if config.refit else None)
-            result.refit = config.refit and bool(result.final_trials)
+                ensemble=final.ensemble, seed=config.seed,
+                refit=refit_dataset(arrays, batch_size, config.seed) if final.refit else None)
+            result.refit = final.refit and bool(result.final_trials)
         finally:
             hooks.close()
             gc.unfreeze()
     return result
-
-
-def _open_tuner(config: SearchConfig, tracker, experiment_id: str, search_run_id: str,
-                resumed: bool, new_oracle, new_tuner, echo):
-    """The search's tuner, its KerasTuner state reloaded, or rebuilt from the tracking store
-    when it is missing or damaged (a resumed search only)."""
-    from nas import ktcompat, oracles
-
-    project_dir, tuner_file = config.project_dir, _tuner_file(config)
-    # Damage shows as KerasTuner reloads (nas.ktcompat): the files are not read twice.
-    damage = "missing" if resumed and not tuner_file.exists() else None
-    if damage is None:
-        try:
-            return new_tuner(new_oracle())
-        except (StateError, FileNotFoundError) as error:
-            if not resumed:  # a race: `prepare` refuses such a folder
-                raise SearchError(_unknown_state(config)) from None
-            damage = f"damaged ({error})"
-    echo(f"the search's state in {project_dir} is {damage}; rebuilding it from the tracking "
-         f"store")
-    if config.tuner == "hyperband":  # a damage `prepare` could not see (it reads JSON only)
-        raise SearchError(_no_hyperband_rebuild(config))
-    for stale in [project_dir / "oracle.json", tuner_file,
-                  *project_dir.glob("trial_*/trial.json")]:
-        stale.unlink(missing_ok=True)  # the checkpoints stay: the same trials' weights
-    oracle = new_oracle()
-    trials = _store_trials(tracker, experiment_id, search_run_id, config,
-                           oracles.declare(config.space))
-    ktcompat.rebuild(oracle, trials, config.workdir, config.project_name)
-    ended = sum(t["status"] != "RUNNING" for t in trials)
-    echo(f"rebuilt {_count(ended, 'ended trial')} from the tracking store"
-         + (f"; {len(trials) - ended} interrupted one(s) will run again"
-            if len(trials) > ended else ""))
-    return new_tuner(oracle)
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" + ("" if number == 1 else "s")
-
-
-def _tuner_file(config: SearchConfig) -> Path:
-    return config.project_dir / f"{os.environ.get('KERASTUNER_TUNER_ID', 'tuner0')}.json"
-
-
-def _damage(project_dir: Path, tuner_file: Path) -> str | None:
-    """What is wrong with a search's KerasTuner state files, or None if they read back."""
-    if not tuner_file.exists():
-        return "missing"
-    for path in [project_dir / "oracle.json", tuner_file,
-                 *sorted(project_dir.glob("trial_*/trial.json"))]:
-        try:
-            read_json(path)
-        except (OSError, StateError) as error:
-            return f"damaged ({error})"
-    return None
-
-
-def _unresumable(config: SearchConfig, state: dict | None) -> str | None:
-    """Why the search's working folder cannot be used as it is, or None (read only)."""
-    tuner_file = _tuner_file(config)
-    if state is None:
-        if (config.project_dir / "oracle.json").exists() or tuner_file.exists():
-            return _unknown_state(config)
-        return None
-    if config.tuner == "hyperband" and _damage(config.project_dir, tuner_file) is not None:
-        return _no_hyperband_rebuild(config)
-    return None
-
-
-def _unknown_state(config: SearchConfig) -> str:
-    return (f"`workdir`: {config.project_dir} holds the KerasTuner state of a search that "
-            f"neither it nor the tracking store knows; pass `overwrite` to start afresh")
-
-
-def _no_hyperband_rebuild(config: SearchConfig) -> str:
-    return (f"`workdir`: the hyperband state of {config.experiment_name!r} in "
-            f"{config.project_dir} is missing or damaged and cannot be rebuilt (its brackets "
-            f"are not in MLflow, its trials are); pass `overwrite` to start afresh")
-
-
-def _found_in_store(tracker, config: SearchConfig) -> dict | None:
-    """The state of this search (same experiment and settings) as the tracking store holds
-    it, when its working folder lost it; None if the store holds no such search. Reads
-    only."""
-    experiment = tracker.client.get_experiment_by_name(config.experiment_name)
-    if experiment is None or experiment.lifecycle_stage == "deleted":
-        return None
-    runs = tracker.client.search_runs(
-        [experiment.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'search' and "
-                                    f"tags.`{TAG_FINGERPRINT}` = '{config.fingerprint()}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        return None
-    run = runs[0]
-    params = run.data.params
-    budget = run.data.tags.get(TAG_MAX_TRIALS) or params.get("max_trials")
-    return {"search_run_id": run.info.run_id, "experiment_id": experiment.experiment_id,
-            "fingerprint": config.fingerprint(), "found_in_store": True,
-            "max_trials": int(budget) if budget else config.max_trials,
-            "data_digest": run.data.tags.get(TAG_DATA_DIGEST, ""),
-            "data_files": sum(int(params.get(f"{split}_samples", 0))
-                              for split in ("train", "val", "test"))}
-
-
-def _store_trials(tracker, experiment_id: str, search_run_id: str, config: SearchConfig,
-                  hyperparameters) -> list[dict]:
-    """The search's trials as its trial runs hold them, for `nas.ktcompat.rebuild`."""
-    objective, direction = config.pipeline.objective, config.pipeline.direction
-    found: dict[str, dict] = {}
-    for run in tracker.trial_runs(experiment_id, search_run_id):  # oldest first
-        trial_id = run.data.tags.get(tracking.TAG_TRIAL)
-        if trial_id is None or found.get(trial_id, {}).get("status") == "COMPLETED":
-            continue  # a trial that finished once is that trial
-        status = {"FINISHED": "COMPLETED", "FAILED": "FAILED"}.get(run.info.status, "RUNNING")
-        score, best_step = run.data.metrics.get("objective"), 0
-        if status == "COMPLETED" and score is not None:
-            history = tracker.client.get_metric_history(run.info.run_id, objective)
-            if history:
-                best = (max if direction == "max" else min)(history, key=lambda m: m.value)
-                best_step = int(best.step)
-        found[trial_id] = {"trial_id": trial_id, "status": status, "score": score,
-                           "best_step": best_step,
-                           "values": _values(hyperparameters, run.data.params)}
-    return list(found.values())
-
-
-def _values(hyperparameters, params: dict) -> dict:
-    """A trial's hyperparameter values from its run's params (MLflow keeps strings), and
-    its fidelity in a funnel (`nas.funnel`)."""
-    import keras_tuner as kt
-
-    values = {}
-    for hp in hyperparameters.space:
-        text = params.get(hp.name)
-        if text is None:
-            continue
-        if isinstance(hp, kt.engine.hyperparameters.Boolean):
-            values[hp.name] = text in ("true", "True")
-        elif isinstance(hp, kt.engine.hyperparameters.Int):
-            values[hp.name] = int(float(text))
-        elif isinstance(hp, kt.engine.hyperparameters.Float):
-            values[hp.name] = float(text)
-        else:
-            choices = hp.values if hasattr(hp, "values") else [hp.value]
-            values[hp.name] = next((v for v in choices if text in (str(v), json.dumps(v))),
-                                   text)
-    return {**values, **funnel.from_params(params)}  # a funnel's look or full training
-
-
-def _finished(oracle, max_trials: int) -> bool:
-    """Whether every trial of the search was trained (no trial is left to run)."""
-    trials = oracle.trials.values()
-    return len(trials) >= max_trials and all(t.status in ("COMPLETED", "FAILED")
-                                             for t in trials)
 
 
 def _search(tuner, search) -> None:
@@ -448,20 +251,6 @@ def _search(tuner, search) -> None:
 def _last_line(message: str | None) -> str:
     lines = [line for line in (message or "").strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else "unknown error"
-
-
-def _close_search(tracker, state: dict, echo) -> None:
-    """Close, as KILLED, what a search replaced by --overwrite left running."""
-    run_id, experiment_id = state.get("search_run_id"), state.get("experiment_id")
-    try:
-        closed = tracker.close_stale_runs(experiment_id, run_id)
-        if tracker.client.get_run(run_id).info.status == "RUNNING":
-            tracker.end(run_id, "KILLED")
-            closed += 1
-    except Exception:  # the old run may be gone (deleted, or another store)
-        return
-    if closed:
-        echo(f"closed {closed} run(s) of the replaced search as KILLED")
 
 
 def _log_search(tracker, run_id: str, config: SearchConfig, arrays: Arrays) -> None:
@@ -504,5 +293,5 @@ def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:
     if best is not None:
         metrics.update({"best_objective": best.objective, f"best_{result.objective}":
                         best.objective, "best_params": best.params, "best_flops": best.flops})
-        tags = {"nas.best_trial_id": best.trial_id, "nas.best_run_id": best.run_id or ""}
+        tags = {tracking.TAG_BEST_TRIAL: best.trial_id, tracking.TAG_BEST_RUN: best.run_id or ""}
     tracker.log_batch(run_id, tracker.metrics(metrics), tags=tags)

@@ -1,16 +1,20 @@
-"""A search's settings, and where its state lives: one source, read by every other part.
+"""A search's settings, by role, and where its state lives: one source, read by every other part.
 
-`SearchConfig` is everything one search needs (CLI flags land here). From it come the
-three views of a search's settings that must agree: what must match for it to resume
-(`fingerprint`), what its MLflow run logs as params (`params`), and what a worker of a
-distributed search takes from its chief (`worker_settings`, `for_worker`). Also here:
-the layout of its state (the working folder's project folder, the state file) and the
-tags its run is found again by. No TensorFlow, no MLflow.
+`SearchConfig` is everything one search needs (CLI flags land here), split as Optuna
+splits `create_study` from `optimize`: what the search is (its specs, tuner and how its
+trials train) and where it lives, then three groups of their own: its `Budget`, its
+`FinalModel` and how it scales out (`ScaleOut`). From it come the three views of a
+search's settings that must agree: what must match for it to resume (`fingerprint`),
+what its MLflow run logs as params (`params`), and what a worker of a distributed search
+takes from its chief (`worker_settings`, `for_worker`). Also here: the layout of its
+state (the working folder's project folder, the state file) and the tuners' names. The
+CLI's defaults are these dataclasses' defaults. No TensorFlow, no MLflow.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 from pathlib import Path
@@ -18,14 +22,17 @@ from pathlib import Path
 from nas import tracking  # its tag names only: MLflow is not imported
 from nas.specs import Constraints, Pipeline, SearchSpace
 
-__all__ = ["MAX_TRIALS", "SearchConfig", "STATE_FILE", "UNCAPPED_TRIALS", "TAG_DATA_DIGEST", "TAG_FINGERPRINT", "TAG_MAX_TRIALS",
-           "project_folder"]
+__all__ = ["Budget", "DEFAULT_TUNER", "FinalModel", "MAX_TRIALS", "ScaleOut", "SearchConfig",
+           "STATE_FILE", "TAG_DATA_DIGEST", "TAG_FINGERPRINT", "TAG_MAX_TRIALS", "TUNERS",
+           "UNCAPPED_TRIALS", "project_folder"]
 
 STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
-TAG_FINGERPRINT = "nas.fingerprint"  # on the search's run: found again by its settings
-TAG_DATA_DIGEST = "nas.data_digest"  # on the search's run: a directory's files (Arrays)
-TAG_MAX_TRIALS = tracking.TAG_MAX_TRIALS  # on the search's run, once it grew past its budget
-TUNERS = ("evolution", "random", "bayesian", "hyperband", "grid")  # --tuner (nas.oracles)
+# The tags of the search's run these settings are found again by (named in nas.tracking).
+TAG_FINGERPRINT, TAG_DATA_DIGEST = tracking.TAG_FINGERPRINT, tracking.TAG_DATA_DIGEST
+TAG_MAX_TRIALS = tracking.TAG_MAX_TRIALS
+# --tuner: the names of `nas.oracles.ORACLES`, where each is made (KerasTuner not imported).
+TUNERS = ("evolution", "random", "bayesian", "hyperband", "grid")
+DEFAULT_TUNER = "evolution"
 MAX_TRIALS = 10  # --max-trials without --time-limit
 # --max-trials with --time-limit: as many trials as the time holds (lines show no total).
 UNCAPPED_TRIALS = 1000
@@ -34,44 +41,71 @@ _WORKER_TRAINING = ("tuner", "max_trials", "epochs", "batch_size", "seed", "mixe
                     "jit_compile")
 
 
-@dataclasses.dataclass
-class SearchConfig:
-    """Everything one search needs; CLI flags land here."""
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What a search may spend: not what identifies it (a larger budget grows a search)."""
 
-    space: SearchSpace
-    pipeline: Pipeline
-    tuner: str = "evolution"
-    max_trials: int = MAX_TRIALS
-    time_limit: float | None = None  # seconds; with max_trials, whichever comes first
-    epochs: int | None = None
-    batch_size: int | None = None
-    seed: int = 0
-    experiment: str | None = None
-    tracking_uri: str | None = None
-    workdir: str = ".nas"
-    overwrite: bool = False
-    max_failures: int = 3
-    max_params: int | None = None
-    max_flops: int | None = None
-    mixed_precision: bool = False
-    jit_compile: bool = False
-    register: str | None = None  # Model Registry name for the final model
+    max_trials: int = MAX_TRIALS  # trials to train (rejected candidates do not count)
+    time_limit: float | None = None  # seconds, the final model included; whichever first
+    max_failures: int = 3  # consecutive failed trials that end the search
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalModel:
+    """What a search makes of its best trials once they are trained."""
+
     ensemble: int = 3  # the final model averages the best this many trials (bench: quality)
     refit: bool = False  # retrain the final model's trials on training + validation data
-    skip_bad_images: bool = False  # leave a directory's unreadable files out (else refused)
-    # Scale-out (nas.distributed): "mirrored" trains one trial over all local GPUs;
-    # `chief` HOST:PORT makes this process the chief (or, with `worker_id`, a worker).
-    distribution: str | None = None
+    register: str | None = None  # Model Registry name for the final model
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleOut:
+    """How a search spreads over devices and processes (`nas.distributed`)."""
+
+    distribution: str | None = None  # "mirrored": one trial over all local GPUs
+    # HOST:PORT: this process is the chief there (or, with `worker_id`, its worker).
     chief: str | None = None
     worker_id: str | None = None
     worker_timeout: float = 60.0  # seconds of silence after which a worker is lost
-    # The secret a worker shows the chief on every call (`nas.distributed`): the chief's
-    # own (given, or made for the search), or the one a worker was given.
+    # The secret a worker shows the chief on every call: the chief's own (given, or made
+    # for the search), or the one a worker was given.
     worker_token: str | None = None
     # TLS for the chief's gRPC port: its certificate and key (PEM); a worker's CA (PEM).
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Everything one search needs, by role; CLI flags land here.
+
+    Every setting can be given by its own name, a group's too: `max_trials=5` is
+    `budget=Budget(max_trials=5)` (and `dataclasses.replace` takes them so as well).
+    """
+
+    space: SearchSpace
+    pipeline: Pipeline
+    # What the search is: its tuner and how its trials train (`fingerprint` takes what
+    # must match for it to resume).
+    tuner: str = DEFAULT_TUNER
+    epochs: int | None = None  # per trial; None: the pipeline's
+    batch_size: int | None = None  # None: the pipeline's
+    seed: int = 0
+    max_params: int | None = None  # per candidate, with the specs' own (`constraints`)
+    max_flops: int | None = None
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    # Where it lives: its experiment, tracking store and working folder.
+    experiment: str | None = None  # None: SPACE-PIPELINE
+    tracking_uri: str | None = None  # None: MLflow's own rule
+    workdir: str = ".nas"
+    overwrite: bool = False  # start afresh instead of resuming
+    skip_bad_images: bool = False  # leave a directory's unreadable files out (else refused)
+    budget: Budget = dataclasses.field(default_factory=Budget)
+    final: FinalModel = dataclasses.field(default_factory=FinalModel)
+    scale: ScaleOut = dataclasses.field(default_factory=ScaleOut)
 
     @property
     def experiment_name(self) -> str:
@@ -108,13 +142,13 @@ class SearchConfig:
         return {
             "space": self.space.name, "space_sha": _digest(self.space.text),
             "pipeline": self.pipeline.name, "pipeline_sha": _digest(self.pipeline.text),
-            "tuner": self.tuner, "max_trials": self.max_trials,
+            "tuner": self.tuner, "max_trials": self.budget.max_trials,
             "epochs": self.epochs_per_trial,
             "batch_size": self.batch_size or self.pipeline.batch_size, "seed": self.seed,
-            "objective": self.pipeline.objective, "max_failures": self.max_failures,
+            "objective": self.pipeline.objective, "max_failures": self.budget.max_failures,
             "max_params": constraints.max_params, "max_flops": constraints.max_flops,
             "mixed_precision": self.mixed_precision, "jit_compile": self.jit_compile,
-            "ensemble": self.ensemble, "refit": self.refit,
+            "ensemble": self.final.ensemble, "refit": self.final.refit,
         }
 
     def params(self) -> dict:
@@ -138,6 +172,25 @@ class SearchConfig:
         mine = self.settings()
         return next((kind for kind in ("space", "pipeline")
                      if chief_settings[f"{kind}_sha"] != mine[f"{kind}_sha"]), None)
+
+
+_GROUPS = {"budget": Budget, "final": FinalModel, "scale": ScaleOut}
+
+
+def _by_name(init):
+    """`SearchConfig.__init__` taking a group's settings by their own names as well."""
+    @functools.wraps(init)
+    def __init__(self, space: SearchSpace, pipeline: Pipeline, **settings):
+        for group, kind in _GROUPS.items():
+            given = {f.name: settings.pop(f.name) for f in dataclasses.fields(kind)
+                     if f.name in settings}
+            if given:
+                settings[group] = dataclasses.replace(settings.get(group) or kind(), **given)
+        init(self, space, pipeline, **settings)
+    return __init__
+
+
+SearchConfig.__init__ = _by_name(SearchConfig.__init__)
 
 
 def _digest(text: str) -> str:

@@ -21,18 +21,40 @@ if TYPE_CHECKING:
 from nas.errors import InputError, Interrupted
 
 __all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "TAG_SEARCH",
-           "TAG_ERROR", "TAG_WORKER", "TAG_MAX_TRIALS", "TAG_FINAL", "TAG_REFIT"]
+           "TAG_ERROR", "TAG_WORKER", "TAG_DEVICE", "TAG_MAX_TRIALS", "TAG_FINGERPRINT",
+           "TAG_DATA_DIGEST", "TAG_FINAL", "TAG_REFIT", "TAG_MODEL_ERROR", "TAG_BEST_TRIAL",
+           "TAG_BEST_RUN", "TAG_CHIEF", "TAG_WORKER_SETTINGS", "TAG_TRIAL_RUN", "score_tag"]
 
 # The tags nas writes and reads back, named here alone. MLflow is imported only where it
 # is used, so that reading these (`nas.results`, `nas trials`) costs no MLflow import.
 TAG_KIND = "nas.kind"  # "search" or "trial"
-TAG_TRIAL = "nas.trial_id"  # on a trial's run (on a logged model: the ids of its trials)
-TAG_SEARCH = "nas.search_run_id"  # on a trial's run: the run of its search
-TAG_ERROR = "nas.error"  # on a trial's run: why it failed
-TAG_WORKER = "nas.worker"  # on a trial's run: the worker that trained it ("local": none)
-TAG_MAX_TRIALS = "nas.max_trials"  # on a search's run, once it grew past its first budget
-TAG_FINAL = "nas.final_trials"  # on a search's run: the trial(s) of its final model
-TAG_REFIT = "nas.refit"  # on a search's run: "1" when its final model was retrained (--refit)
+# On a trial's run:
+TAG_TRIAL = "nas.trial_id"  # (on a logged model: the ids of its trials)
+TAG_SEARCH = "nas.search_run_id"  # the run of its search
+TAG_ERROR = "nas.error"  # why it failed
+TAG_WORKER = "nas.worker"  # the worker that trained it ("local": none)
+TAG_DEVICE = "nas.device"  # the device it trained on
+# On a search's run:
+TAG_FINGERPRINT = "nas.fingerprint"  # found again by its settings (`SearchConfig.fingerprint`)
+TAG_DATA_DIGEST = "nas.data_digest"  # a directory's files (`nas.data.Arrays.data_digest`)
+TAG_MAX_TRIALS = "nas.max_trials"  # once it grew past its first budget
+TAG_FINAL = "nas.final_trials"  # the trial(s) of its final model
+TAG_REFIT = "nas.refit"  # "1" when its final model was retrained (--refit)
+TAG_MODEL_ERROR = "nas.model_error"  # why its final model could not be logged
+TAG_BEST_TRIAL = "nas.best_trial_id"  # its best trial
+TAG_BEST_RUN = "nas.best_run_id"  # the run of its best trial
+TAG_CHIEF = "nas.chief"  # a distributed search's: the address its chief listens at
+TAG_WORKER_SETTINGS = "nas.worker_settings"  # ... and what its workers train with (JSON)
+# On a logged model: the trial run of its one trial ("" for an ensemble).
+TAG_TRIAL_RUN = "nas.trial_run_id"
+
+
+def score_tag(name: str) -> str:
+    """The tag of a test score (`test_accuracy`) on a logged model and its registered
+    version: `nas.test_accuracy`."""
+    return f"nas.{name}"
+
+
 # A trial's best-epoch weights (KerasTuner's checkpoint file name), logged as an artifact of
 # its run when it enters the search's best K so far: the final model never needs a disk.
 WEIGHTS = "checkpoint.weights.h5"
@@ -141,7 +163,7 @@ class Tracker:
         if run_id is None:
             run_id = self.start_run(experiment_id, name, tags, parent_run_id)
         elif reopen:
-            self.client.update_run(run_id, status="RUNNING")
+            self.reopen_run(run_id)
         status = "FAILED"
         try:
             yield run_id
@@ -195,14 +217,84 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, os.fspath(path), artifact_path)
 
-    def trial_runs(self, experiment_id: str, search_run_id: str) -> list:
-        """Every trial run of one search, oldest first."""
-        return self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.{TAG_SEARCH} = '{search_run_id}'",
-            order_by=["attributes.start_time ASC"],
-            max_results=50000,
-        )
+    def get_run(self, run_id: str):
+        """The run `run_id` as MLflow holds it (`mlflow.entities.Run`).
+
+        Raises:
+            mlflow.exceptions.MlflowException: no such run.
+        """
+        return self.client.get_run(run_id)
+
+    def reopen_run(self, run_id: str) -> None:
+        """Set an ended run RUNNING again (a resumed search's, or a resumed trial's)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.client.delete_tag(run_id, key)
+
+    def metric_history(self, run_id: str, key: str) -> list[Metric]:
+        """Every value of the metric `key` logged on the run, one per step."""
+        return self.client.get_metric_history(run_id, key)
+
+    def list_artifacts(self, run_id: str) -> list[str]:
+        """The paths of the run's top-level artifacts."""
+        return [artifact.path for artifact in self.client.list_artifacts(run_id)]
+
+    def download_artifact(self, run_id: str, path: str, folder: str) -> str:
+        """The run's artifact `path` copied into `folder`; its local path."""
+        return self.client.download_artifacts(run_id, path, folder)
+
+    def trial_runs(self, experiment_id: str, search_run_id: str,
+                   trial_id: str | None = None) -> list:
+        """Every trial run of one search (of its trial `trial_id` only, if given), oldest
+        first."""
+        where = f"tags.{TAG_SEARCH} = '{search_run_id}'"
+        if trial_id is not None:
+            where += f" and tags.`{TAG_TRIAL}` = '{trial_id}'"
+        return self.client.search_runs([experiment_id], filter_string=where,
+                                       order_by=["attributes.start_time ASC"],
+                                       max_results=50000)
+
+    def find_search_run(self, experiment: str, fingerprint: str):
+        """The latest search run of the experiment called `experiment` whose settings have
+        `fingerprint` (`SearchConfig.fingerprint`), or None. Reads only."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None or found.lifecycle_stage == "deleted":
+            return None
+        runs = self.client.search_runs(
+            [found.experiment_id], f"tags.`{TAG_KIND}` = 'search' and "
+                                   f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    def running_searches(self, experiment: str) -> list:
+        """The search runs of the experiment called `experiment` that are RUNNING, newest
+        first ([] without such an experiment). Reads only."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        runs = self.client.search_runs(
+            [found.experiment_id], filter_string="attributes.status = 'RUNNING'",
+            order_by=["attributes.start_time DESC"], max_results=1000)
+        return [r for r in runs if r.data.tags.get(TAG_KIND) == "search"]
+
+    def logged_models(self, experiment_id: str, name: str) -> list:
+        """The MLflow models called `name` logged in the experiment, newest first."""
+        return self.client.search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"name = '{name}'",
+            order_by=[{"field_name": "creation_time", "ascending": False}])
+
+    def model_version_by_alias(self, name: str, alias: str):
+        """The registered model `name`'s version under `alias`, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:  # no such model or alias
+            return None
+
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
 
     def close_stale_runs(self, experiment_id: str, search_run_id: str) -> int:
         """Close, as KILLED, the trial runs a dead process left RUNNING. Returns how many."""

@@ -53,12 +53,12 @@ class TrialRuns:
         self.callback = callback  # a `nas.events.Callback`
         self.total = total
         self.epochs = config.epochs_per_trial
-        self.time_limit = config.time_limit
+        self.time_limit = config.budget.time_limit
         self.runs: dict[str, str] = {}
         self.best: float | None = None
         # Every trial that enters the best `keep` so far has its weights logged to MLflow
         # (what the final model needs, whatever happens to this machine's disk).
-        self.keep = max(1, config.ensemble)
+        self.keep = max(1, config.final.ensemble)
         self.project_dir = config.project_dir
         self.scores: list[float] = []  # of the finished trials, this process's and earlier
         self.earlier = 0  # trials ended by earlier processes of a resumed search
@@ -114,11 +114,11 @@ class TrialRuns:
         self._epoch_ends, self._trial_best = [], None
         if earlier is not None:
             try:  # read before training goes on, so no epoch is logged twice
-                run = self.tracker.client.get_run(earlier)
+                run = self.tracker.get_run(earlier)
                 if run.data.tags.get(tracking.TAG_WORKER) != (self.worker or "local"):
                     earlier = None
                 else:
-                    history = self.tracker.client.get_metric_history(earlier, self.objective)
+                    history = self.tracker.metric_history(earlier, self.objective)
                     self._logged_until = max((m.step for m in history), default=-1)
             except Exception:  # the run is gone: a new one is opened
                 earlier = None
@@ -140,10 +140,8 @@ class TrialRuns:
         """On a worker: say so when another worker trained this trial before (it was lost)
         and its last epoch is not in this worker's working folder, so it starts over."""
         try:
-            earlier = self.tracker.client.search_runs(
-                [self.experiment_id], filter_string=(
-                    f"tags.`{tracking.TAG_SEARCH}` = '{self.search_run_id}' and "
-                    f"tags.`{tracking.TAG_TRIAL}` = '{trial_id}'"), max_results=10)
+            earlier = self.tracker.trial_runs(self.experiment_id, self.search_run_id,
+                                              trial_id)
         except Exception:  # only a notice: the trial trains anyway
             return
         workers = {r.data.tags.get(tracking.TAG_WORKER) for r in earlier}
@@ -172,7 +170,7 @@ class TrialRuns:
         run_id = tracker.start_run(
             self.experiment_id, f"trial-{trial.trial_id}",
             tags={tracking.TAG_KIND: "trial", tracking.TAG_TRIAL: trial.trial_id,
-                  tracking.TAG_SEARCH: self.search_run_id, "nas.device": self.device,
+                  tracking.TAG_SEARCH: self.search_run_id, tracking.TAG_DEVICE: self.device,
                   tracking.TAG_WORKER: self.worker or "local"},
             parent_run_id=self.search_run_id, start_time=start_time,
         )
@@ -191,15 +189,15 @@ class TrialRuns:
     def _reopen(self, run_id: str, trial_id: str) -> bool:
         """Reopen the run an earlier process trained this trial in; False if it is gone."""
         try:
-            run = self.tracker.client.get_run(run_id)
+            run = self.tracker.get_run(run_id)
         except Exception:
             return False
         if (run.data.tags.get(tracking.TAG_TRIAL) != trial_id
                 or run.data.tags.get(tracking.TAG_SEARCH) != self.search_run_id):
             return False
-        self.tracker.client.update_run(run_id, status="RUNNING")
+        self.tracker.reopen_run(run_id)
         if tracking.TAG_ERROR in run.data.tags:  # "the process running it died": it lives again
-            self.tracker.client.delete_tag(run_id, tracking.TAG_ERROR)
+            self.tracker.delete_tag(run_id, tracking.TAG_ERROR)
         self._unclosed.add(run_id)
         return True
 

@@ -19,6 +19,7 @@ from typing import Iterator
 import click
 
 from nas.errors import InputError
+from nas.settings import SearchConfig
 
 __all__ = ["TRACKING_URI", "EXPERIMENT", "WORKDIR", "SPACE", "PIPELINE", "PROGRESS",
            "DISTRIBUTION", "SKIP_BAD_IMAGES", "LATEST_EXPERIMENT", "UserError",
@@ -41,7 +42,8 @@ EXPERIMENT = click.option(
 
 
 WORKDIR = click.option(
-    "--workdir", envvar="NAS_WORKDIR", default=".nas", show_default=True, metavar="DIR",
+    "--workdir", envvar="NAS_WORKDIR", default=SearchConfig.workdir, show_default=True,
+    metavar="DIR",
     help="Where KerasTuner keeps each search's state, so a search resumes.  [env: NAS_WORKDIR]",
 )
 

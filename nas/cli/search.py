@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -15,19 +16,19 @@ from nas.cli.common import (DISTRIBUTION, Duration, EXPERIMENT, PIPELINE, PROGRE
                             flag_of, plural, start_tensorflow, test_line, user_errors)
 from nas.errors import Interrupted, SearchFailed
 from nas.events import Printer, duration
-from nas.settings import MAX_TRIALS, TUNERS, UNCAPPED_TRIALS
+from nas.settings import TUNERS, UNCAPPED_TRIALS, Budget, FinalModel, ScaleOut, SearchConfig
 
 
 @click.command()
 @SPACE
 @PIPELINE
 @click.option("--tuner", type=click.Choice(TUNERS),
-              default="evolution", show_default=True,
+              default=SearchConfig.tuner, show_default=True,
               help="The search algorithm: evolution (known-good seeds, then one-knob moves "
                    "near the best) or one of KerasTuner's own.")
 @click.option("--max-trials", type=click.IntRange(min=1), default=None,
               help=f"Trials to train (rejected candidates do not count).  [default: "
-                   f"{MAX_TRIALS}; with --time-limit, as many as fit]")
+                   f"{Budget.max_trials}; with --time-limit, as many as fit]")
 @click.option("--time-limit", type=Duration(), default=None, metavar="DURATION",
               help="The time the search may take, the final model included (90s, 30m, 2h): "
                    "no trial starts that would not end in it; with --max-trials, whichever "
@@ -36,13 +37,14 @@ from nas.settings import MAX_TRIALS, TUNERS, UNCAPPED_TRIALS
               help="Epochs per trial.  [default: the pipeline's]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="[default: the pipeline's]")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=SearchConfig.seed, show_default=True,
               help="The same seed gives the same sequence of candidates.")
 @EXPERIMENT
 @TRACKING_URI
 @WORKDIR
 @click.option("--overwrite", is_flag=True, help="Start afresh instead of resuming.")
-@click.option("--max-failures", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--max-failures", type=click.IntRange(min=1), default=Budget.max_failures,
+              show_default=True,
               help="Consecutive failed trials that end the search.")
 @click.option("--max-params", type=click.IntRange(min=1), default=None,
               help="Parameter budget per candidate.")
@@ -52,7 +54,8 @@ from nas.settings import MAX_TRIALS, TUNERS, UNCAPPED_TRIALS
 @click.option("--jit-compile", is_flag=True, help="Compile training steps with XLA.")
 @click.option("--register", default=None, metavar="NAME",
               help="Register the final model in the MLflow Model Registry as NAME.")
-@click.option("--ensemble", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--ensemble", type=click.IntRange(min=1), default=FinalModel.ensemble,
+              show_default=True,
               metavar="K", help="The final model averages the best K trials' probabilities.")
 @click.option("--refit", is_flag=True,
               help="Retrain the final model's trials on training + validation data, for the "
@@ -70,7 +73,7 @@ from nas.settings import MAX_TRIALS, TUNERS, UNCAPPED_TRIALS
               help="With --tls-cert: its private key (PEM).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
               help="Start a chief and N local worker processes on 127.0.0.1 and wait for them.")
-@click.option("--worker-timeout", type=click.FloatRange(min=1), default=60.0,
+@click.option("--worker-timeout", type=click.FloatRange(min=1), default=ScaleOut.worker_timeout,
               show_default=True, metavar="SECONDS",
               help="A worker silent this long is lost; its trial goes to another worker.")
 @PROGRESS
@@ -84,16 +87,17 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
     from nas.specs import load_pipeline, load_space
 
     if max_trials is None:
-        max_trials = MAX_TRIALS if time_limit is None else UNCAPPED_TRIALS
-    config = search_module.SearchConfig(
+        max_trials = Budget.max_trials if time_limit is None else UNCAPPED_TRIALS
+    config = SearchConfig(
         space=load_space(space), pipeline=load_pipeline(pipeline), tuner=tuner,
-        max_trials=max_trials, time_limit=time_limit, epochs=epochs, batch_size=batch_size,
-        seed=seed, experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
-        overwrite=overwrite, max_failures=max_failures, max_params=max_params,
+        epochs=epochs, batch_size=batch_size, seed=seed, max_params=max_params,
         max_flops=max_flops, mixed_precision=mixed_precision, jit_compile=jit_compile,
-        register=register, ensemble=ensemble, refit=refit, skip_bad_images=skip_bad_images,
-        distribution=distribution_of(distribution),
-        chief=chief, worker_timeout=worker_timeout, tls_cert=tls_cert, tls_key=tls_key,
+        experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
+        overwrite=overwrite, skip_bad_images=skip_bad_images,
+        budget=Budget(max_trials=max_trials, time_limit=time_limit, max_failures=max_failures),
+        final=FinalModel(ensemble=ensemble, refit=refit, register=register),
+        scale=ScaleOut(distribution=distribution_of(distribution), chief=chief,
+                       worker_timeout=worker_timeout, tls_cert=tls_cert, tls_key=tls_key),
     )
     if (tls_cert or tls_key) and not chief:
         raise click.UsageError("--tls-cert and --tls-key are for a chief: give --chief too")
@@ -109,7 +113,7 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
     else:
         if chief:
             distributed.check_address(chief)
-            config.worker_token = distributed.new_token()
+            config = dataclasses.replace(config, worker_token=distributed.new_token())
         prepared = search_module.prepare(config)
     # Taken now, not when `run` starts: of two searches of one experiment started at once,
     # the second is refused here, in one line, before it prints or loads anything.
@@ -251,16 +255,15 @@ def worker(space, pipeline, experiment, tracking_uri, workdir, chief, worker_id,
     import socket
 
     from nas import distributed
-    from nas import search as search_module
     from nas.specs import load_pipeline, load_space
 
     worker_id = worker_id if worker_id is not None else (
         f"{socket.gethostname()}-{os.getpid()}".replace("chief", "chf"))
-    config = search_module.SearchConfig(
+    config = SearchConfig(
         space=load_space(space), pipeline=load_pipeline(pipeline), experiment=experiment,
-        tracking_uri=tracking_uri, workdir=workdir, distribution=distribution_of(distribution),
-        chief=chief, worker_id=worker_id, worker_token=token, tls_ca=tls_ca,
-        skip_bad_images=skip_bad_images,
+        tracking_uri=tracking_uri, workdir=workdir, skip_bad_images=skip_bad_images,
+        scale=ScaleOut(distribution=distribution_of(distribution), chief=chief,
+                       worker_id=worker_id, worker_token=token, tls_ca=tls_ca),
     )
     if tls_ca and b"-----BEGIN " not in Path(tls_ca).read_bytes():
         raise click.BadParameter(f"{tls_ca!r} is not a PEM file", param_hint="--tls-ca")
@@ -287,13 +290,13 @@ def _print_worker_command(prepared, space: str, pipeline: str) -> None:
     uri = prepared.tracker.tracking_uri
     click.echo("start workers (any number, on any machine that reaches this one) with:")
     click.echo("  " + distributed.worker_command(config, space, pipeline, uri,
-                                                 config.worker_token,
-                                                 "CERT.pem" if config.tls_cert else None))
+                                                 config.scale.worker_token,
+                                                 "CERT.pem" if config.scale.tls_cert else None))
     click.echo(f"  (the token is this search's; the chief refuses workers without it. Set "
                f"{distributed.TOKEN_ENV} to choose it, e.g. to keep it when the chief restarts)")
-    if config.tls_cert:
-        click.echo(f"  (over TLS: CERT.pem is a copy of {config.tls_cert}, or of the CA that "
-                   f"signed it, on the worker's machine)")
+    if config.scale.tls_cert:
+        click.echo(f"  (over TLS: CERT.pem is a copy of {config.scale.tls_cert}, or of the CA "
+                   f"that signed it, on the worker's machine)")
     if not uri.startswith(("http://", "https://")):
         click.echo(f"  (workers on other machines need a tracking server both reach: "
                    f"--tracking-uri http://...; {uri} is local to this machine)")
