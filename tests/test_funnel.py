@@ -242,7 +242,9 @@ def test_a_funnel_looks_at_shares_promotes_the_best_looks_and_fits_its_time_limi
     assert "test_accuracy" in search.data.metrics and result.stopped_by_time
     assert wall <= 1.05 * limit + 5  # + the search's own start (prepare, MLflow's run)
     run_wall = (search.info.end_time - search.info.start_time) / 1000
-    assert 0.8 * limit <= run_wall <= 1.05 * limit
+    # It uses its time: at this scale the final model's reserve (6 s, a quarter of the
+    # limit; 3% of a real one) is most of what it may leave unused.
+    assert 0.8 * (limit - funnel.RESERVE_SECONDS) <= run_wall <= 1.05 * limit
     # `nas trials` shows the funnel: what each trial trained on
     shown = CliRunner().invoke(main, ["trials", "--experiment", "funnel"])
     assert shown.exit_code == 0, shown.output
