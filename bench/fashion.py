@@ -74,7 +74,7 @@ def figure_fashion(table, root: Path, limit: float, rows: list[str], run_worker,
 
 def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log) -> dict:
     """`nas search` on Fashion-MNIST as a user runs it; its score and funnel from MLflow."""
-    from mlflow import MlflowClient
+    from runs import search_runs
 
     from nas import tracking
 
@@ -92,11 +92,7 @@ def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log) ->
     (folder / "stdout.txt").write_text(done.stdout)
     if done.returncode != 0:
         raise RuntimeError(f"nas search failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("bench")
-    parent = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'search'")[0]
-    runs = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'trial'",
-                              max_results=10000)
+    parent, runs = search_runs(uri)
     funnel: dict[str, list[float]] = {}
     for run in runs:
         share = float(run.data.params.get("nas/share", 1.0))

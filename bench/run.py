@@ -34,6 +34,7 @@ from pathlib import Path
 
 import fashion
 from baselines import small_cnn_build
+from runs import search_runs
 
 FIGURES = ("overhead", "startup", "memory", "rejection", "data", "quality", "shapes", "images",
            "augment", "fashion")
@@ -134,13 +135,7 @@ class NasSearches:
 
 def read_store(uri: str) -> dict:
     """A finished search's parent run (wall, best) and its trials' fit times."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("bench")
-    parent = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'search'")[0]
-    trials = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'trial'",
-                                max_results=10000)
+    parent, trials = search_runs(uri)
     fits = [r.data.metrics.get("fit_time_s", 0.0) for r in trials]
     return {
         "search_wall": (parent.info.end_time - parent.info.start_time) / 1000.0,
@@ -591,13 +586,7 @@ def quality_search(folder: Path, pipeline: Path, tuner: str, trials: int, seed: 
                           cwd=folder, env=_ENV, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"nas search failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("bench")
-    parent = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'search'")[0]
-    runs = client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'trial'",
-                              max_results=10000)
+    parent, runs = search_runs(uri)
     start = parent.info.start_time
     curve = [((r.info.end_time - start) / 1000.0, r.data.metrics["objective"])
              for r in runs if "objective" in r.data.metrics and r.info.end_time]
