@@ -211,6 +211,7 @@ def test_tensorflow_start_up_lines_kept_to_the_log_level():
     assert tensorflow_lines(caught, "0") == caught
 
 
+@pytest.mark.timeout(600)  # two searches that may take 300 s each
 def test_a_users_tf_cpp_min_log_level_does_not_add_lines(tmp_path):
     """TF_CPP_MIN_LOG_LEVEL=3 set by the user: no more on stderr than when nas sets it."""
     def start(name, **env):

@@ -26,6 +26,8 @@ from nas.cli import main
 NAS = [sys.executable, "-m", "nas.cli"]
 TINY = ["--space", "tiny", "--pipeline", "digits"]
 DEADLINE = 150  # seconds for one distributed search of a few tiny trials
+# A test that starts processes has a time limit (600 s) above the sum of its own waits,
+# so that those fail first, with the processes' logs.
 
 
 def free_port() -> int:
@@ -187,6 +189,7 @@ def self_signed(folder) -> tuple[str, str]:
     return str(cert_file), str(key_file)
 
 
+@pytest.mark.timeout(600)
 def test_a_chief_and_two_workers_run_one_search(processes, mlflow_server):
     chief = f"127.0.0.1:{free_port()}"
     cert, key = self_signed(processes.folder)  # over TLS (the other tests: plain gRPC)
@@ -253,6 +256,7 @@ def test_no_mlflow_run_links_in_the_output_on_an_http_store(mlflow_server, monke
     assert "View run shown at: " in capsys.readouterr().out
 
 
+@pytest.mark.timeout(600)
 def test_a_killed_worker_loses_only_its_trial(processes, mlflow_server):
     chief = f"127.0.0.1:{free_port()}"
     start_search(processes, mlflow_server, "killed-worker", chief, "--worker-timeout", "8")
@@ -294,6 +298,7 @@ def test_a_killed_worker_loses_only_its_trial(processes, mlflow_server):
     assert not [r for r in trials if r.info.status == "RUNNING"]
 
 
+@pytest.mark.timeout(600)
 def test_a_lost_workers_trial_goes_on_from_its_last_epoch_where_the_folder_is_shared(
         processes, mlflow_server):
     chief = f"127.0.0.1:{free_port()}"
@@ -334,6 +339,7 @@ def test_a_lost_workers_trial_goes_on_from_its_last_epoch_where_the_folder_is_sh
     assert not [r for r in trials if r.info.status == "RUNNING"]
 
 
+@pytest.mark.timeout(600)
 def test_workers_option_starts_chief_and_local_workers(processes, tmp_path):
     uri = f"sqlite:///{tmp_path}/local.db"
     processes.start("search", NAS + [

@@ -201,6 +201,8 @@ LONG = ["--pipeline", "long.yaml", "--epochs", "20"]
 # Trial 1 must still be training well after trial 0's line is read, on a busy machine too.
 LONGER = ["--pipeline", "long.yaml", "--epochs", "15"]
 SHORTER = ["--epochs", "10"]  # still seconds of training to interrupt, half the resume
+# The tests that start a search have a time limit (600 s) above the sum of their own
+# waits, so that those fail first, with what the search printed.
 
 
 def start_search(tmp_path, *extra):
@@ -255,6 +257,7 @@ def wait_for_training(trial_id: str, process, timeout=180):
     raise AssertionError(f"trial {trial_id} never started training")
 
 
+@pytest.mark.timeout(600)
 def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     process = start_search(tmp_path, "--epochs", "15")
     try:
@@ -326,6 +329,7 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     assert len(runs_of()) == len(trials)  # nothing trained again
 
 
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("signum, shown", [(signal.SIGTERM, "signal SIGTERM"),
                                            (signal.SIGINT, "Ctrl-C")])
 def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum, shown):

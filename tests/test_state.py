@@ -33,6 +33,7 @@ def assert_whole(trial_ids: list[str]) -> None:
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.timeout(600)  # above its own waits (test_reliability.py)
 def test_sigkill_then_the_working_folder_deleted_goes_on_from_mlflow(tmp_path):
     process = start_search(tmp_path, "--epochs", "3")
     try:  # killed once trial 0 has ended (its line printed), whatever runs then
