@@ -29,6 +29,7 @@ def test_help_of_every_command(command):
     assert "Usage: " in result.output
 
 
+@pytest.mark.slow
 def test_search_on_digits_lands_in_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
     result = CliRunner().invoke(main, [
@@ -79,6 +80,7 @@ def test_search_on_digits_lands_in_mlflow(tmp_path):
     assert parent.data.metrics["best_objective"] == best.data.metrics["objective"]
 
 
+@pytest.mark.slow
 def test_default_store_is_mlflows_own(tmp_path, monkeypatch):
     """No --tracking-uri and no MLFLOW_TRACKING_URI: mlflow.db and ./mlruns, as `mlflow ui` reads."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
@@ -91,6 +93,7 @@ def test_default_store_is_mlflows_own(tmp_path, monkeypatch):
     assert client.get_experiment_by_name("tiny-digits") is not None
 
 
+@pytest.mark.slow
 def test_same_seed_same_candidates(tmp_path):
     def candidates(experiment):
         result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-trials", "3",
@@ -105,6 +108,7 @@ def test_same_seed_same_candidates(tmp_path):
     assert candidates("first") == candidates("second")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tuner", ["bayesian", "hyperband", "grid"])
 def test_every_tuner_runs_a_search_to_its_end(tuner):
     result = CliRunner().invoke(main, ["search", "--space", "tiny", "--tuner", tuner,
@@ -126,6 +130,7 @@ EPOCH_LINE = re.compile(r"trial (\S+) epoch (\d+)/(\d+)  val_accuracy (\d\.\d{4}
 TRIAL_LINE = re.compile(r"trial \S+ \((\d+)/")  # how bench/run.py finds a trial's end
 
 
+@pytest.mark.slow
 def test_progress_lines_in_non_terminal_output(tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
     result = CliRunner().invoke(main, [
@@ -156,6 +161,7 @@ def test_progress_lines_in_non_terminal_output(tmp_path):
     assert not [line for line in lines if EPOCH_LINE.match(line) and TRIAL_LINE.match(line)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", [["--no-progress"], "NAS_PROGRESS=0"], ids=["flag", "env"])
 def test_progress_off(switch, monkeypatch):
     if isinstance(switch, str):
@@ -211,6 +217,7 @@ def test_tensorflow_start_up_lines_kept_to_the_log_level():
     assert tensorflow_lines(caught, "0") == caught
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # two searches that may take 300 s each
 def test_a_users_tf_cpp_min_log_level_does_not_add_lines(tmp_path):
     """TF_CPP_MIN_LOG_LEVEL=3 set by the user: no more on stderr than when nas sets it."""

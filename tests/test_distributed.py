@@ -189,6 +189,7 @@ def self_signed(folder) -> tuple[str, str]:
     return str(cert_file), str(key_file)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_chief_and_two_workers_run_one_search(processes, mlflow_server):
     chief = f"127.0.0.1:{free_port()}"
@@ -233,6 +234,7 @@ def test_a_chief_and_two_workers_run_one_search(processes, mlflow_server):
         assert "View run" not in processes.output(name), processes.output(name)
 
 
+@pytest.mark.slow
 def test_no_mlflow_run_links_in_the_output_on_an_http_store(mlflow_server, monkeypatch,
                                                            capsys):
     from nas.tracking import Tracker
@@ -256,6 +258,7 @@ def test_no_mlflow_run_links_in_the_output_on_an_http_store(mlflow_server, monke
     assert "View run shown at: " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_killed_worker_loses_only_its_trial(processes, mlflow_server):
     chief = f"127.0.0.1:{free_port()}"
@@ -298,6 +301,7 @@ def test_a_killed_worker_loses_only_its_trial(processes, mlflow_server):
     assert not [r for r in trials if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_lost_workers_trial_goes_on_from_its_last_epoch_where_the_folder_is_shared(
         processes, mlflow_server):
@@ -339,6 +343,7 @@ def test_a_lost_workers_trial_goes_on_from_its_last_epoch_where_the_folder_is_sh
     assert not [r for r in trials if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_workers_option_starts_chief_and_local_workers(processes, tmp_path):
     uri = f"sqlite:///{tmp_path}/local.db"
@@ -357,6 +362,7 @@ def test_workers_option_starts_chief_and_local_workers(processes, tmp_path):
     assert {r.data.tags["nas.worker"] for r in trials} <= {"local-1", "local-2"}
 
 
+@pytest.mark.slow
 def test_mirrored_distribution_trains_on_the_cpu(tmp_path, monkeypatch):
     from nas import assembly
 

@@ -96,6 +96,7 @@ def candidate(filters_2: int):
     return model, values
 
 
+@pytest.mark.slow
 def test_a_child_starts_from_its_parents_weights_where_a_layer_kept_its_shape(tmp_path):
     hypermodel, values = candidate(filters_2=8)
     parent = hypermodel.build(_hp(values))
@@ -131,6 +132,7 @@ def _hp(values):
 # --- a schedule that fits the time ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_learning_rate_decays_over_the_trials_epochs_and_training_stops_in_time():
     schedule = tuning.CosineDecay(0.01, epochs=4)
     assert [round(schedule.rate(e), 6) for e in range(5)] == [0.01, 0.008536, 0.005,
@@ -191,6 +193,7 @@ def runs_of(experiment: str):
     return search, trials
 
 
+@pytest.mark.slow
 def test_a_funnel_looks_at_shares_promotes_the_best_looks_and_fits_its_time_limit(small_funnel):
     limit = 25.0
     start = time.monotonic()
@@ -225,6 +228,7 @@ def test_a_funnel_looks_at_shares_promotes_the_best_looks_and_fits_its_time_limi
     assert 0.8 * limit <= run_wall <= 1.05 * limit
 
 
+@pytest.mark.slow
 def test_a_funnel_interrupted_mid_way_resumes_the_same_funnel(small_funnel):
     class Stop(Callback):  # Ctrl-C as the fourth trial starts
         def on_trial_begin(self, event):

@@ -216,6 +216,7 @@ def test_a_files_side_depends_neither_on_the_listing_order_nor_on_the_other_file
         (folder / "circle" / name).unlink()
 
 
+@pytest.mark.slow
 def test_a_search_does_not_resume_on_other_files(tmp_path):
     folder = make_folder(tmp_path / "data", per_class=6)
     uri = f"sqlite:///{tmp_path}/store.db"
@@ -322,6 +323,7 @@ def test_a_splits_images_as_numpy_are_what_the_model_is_given(tmp_path):
     assert images(digits, "train")[0] is digits.x_train
 
 
+@pytest.mark.slow
 def test_a_mixed_folder_streams_trains_skips_bad_files_and_augments_in_training_only(tmp_path):
     """A search on a folder of mixed formats and modes, broken files skipped, with an
     augmented space: the exported model serves exactly the trained network without its

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -15,6 +16,8 @@ from nas.cli import main
 from nas.data import load_arrays
 from nas.specs import load_pipeline
 from test_splits import numbered_npz, numbers
+
+pytestmark = pytest.mark.slow  # every test here runs searches
 
 
 def served(folder, x):

@@ -54,6 +54,7 @@ def assert_one_trial_failed(result, trial_id: str, error: str | None = None) -> 
 # --- failed trials --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(monkeypatch):
     import nas.tuning
 
@@ -71,6 +72,7 @@ def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(monkeypatch):
     assert_one_trial_failed(result, "1", "ValueError: simulated build error")
 
 
+@pytest.mark.slow
 def test_a_trial_whose_run_cannot_be_written_fails_and_the_search_goes_on(monkeypatch):
     import nas.tracking
 
@@ -90,6 +92,7 @@ def test_a_trial_whose_run_cannot_be_written_fails_and_the_search_goes_on(monkey
             in result.output)
 
 
+@pytest.mark.slow
 def test_metrics_that_cannot_be_written_fail_only_that_trial(monkeypatch):
     import nas.trial_runs
     import nas.tracking
@@ -140,6 +143,7 @@ def test_a_run_an_interruption_left_open_is_closed_killed(tmp_path):
     assert run.data.params["depth"] == "1"
 
 
+@pytest.mark.slow
 def test_out_of_memory_fails_only_that_trial(monkeypatch):
     import tensorflow as tf
 
@@ -173,6 +177,7 @@ def nan_pipeline(tmp_path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_trial_at_once_and_max_failures_ends_the_search(tmp_path):
     # (random: its first candidates overflow at once; evolution's batch-normed seeds later)
     result = CliRunner().invoke(main, ["search", "--space", "tiny", "--tuner", "random",
@@ -257,6 +262,7 @@ def wait_for_training(trial_id: str, process, timeout=180):
     raise AssertionError(f"trial {trial_id} never started training")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     process = start_search(tmp_path, "--epochs", "15")
@@ -329,6 +335,7 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     assert len(runs_of()) == len(trials)  # nothing trained again
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("signum, shown", [(signal.SIGTERM, "signal SIGTERM"),
                                            (signal.SIGINT, "Ctrl-C")])
@@ -363,6 +370,7 @@ def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum,
     assert [r.info.status for r in runs_of(kind="search")] == ["FINISHED"]
 
 
+@pytest.mark.slow
 def test_overwrite_never_leaves_the_working_folder(tmp_path):
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -378,6 +386,7 @@ def test_overwrite_never_leaves_the_working_folder(tmp_path):
         folders + [f"{name}.lock" for name in folders])
 
 
+@pytest.mark.slow
 def test_a_damaged_state_file_is_found_again_in_the_tracking_store(tmp_path):
     assert invoke(SEARCH + ["--max-trials", "1"]).exit_code == 0
     (parent,) = runs_of(kind="search")
@@ -392,6 +401,7 @@ def test_a_damaged_state_file_is_found_again_in_the_tracking_store(tmp_path):
     assert len(runs_of(kind="search")) == 2
 
 
+@pytest.mark.slow
 def test_overwrite_starts_afresh(tmp_path):
     assert invoke(SEARCH + ["--max-trials", "1"]).exit_code == 0
     result = invoke(SEARCH + ["--max-trials", "1", "--overwrite"])

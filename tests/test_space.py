@@ -307,6 +307,7 @@ def test_a_budget_below_one_is_refused(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_a_search_under_a_tight_budget_trains_only_candidates_within_it(tmp_path):
     from mlflow import MlflowClient
 

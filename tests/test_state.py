@@ -33,6 +33,7 @@ def assert_whole(trial_ids: list[str]) -> None:
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # above its own waits (test_reliability.py)
 def test_sigkill_then_the_working_folder_deleted_goes_on_from_mlflow(tmp_path):
     process = start_search(tmp_path, "--epochs", "3")
@@ -73,6 +74,7 @@ def test_sigkill_then_the_working_folder_deleted_goes_on_from_mlflow(tmp_path):
     assert (tmp_path / "trial0" / "saved_model.pb").is_file()
 
 
+@pytest.mark.slow
 def test_a_finished_search_grows_with_a_larger_budget(tmp_path):
     args = SEARCH + ["--seed", "3", "--epochs", "1", "--ensemble", "2"]
     assert invoke(args + ["--max-trials", "3"]).exit_code == 0
@@ -120,6 +122,7 @@ def own_lines(output: str) -> list[str]:
     return [line for line in output.strip().splitlines() if "mlflow.store.db" not in line]
 
 
+@pytest.mark.slow
 def test_what_cannot_be_resumed_is_refused_in_one_line_and_writes_nothing(tmp_path):
     # KerasTuner files that neither nas_search.json nor the tracking store accounts for.
     project = tmp_path / ".nas" / "rel"

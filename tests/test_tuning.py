@@ -192,6 +192,7 @@ def test_median_rule_stops_a_trial_worse_than_the_median_of_earlier_curves():
     assert losses.should_stop([1.2]) and not losses.should_stop([0.9])
 
 
+@pytest.mark.slow
 def test_median_rule_ends_a_real_fit_early_and_learns_its_curve():
     import keras
     import numpy as np
