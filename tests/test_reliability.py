@@ -202,8 +202,9 @@ def test_nan_loss_stops_the_trial_at_once_and_max_failures_ends_the_search(tmp_p
 # --- interrupted searches ---------------------------------------------------------------------
 
 
+# Trials long enough that, once a trial is seen training (`wait_until_training`: its first
+# epoch saved), most of its epochs are still ahead: the test cannot miss it.
 LONG = ["--pipeline", "long.yaml", "--epochs", "20"]
-# Trial 1 must still be training well after trial 0's line is read, on a busy machine too.
 LONGER = ["--pipeline", "long.yaml", "--epochs", "15"]
 SHORTER = ["--epochs", "10"]  # still seconds of training to interrupt, half the resume
 # The tests that start a search have a time limit (600 s) above the sum of their own
@@ -225,7 +226,7 @@ def start_search(tmp_path, *extra):
     process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # Its output is read as it comes: the line that ends trial N says trial N+1 has begun.
+    # Its output is read as it comes, so that a full pipe never blocks it.
     process.lines = []
     process.reader = threading.Thread(target=lambda: process.lines.extend(process.stdout),
                                       daemon=True)
@@ -240,34 +241,35 @@ def output_of(process, timeout=60) -> str:
     return "".join(process.lines)
 
 
-def wait_for_training(trial_id: str, process, timeout=180):
-    """Block until trial `trial_id` has been training for a second and a half.
+def wait_until_training(trial_id: str, process, project: Path, timeout=180) -> None:
+    """Block until trial `trial_id` of the search `process` runs is training, mid-trial.
 
-    It has begun when MLflow shows its run RUNNING or, for a later trial, when the search
-    printed the line that ends the trial before it (reading MLflow's store while the
-    search writes it can lag behind on a busy machine).
+    That is two events: the trial saved its first finished epoch (`nas.tuning` always
+    saves a trial's first epoch, for a resume: `<project>/trial_<id>/resume.json`), and
+    its MLflow run is written (RUNNING, with its params). The trials here have many epochs
+    after the first, so the trial is still training when the test acts on it.
     """
-    ended_before = f"trial {int(trial_id) - 1} ("
+    resume = project / f"trial_{trial_id}" / "resume.json"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while not (resume.exists() and any(
+            run.data.tags.get("nas.trial_id") == trial_id and run.info.status == "RUNNING"
+            and run.data.params for run in runs_of())):
         assert process.poll() is None, output_of(process)
-        begun = int(trial_id) > 0 and any(ended_before in line for line in list(process.lines))
-        begun = begun or any(run.data.tags.get("nas.trial_id") == trial_id
-                             and run.info.status == "RUNNING" for run in runs_of())
-        if begun:
-            time.sleep(1.5)  # into model.fit (a 20-epoch trial takes several seconds)
-            assert process.poll() is None, output_of(process)
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"trial {trial_id} never started training")
+        assert time.monotonic() < deadline, f"trial {trial_id} not training after {timeout} s"
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
+    project = tmp_path / ".nas" / "rel"
+    resume = project / "trial_1" / "resume.json"
     process = start_search(tmp_path, "--epochs", "15")
     try:
-        wait_for_training("1", process)
+        wait_until_training("1", process, project)
+        # Stopped where it is (SIGSTOP), mid-trial 1: it keeps its lock and its RUNNING run
+        # while the test looks, and nothing the test does can race its training.
+        os.killpg(process.pid, signal.SIGSTOP)
         # A second search of the same experiment is refused while the first runs ...
         second = CliRunner().invoke(main, SEARCH + ["--max-trials", "3", "--seed", "2",
                                                     *LONGER])
@@ -279,12 +281,7 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
         # ... while reading it works.
         shown = CliRunner().invoke(main, ["trials", "--experiment", "rel"])
         assert shown.exit_code == 0 and "RUNNING" in shown.output, shown.output
-        resume = tmp_path / ".nas" / "rel" / "trial_1" / "resume.json"
-        deadline = time.monotonic() + 120  # killed once trial 1 has finished 3 epochs
-        while not (resume.exists() and json.loads(resume.read_text())["epoch"] >= 2):
-            assert process.poll() is None and time.monotonic() < deadline, output_of(process)
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # kill -9, mid-trial 1
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
@@ -295,7 +292,6 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     done = json.loads(resume.read_text())["epoch"] + 1  # epochs trial 1 finished
     # What a kill -9 during a plain write would have left: half an oracle.json, an empty
     # trial.json.
-    project = tmp_path / ".nas" / "rel"
     oracle = (project / "oracle.json").read_text()
     (project / "oracle.json").write_text(oracle[:len(oracle) // 2])
     (project / "trial_0" / "trial.json").write_text("")
@@ -315,8 +311,9 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     assert sorted(finished) == ["0", "1", "2"]  # each trial id exactly once
     assert len(trials) == 3 and not [r for r in trials if r.info.status != "FINISHED"]
     # The interrupted trial went on after its last finished epoch, in its own run.
-    assert (f"trial 1 resumes at epoch {done + 1} (epochs 1-{done} were trained by an "
-            f"earlier process)") in result.output
+    trained = "epoch 1 was" if done == 1 else f"epochs 1-{done} were"
+    assert (f"trial 1 resumes at epoch {done + 1} ({trained} trained by an earlier "
+            f"process)") in result.output
     (again_1,) = [r for r in trials if r.data.tags["nas.trial_id"] == "1"]
     assert again_1.info.run_id == dead.info.run_id and "nas.error" not in again_1.data.tags
     steps = [m.step for m in MlflowClient().get_metric_history(again_1.info.run_id,
@@ -342,7 +339,7 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
 def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum, shown):
     process = start_search(tmp_path, "--max-trials", "2", *SHORTER)
     try:
-        wait_for_training("0", process)
+        wait_until_training("0", process, tmp_path / ".nas" / "rel")
         process.send_signal(signum)
         output = output_of(process)
     finally:

@@ -9,14 +9,13 @@ import os
 import shutil
 import signal
 
+import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from nas.cli import main
 from nas.state import SearchLock, StateError
-from test_reliability import SEARCH, output_of, runs_of, start_search
-
-import pytest
+from test_reliability import SEARCH, runs_of, start_search, wait_until_training
 
 
 def invoke(args):
@@ -33,14 +32,17 @@ def assert_whole(trial_ids: list[str]) -> None:
     assert parent.info.status == "FINISHED"
 
 
+# Trial 1 is killed after its first epoch: the epochs after it leave seconds to do so.
+EPOCHS = ["--epochs", "8"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # above its own waits (test_reliability.py)
 def test_sigkill_then_the_working_folder_deleted_goes_on_from_mlflow(tmp_path):
-    process = start_search(tmp_path, "--epochs", "3")
-    try:  # killed once trial 0 has ended (its line printed), whatever runs then
-        while not any("trial 0 (" in line for line in list(process.lines)):
-            assert process.poll() is None, output_of(process)
-            process.reader.join(timeout=0.1)
+    project = tmp_path / ".nas" / "rel"
+    process = start_search(tmp_path, *EPOCHS)
+    try:  # killed as trial 1 trains: trial 0 has ended
+        wait_until_training("1", process, project)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
@@ -51,7 +53,7 @@ def test_sigkill_then_the_working_folder_deleted_goes_on_from_mlflow(tmp_path):
     shutil.rmtree(tmp_path / ".nas")  # a new machine, a wiped disk
 
     result = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", "--pipeline", "long.yaml",
-                              "--epochs", "3"])
+                              *EPOCHS])
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     (parent,) = runs_of(kind="search")
