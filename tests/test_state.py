@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,13 +117,53 @@ def test_a_finished_search_grows_with_a_larger_budget(tmp_path):
         other.output
 
 
+# Takes the lock of the search 'rel' in the folder argv[1] (as `nas search` would), says
+# so, and holds it until killed.
+HOLD_THE_LOCK = ("import sys, time\n"
+                 "from nas.state import SearchLock\n"
+                 "lock = SearchLock(sys.argv[1], 'rel')\n"
+                 "lock.acquire()\n"
+                 "print('held', flush=True)\n"
+                 "time.sleep(600)\n")
+
+
 def test_the_lock_is_one_process_s_and_dies_with_it(tmp_path):
-    lock, again = SearchLock(tmp_path / "s", "s"), SearchLock(tmp_path / "s", "s")
-    lock.acquire()
-    with pytest.raises(StateError, match=f"process {os.getpid()} on "):
-        again.acquire()
-    lock.release()
-    again.acquire()  # free once released (or once its process died: the kernel's lock)
+    from nas import search
+    from nas.specs import load_pipeline, load_space
+
+    project = tmp_path / ".nas" / "rel"  # the folder of the search SEARCH runs
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(project)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline() == "held\n"  # it holds the lock now (or it died)
+        refused = CliRunner().invoke(main, SEARCH + ["--max-trials", "1"])
+        assert refused.exit_code == 2, refused.output
+        assert refused.output.startswith(
+            f"Error: --experiment: the search 'rel' is running in process {holder.pid} on "
+            f"{socket.gethostname()} since "), refused.output
+        with pytest.raises(StateError, match=f"process {holder.pid} on "):
+            SearchLock(project, "rel").acquire()
+        os.killpg(holder.pid, signal.SIGKILL)  # kill -9: it never lets the lock go
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait(timeout=30)
+    assert f'"pid": {holder.pid}' in (tmp_path / ".nas" / "rel.lock").read_text()
+
+    # The next search takes the lock the dead process left (the kernel's lock died with it).
+    prepared = search.prepare(search.SearchConfig(
+        space=load_space("tiny"), pipeline=load_pipeline("digits"), experiment="rel",
+        workdir=str(tmp_path / ".nas")))
+    prepared.lock.acquire()
+    try:
+        assert f'"pid": {os.getpid()}' in (tmp_path / ".nas" / "rel.lock").read_text()
+        with pytest.raises(StateError, match=f"process {os.getpid()} on "):
+            SearchLock(project, "rel").acquire()  # and holds it: one owner at a time
+    finally:
+        prepared.lock.release()
+    again = SearchLock(project, "rel")
+    again.acquire()  # free once released
     again.release()
 
 
