@@ -6,6 +6,7 @@
     python bench/run.py --only quality --tuners random,bayesian,hyperband
     python bench/run.py --only shapes    # the quality comparison on generated shapes
     python bench/run.py --only fashion --time-limit 30m   # real data (bench/fashion.py)
+    python bench/run.py --only space     # how long looking at a space takes (bench/spaces.py)
 
 Prints one table (figure, nas, baseline, ratio, target, ok) and exits 1 when a target is
 missed. Every baseline is measured by this same run. Each measurement runs in a fresh
@@ -33,11 +34,12 @@ import time
 from pathlib import Path
 
 import fashion
+import spaces
 from baselines import small_cnn_build
 from runs import search_runs
 
-FIGURES = ("overhead", "startup", "memory", "rejection", "data", "quality", "shapes", "images",
-           "augment", "fashion")
+FIGURES = ("overhead", "startup", "memory", "rejection", "space", "data", "quality", "shapes",
+           "images", "augment", "fashion")
 _RESULT = "BENCH_RESULT "
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
 _ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -1000,7 +1002,7 @@ def worker_images_steps(pipeline: str, epochs: int, rounds: int) -> dict:
 
 WORKERS = {"baseline": worker_baseline, "svc": worker_svc, "memory": worker_memory, "decide": worker_decide,
            "build": worker_build, "data": worker_data, "images_search": worker_images_search,
-           "images_steps": worker_images_steps, **fashion.WORKERS}
+           "images_steps": worker_images_steps, **fashion.WORKERS, **spaces.WORKERS}
 
 
 # --- main ----------------------------------------------------------------------------
@@ -1074,6 +1076,8 @@ def main(argv=None) -> int:
                 figure_memory(table, sizes, root)
             elif figure == "rejection":
                 figure_rejection(table, sizes, root)
+            elif figure == "space":
+                spaces.figure_space(table, root, run_worker, log)
             elif figure == "data":
                 figure_data(table, sizes, root)
             elif figure == "quality":

@@ -32,6 +32,7 @@ def test_help_of_every_command(command):
     assert "Usage: " in result.output
 
 
+@pytest.mark.slow
 def test_search_on_digits_lands_in_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
     result = CliRunner().invoke(main, [
@@ -82,6 +83,7 @@ def test_search_on_digits_lands_in_mlflow(tmp_path):
     assert parent.data.metrics["best_objective"] == best.data.metrics["objective"]
 
 
+@pytest.mark.slow
 def test_default_store_is_mlflows_own(tmp_path, monkeypatch):
     """No --tracking-uri and no MLFLOW_TRACKING_URI: mlflow.db and ./mlruns, as `mlflow ui` reads."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
@@ -94,6 +96,7 @@ def test_default_store_is_mlflows_own(tmp_path, monkeypatch):
     assert client.get_experiment_by_name("tiny-digits") is not None
 
 
+@pytest.mark.slow
 def test_same_seed_same_candidates(tmp_path):
     def candidates(experiment):
         result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-trials", "3",
@@ -108,6 +111,7 @@ def test_same_seed_same_candidates(tmp_path):
     assert candidates("first") == candidates("second")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tuner", ["bayesian", "hyperband", "grid"])
 def test_every_tuner_runs_a_search_to_its_end(tuner):
     result = CliRunner().invoke(main, ["search", "--space", "tiny", "--tuner", tuner,
@@ -129,6 +133,7 @@ EPOCH_LINE = re.compile(r"trial (\S+) epoch (\d+)/(\d+)  val_accuracy (\d\.\d{4}
 TRIAL_LINE = re.compile(r"trial \S+ \((\d+)/")  # how bench/run.py finds a trial's end
 
 
+@pytest.mark.slow
 def test_progress_lines_in_non_terminal_output(tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
     result = CliRunner().invoke(main, [
@@ -159,6 +164,7 @@ def test_progress_lines_in_non_terminal_output(tmp_path):
     assert not [line for line in lines if EPOCH_LINE.match(line) and TRIAL_LINE.match(line)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", [["--no-progress"], "NAS_PROGRESS=0"], ids=["flag", "env"])
 def test_progress_off(switch, monkeypatch):
     if isinstance(switch, str):
@@ -236,6 +242,8 @@ def write_fashion_mnist(keras_home, samples=240):
                        + rng.integers(0, 256, (count, 28, 28), "uint8").tobytes())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # three processes side by side, a search among them
 def test_no_tensorflow_start_up_line_at_log_level_3_on_any_path(tmp_path):
     """None of TensorFlow's start-up lines at TF_CPP_MIN_LOG_LEVEL=3, the user's or nas's
     own, wherever a command first imports TensorFlow: a search whose data is a Keras

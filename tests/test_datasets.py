@@ -311,6 +311,7 @@ def test_a_cifar10_batch_that_would_run_code_is_refused(tmp_path):
 # --- end to end ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_search_on_fashion_mnist_files_scores_on_their_test_split(tmp_path):
     write_idx_files(tmp_path / "data")
     pipeline = pipeline_file(tmp_path)

@@ -26,6 +26,8 @@ from nas.cli import main
 NAS = [sys.executable, "-m", "nas.cli"]
 TINY = ["--space", "tiny", "--pipeline", "digits"]
 DEADLINE = 150  # seconds for one distributed search of a few tiny trials
+# A test that starts processes has a time limit (600 s) above the sum of its own waits,
+# so that those fail first, with the processes' logs.
 
 
 def free_port() -> int:
@@ -105,15 +107,16 @@ def mlflow_server(tmp_path_factory):
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"])
-        for _ in range(180):
+        deadline = time.monotonic() + 120
+        while True:
             with contextlib.suppress(requests.RequestException):
                 if requests.get(f"{url}/health", timeout=1).ok:
                     break
             if server.started["mlflow"].poll() is not None:
                 pytest.fail(f"mlflow server exited:\n{server.logs()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health in 120 s:\n{server.logs()}")
             time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow server did not answer /health:\n{server.logs()}")
         yield url
     finally:
         server.stop_all(grace=3)
@@ -159,6 +162,41 @@ def start_worker(processes, uri, experiment, chief, worker_id, token=None, extra
         "--token", token or token_of(processes), *extra], cwd=folder)
 
 
+def training_trial(uri: str, experiment: str, folders: dict):
+    """The run of a trial one of the workers is training, mid-trial, or None.
+
+    `folders` maps each worker watched to its working folder. Mid-trial is two events: the
+    trial saved its first finished epoch in that folder (`nas.tuning` always saves a
+    trial's first epoch, for a resume), and its MLflow run is written (RUNNING, with its
+    params, tagged with the worker).
+    """
+    saved = {(worker, path.parent.name.removeprefix("trial_"))
+             for worker, folder in folders.items()
+             for path in (folder / experiment).glob("trial_*/resume.json")}
+    if not saved:
+        return None
+    _, trials = search_runs(uri, experiment)
+    return next((r for r in trials if r.info.status == "RUNNING" and r.data.params
+                 and (r.data.tags.get("nas.worker"), r.data.tags["nas.trial_id"]) in saved),
+                None)
+
+
+def wait_until(processes, condition, what: str):
+    """Call `condition` until it returns something true, and return that; the chief must
+    run meanwhile."""
+    deadline = time.monotonic() + DEADLINE
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"no {what} in {DEADLINE} s\n{processes.logs()}"
+        assert processes.started["chief"].poll() is None, processes.logs()
+        time.sleep(0.05)
+    return found
+
+
+def own_folders(processes, *workers) -> dict:
+    """The working folder of each worker `start_worker` started in a folder of its own."""
+    return {worker: processes.folder / worker / ".nas" for worker in workers}
+
+
 def self_signed(folder) -> tuple[str, str]:
     """A certificate for 127.0.0.1 and its key, as PEM files (MLflow's `cryptography`)."""
     import datetime
@@ -187,17 +225,38 @@ def self_signed(folder) -> tuple[str, str]:
     return str(cert_file), str(key_file)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_chief_and_two_workers_run_one_search(processes, mlflow_server):
     chief = f"127.0.0.1:{free_port()}"
     cert, key = self_signed(processes.folder)  # over TLS (the other tests: plain gRPC)
+    # (A worker held below stays silent: not for long enough to be taken for lost.)
     start_search(processes, mlflow_server, "two-workers", chief, "--tls-cert", cert,
-                 "--tls-key", key)
+                 "--tls-key", key, "--worker-timeout", str(DEADLINE))
     tls = ["--tls-ca", cert]
     start_worker(processes, mlflow_server, "two-workers", chief, "w1", extra=tls)
     start_worker(processes, mlflow_server, "two-workers", chief, "w2", extra=tls)
     # One that does not have the search's token is refused; the search goes on.
     start_worker(processes, mlflow_server, "two-workers", chief, "intruder", token="guessed",
                  extra=tls)
+    # Each worker trains a trial whatever their speeds: the first seen training one is held
+    # (SIGSTOP) until the other trains one too.
+    folders = own_folders(processes, "w1", "w2")
+    held = wait_until(processes, lambda: training_trial(mlflow_server, "two-workers", folders),
+                      "worker training").data.tags["nas.worker"]
+    os.killpg(processes.started[held].pid, signal.SIGSTOP)
+    try:
+        (other,) = set(folders) - {held}
+
+        def other_trains():
+            _, trials = search_runs(mlflow_server, "two-workers")
+            return (any(r.data.tags.get("nas.worker") == other and r.info.status == "FINISHED"
+                        for r in trials)
+                    or training_trial(mlflow_server, "two-workers", {other: folders[other]}))
+
+        wait_until(processes, other_trains, f"trial trained by {other}")
+    finally:
+        os.killpg(processes.started[held].pid, signal.SIGCONT)
     assert processes.wait("intruder", 60) == 2, processes.logs()
     refusal = processes.output("intruder")
     assert (f"Error: --token: the chief at {chief} refused this worker's token; give the "
@@ -230,6 +289,7 @@ def test_a_chief_and_two_workers_run_one_search(processes, mlflow_server):
         assert "View run" not in processes.output(name), processes.output(name)
 
 
+@pytest.mark.slow
 def test_no_mlflow_run_links_in_the_output_on_an_http_store(mlflow_server, monkeypatch,
                                                            capsys):
     from nas.tracking import Tracker
@@ -253,30 +313,27 @@ def test_no_mlflow_run_links_in_the_output_on_an_http_store(mlflow_server, monke
     assert "View run shown at: " in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_killed_worker_loses_only_its_trial(processes, mlflow_server):
     chief = f"127.0.0.1:{free_port()}"
-    start_search(processes, mlflow_server, "killed-worker", chief, "--worker-timeout", "8")
+    # Trials of 8 epochs: once a worker is seen training one, most of it is still ahead.
+    start_search(processes, mlflow_server, "killed-worker", chief, "--worker-timeout", "8",
+                 "--epochs", "8")
     start_worker(processes, mlflow_server, "killed-worker", chief, "w1")
     start_worker(processes, mlflow_server, "killed-worker", chief, "w2")
-
-    victim = None
-    deadline = time.monotonic() + DEADLINE
-    while victim is None:
-        assert time.monotonic() < deadline, processes.logs()
-        assert processes.started["chief"].poll() is None, processes.logs()
-        _, trials = search_runs(mlflow_server, "killed-worker")
-        running = [r for r in trials if r.info.status == "RUNNING"
-                   and r.data.tags.get("nas.worker") == "w1"]
-        if running:
-            victim = running[0]
-            processes.kill("w1")
-        else:
-            time.sleep(0.2)
+    # The first worker seen training a trial is killed there, whichever it is.
+    folders = own_folders(processes, "w1", "w2")
+    victim = wait_until(processes, lambda: training_trial(mlflow_server, "killed-worker",
+                                                          folders), "worker training")
+    lost = victim.data.tags["nas.worker"]
+    (survivor,) = {"w1", "w2"} - {lost}
+    processes.kill(lost)  # mid-trial
 
     assert processes.wait("chief") == 0, processes.logs()
-    assert processes.wait("w2", 60) == 0, processes.logs()
+    assert processes.wait(survivor, 60) == 0, processes.logs()
     trial_id = victim.data.tags["nas.trial_id"]
-    assert "worker w1 lost (silent for" in processes.output("chief")
+    assert f"worker {lost} lost (silent for" in processes.output("chief")
     assert "4 trials finished, 0 failed" in processes.output("chief")
 
     parents, trials = search_runs(mlflow_server, "killed-worker")
@@ -285,15 +342,17 @@ def test_a_killed_worker_loses_only_its_trial(processes, mlflow_server):
     assert sorted(r.data.tags["nas.trial_id"] for r in finished) == ["0", "1", "2", "3"]
     first = MlflowClient(mlflow_server).get_run(victim.info.run_id)
     assert first.info.status in ("FAILED", "KILLED")
-    assert "worker w1 was lost" in first.data.tags["nas.error"]
+    assert f"worker {lost} was lost" in first.data.tags["nas.error"]
     (retried,) = [r for r in finished if r.data.tags["nas.trial_id"] == trial_id]
-    assert retried.data.tags["nas.worker"] == "w2"
-    # w2 has a working folder of its own: the trial starts over, and w2 says why.
-    assert (f"[w2] trial {trial_id} starts again at epoch 1: worker w1 trained it before and "
-            f"was lost") in processes.output("w2")
+    assert retried.data.tags["nas.worker"] == survivor
+    # The survivor has a working folder of its own: the trial starts over, and it says why.
+    assert (f"[{survivor}] trial {trial_id} starts again at epoch 1: worker {lost} trained it "
+            f"before and was lost") in processes.output(survivor)
     assert not [r for r in trials if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_lost_workers_trial_goes_on_from_its_last_epoch_where_the_folder_is_shared(
         processes, mlflow_server):
     chief = f"127.0.0.1:{free_port()}"
@@ -302,16 +361,11 @@ def test_a_lost_workers_trial_goes_on_from_its_last_epoch_where_the_folder_is_sh
     shared = ("--workdir", str(processes.folder / "shared" / ".nas"))
     start_worker(processes, mlflow_server, "shared-folder", chief, "w1", extra=shared)
     project = processes.folder / "shared" / ".nas" / "shared-folder"
-    victim, deadline = None, time.monotonic() + DEADLINE
-    while victim is None:  # w1 has saved an epoch of its trial: kill it there
-        assert time.monotonic() < deadline, processes.logs()
-        saved = [p for p in project.glob("trial_*/resume.json")]
-        if saved:
-            victim = json.loads(saved[0].read_text())
-            trial_id = saved[0].parent.name.removeprefix("trial_")
-            processes.kill("w1")
-        else:
-            time.sleep(0.05)
+    run = wait_until(processes, lambda: training_trial(mlflow_server, "shared-folder",
+                                                       {"w1": project.parent}), "w1 training")
+    processes.kill("w1")  # mid-trial, with an epoch saved in the folder the workers share
+    trial_id = run.data.tags["nas.trial_id"]
+    victim = json.loads((project / f"trial_{trial_id}" / "resume.json").read_text())
     start_worker(processes, mlflow_server, "shared-folder", chief, "w2", extra=shared)
 
     assert processes.wait("chief") == 0, processes.logs()
@@ -334,6 +388,8 @@ def test_a_lost_workers_trial_goes_on_from_its_last_epoch_where_the_folder_is_sh
     assert not [r for r in trials if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_workers_option_starts_chief_and_local_workers(processes, tmp_path):
     uri = f"sqlite:///{tmp_path}/local.db"
     processes.start("search", NAS + [
@@ -351,6 +407,7 @@ def test_workers_option_starts_chief_and_local_workers(processes, tmp_path):
     assert {r.data.tags["nas.worker"] for r in trials} <= {"local-1", "local-2"}
 
 
+@pytest.mark.slow
 def test_mirrored_distribution_trains_on_the_cpu(tmp_path, monkeypatch):
     from nas import assembly
 

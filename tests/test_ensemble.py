@@ -18,6 +18,8 @@ from nas.specs import load_pipeline, load_space
 from nas.tracking import Tracker
 from nas.cli import main
 
+pytestmark = pytest.mark.slow  # every test here reads one search that trains
+
 
 def nas(*args):
     return CliRunner().invoke(main, [str(a) for a in args])

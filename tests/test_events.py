@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from nas.cli import main
 
 
+@pytest.mark.slow
 def test_a_search_reports_its_trials_epochs_rejections_and_end_as_events(tmp_path):
     from nas import search
     from nas.events import (Callback, CandidateRejected, EpochEnded, SearchEnded, TrialEnded,

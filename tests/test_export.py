@@ -55,6 +55,7 @@ def exported(digits_search, tmp_path_factory):
     return types.SimpleNamespace(out=out, output=result.output)
 
 
+@pytest.mark.slow
 def test_export_round_trip(digits_search, trained, exported, images, monkeypatch):
     import mlflow.pyfunc
     import tensorflow as tf
@@ -73,6 +74,7 @@ def test_export_round_trip(digits_search, trained, exported, images, monkeypatch
     np.testing.assert_allclose(np.asarray(pyfunc.predict(x)), keras_probabilities, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_writes_class_names_and_says_where(digits_search, trained, exported):
     names = json.loads((exported.out / "class_names.json").read_text())
     assert names["class_names"] == [str(d) for d in range(10)]
@@ -88,6 +90,7 @@ def test_export_writes_class_names_and_says_where(digits_search, trained, export
                        "models:/digits-cnn@champion)")
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_the_serving_signature(exported):
     shown = subprocess.run(["saved_model_cli", "show", "--dir", str(exported.out), "--all"],
                            capture_output=True, text=True, timeout=120)
@@ -99,6 +102,7 @@ def test_saved_model_cli_lists_the_serving_signature(exported):
         in signature
 
 
+@pytest.mark.slow
 def test_registered_model_loads(digits_search, exported, images, trained, monkeypatch):
     import mlflow.pyfunc
 
@@ -116,6 +120,7 @@ def test_registered_model_loads(digits_search, exported, images, trained, monkey
                                                                        rel=1e-5)
 
 
+@pytest.mark.slow
 def test_export_by_run_id_without_the_workdir(digits_search, trained, images, tmp_path):
     """Another machine: only the tracking store, the weights come from the MLflow model."""
     import tensorflow as tf
@@ -133,6 +138,7 @@ def test_export_by_run_id_without_the_workdir(digits_search, trained, images, tm
                                trained.model.predict(x, verbose=0), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_tflite(digits_search, trained, images, tmp_path):
     import tensorflow as tf
 
@@ -149,6 +155,7 @@ def test_export_tflite(digits_search, trained, images, tmp_path):
     np.testing.assert_allclose(probabilities, trained.model.predict(x[:1], verbose=0), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_non_empty_out_needs_force(digits_search, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
@@ -181,6 +188,7 @@ def test_non_empty_out_needs_force(digits_search, tmp_path):
                                                      "variables"]
 
 
+@pytest.mark.slow
 def test_unknown_experiment_or_run(digits_search, tmp_path):
     uri = digits_search.tracking_uri
     result = nas("export", "--experiment", "nope", "--out", tmp_path / "x", "--tracking-uri", uri)

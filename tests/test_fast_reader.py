@@ -50,6 +50,7 @@ def test_tag_names_are_those_tracking_writes():
         assert not {tag for tag in tags if f'"{tag}"' in source}, module.__name__
 
 
+@pytest.mark.slow
 def test_fast_reader_answers_as_mlflow(digits_search):
     fast, slow = both_readers(digits_search.tracking_uri)
 
@@ -74,6 +75,7 @@ def test_fast_reader_answers_as_mlflow(digits_search):
     assert fast._fallback is None  # all of it answered by sqlite3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [
     [], ["--sort", "params", "--limit", "2"], ["--sort", "trial"], ["--pareto"],
     ["--status", "failed"], ["--experiment", "shared", "--sort", "val_loss"],
@@ -93,6 +95,7 @@ def test_trials_prints_the_same_with_both_readers(digits_search, monkeypatch, op
     assert fast.exit_code in (0, 2)
 
 
+@pytest.mark.slow
 def test_deleted_runs_and_experiments_are_left_out_by_both(digits_search, tmp_path):
     uri = copy_store(digits_search, tmp_path)
     client = tracking.Tracker(uri).client
@@ -145,6 +148,7 @@ def test_nan_metrics_and_failed_trials_read_the_same(tmp_path):
     assert comparable(rows) == comparable(results.list_trials(slow, search))
 
 
+@pytest.mark.slow
 def test_an_sqlite_error_falls_back_to_mlflow(digits_search, monkeypatch):
     fast, slow = both_readers(digits_search.tracking_uri)
     search = results.find_search(fast, "shared")
@@ -171,6 +175,7 @@ def _run_cli(args, cwd, env=None) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_trials_imports_neither_mlflow_nor_tensorflow(digits_search, tmp_path):
     expected = nas("trials", "--pareto", "--tracking-uri", digits_search.tracking_uri)
 
@@ -231,6 +236,7 @@ def test_an_sqlite_file_of_something_else_is_refused_untouched(tmp_path, command
         assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)]
 
 
+@pytest.mark.slow
 def test_another_schema_version_is_left_to_mlflow(digits_search, tmp_path):
     uri = copy_store(digits_search, tmp_path)
     with sqlite3.connect(tmp_path / "copy.db") as db:

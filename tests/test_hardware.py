@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -9,6 +10,7 @@ from nas.cli import main
 from nas.specs import load_space
 
 
+@pytest.mark.slow
 def test_mixed_precision_computes_in_float16_and_outputs_float32():
     import keras
     import numpy as np
@@ -34,6 +36,7 @@ def test_mixed_precision_computes_in_float16_and_outputs_float32():
     assert build_model(architecture).get_layer("stage_1_conv").compute_dtype == "float32"
 
 
+@pytest.mark.slow
 def test_search_with_gpu_switches_runs_on_the_cpu_and_logs_its_device(monkeypatch):
     import keras
 

@@ -90,6 +90,7 @@ def test_the_plot_is_a_real_png(tmp_path):
 # --- on a real search ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_search_run_carries_the_plot(digits_search):
     from mlflow import MlflowClient
 
@@ -101,6 +102,7 @@ def test_the_search_run_carries_the_plot(digits_search):
         assert f.read(8) == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_trials_pareto_shows_only_the_front_marked(digits_search):
     result = CliRunner().invoke(main, ["trials", "--pareto", "--experiment", "shared",
                                        "--tracking-uri", digits_search.tracking_uri])
@@ -114,6 +116,7 @@ def test_trials_pareto_shows_only_the_front_marked(digits_search):
     assert shown == {trial_id: ",".join(m) for trial_id, m in marks.items() if m}
 
 
+@pytest.mark.slow
 def test_report_writes_the_plot(digits_search, tmp_path):
     out = tmp_path / "tradeoff.png"
     result = CliRunner().invoke(main, ["report", "--experiment", "shared", "--out", str(out),
@@ -127,6 +130,7 @@ def test_report_writes_the_plot(digits_search, tmp_path):
     assert out.read_bytes().startswith(PNG_MAGIC) and out.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--out", "plot.txt"], "Error: Invalid value for --out: 'plot.txt' does not end in .png"),
     (["--out", "no/such/plot.png"], "Error: Invalid value for --out: 'no/such/plot.png': the "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -15,6 +16,8 @@ from nas.cli import main
 from nas.data import load_arrays
 from nas.specs import load_pipeline
 from test_splits import numbered_npz, numbers
+
+pytestmark = pytest.mark.slow  # every test here runs searches
 
 
 def served(folder, x):
@@ -92,15 +95,22 @@ def test_refit_retrains_the_final_model_on_training_and_validation_data(tmp_path
 
 def test_no_final_model_of_an_augmented_space_augments_what_it_serves(tmp_path):
     """Every path to a final model (the ensemble, --refit, the MLflow model, the export)
-    leaves the training-only augmentation layers out: it predicts the same twice."""
+    leaves the training-only augmentation layers out: each serves what its trained
+    networks compute without augmenting (Keras's inference mode, the augmentation layers
+    in place), and augmenting would change what they serve."""
     import mlflow.tensorflow
 
+    from nas import results
+    from nas.architecture import Architecture
+    from nas.models import build_model
+    from nas.specs import load_space
+    from nas.tracking import Tracker
     from test_images import augmented_space
 
     space = augmented_space(tmp_path / "augmented.yaml", "  flip: horizontal\n  rotation: 0.1\n"
                             "  zoom: 0.1\n  contrast: 0.2\n")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    x = load_arrays(load_pipeline("digits")).x_val[:32]
+    x = load_arrays(load_pipeline("digits")).x_val[:32].astype("float32")
     for experiment, flags in (("ensemble", ["--ensemble", "2"]),
                               ("refit", ["--ensemble", "1", "--refit"])):
         result = CliRunner().invoke(main, [
@@ -125,8 +135,31 @@ def test_no_final_model_of_an_augmented_space_augments_what_it_serves(tmp_path):
                                              str(out), "--tracking-uri", uri,
                                              "--workdir", str(tmp_path / ".nas")])
         assert exported.exit_code == 0, exported.output
-        np.testing.assert_array_equal(served(out, x), served(out, x))
-        np.testing.assert_allclose(served(out, x), logged.predict(x, verbose=0), atol=1e-5)
+
+        # The final model's trials, rebuilt with their augmentation layers and their
+        # trained weights: the checkpoints, or the refit weights the MLflow model holds.
+        tracker = Tracker(uri)
+        search = results.find_search(tracker, experiment)
+        values = {r.trial_id: r.values for r in results.list_trials(tracker, search)}
+        members = []
+        for trial_id in search.final_trials:
+            network = Architecture.from_values(load_space(str(space)), values[trial_id],
+                                               (8, 8, 1), 10, 16.0)
+            assert any(layer.kind.startswith("Random") for layer in network.layers)
+            member = build_model(network)
+            if search.refit:
+                member.set_weights(logged.get_weights())
+            else:
+                member.load_weights(tmp_path / ".nas" / experiment / f"trial_{trial_id}"
+                                    / "checkpoint.weights.h5")
+            members.append(member)
+        assert len(members) == (1 if search.refit else 2)
+        plain = np.mean([m(tf.constant(x), training=False).numpy() for m in members], axis=0)
+        augmented = np.mean([m(tf.constant(x), training=True).numpy() for m in members],
+                            axis=0)
+        assert np.abs(augmented - plain).max() > 1e-3  # augmenting changes the answers
+        np.testing.assert_allclose(served(out, x), plain, atol=1e-5)
+        np.testing.assert_allclose(logged.predict(x, verbose=0), plain, atol=1e-5)
 
 
 def _layers(model):

@@ -54,6 +54,7 @@ def assert_one_trial_failed(result, trial_id: str, error: str | None = None) -> 
 # --- failed trials --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(monkeypatch):
     import nas.tuning
 
@@ -71,6 +72,7 @@ def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(monkeypatch):
     assert_one_trial_failed(result, "1", "ValueError: simulated build error")
 
 
+@pytest.mark.slow
 def test_a_trial_whose_run_cannot_be_written_fails_and_the_search_goes_on(monkeypatch):
     import nas.tracking
 
@@ -90,6 +92,7 @@ def test_a_trial_whose_run_cannot_be_written_fails_and_the_search_goes_on(monkey
             in result.output)
 
 
+@pytest.mark.slow
 def test_metrics_that_cannot_be_written_fail_only_that_trial(monkeypatch):
     import nas.trial_runs
     import nas.tracking
@@ -140,6 +143,7 @@ def test_a_run_an_interruption_left_open_is_closed_killed(tmp_path):
     assert run.data.params["depth"] == "1"
 
 
+@pytest.mark.slow
 def test_out_of_memory_fails_only_that_trial(monkeypatch):
     import tensorflow as tf
 
@@ -173,6 +177,7 @@ def nan_pipeline(tmp_path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_trial_at_once_and_max_failures_ends_the_search(tmp_path):
     # (random: its first candidates overflow at once; evolution's batch-normed seeds later)
     result = CliRunner().invoke(main, ["search", "--space", "tiny", "--tuner", "random",
@@ -197,10 +202,13 @@ def test_nan_loss_stops_the_trial_at_once_and_max_failures_ends_the_search(tmp_p
 # --- interrupted searches ---------------------------------------------------------------------
 
 
+# Trials long enough that, once a trial is seen training (`wait_until_training`: its first
+# epoch saved), most of its epochs are still ahead: the test cannot miss it.
 LONG = ["--pipeline", "long.yaml", "--epochs", "20"]
-# Trial 1 must still be training well after trial 0's line is read, on a busy machine too.
 LONGER = ["--pipeline", "long.yaml", "--epochs", "15"]
 SHORTER = ["--epochs", "10"]  # still seconds of training to interrupt, half the resume
+# The tests that start a search have a time limit (600 s) above the sum of their own
+# waits, so that those fail first, with what the search printed.
 
 
 def start_search(tmp_path, *extra):
@@ -218,7 +226,7 @@ def start_search(tmp_path, *extra):
     process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # Its output is read as it comes: the line that ends trial N says trial N+1 has begun.
+    # Its output is read as it comes, so that a full pipe never blocks it.
     process.lines = []
     process.reader = threading.Thread(target=lambda: process.lines.extend(process.stdout),
                                       daemon=True)
@@ -233,32 +241,35 @@ def output_of(process, timeout=60) -> str:
     return "".join(process.lines)
 
 
-def wait_for_training(trial_id: str, process, timeout=180):
-    """Block until trial `trial_id` has been training for a second and a half.
+def wait_until_training(trial_id: str, process, project: Path, timeout=180) -> None:
+    """Block until trial `trial_id` of the search `process` runs is training, mid-trial.
 
-    It has begun when MLflow shows its run RUNNING or, for a later trial, when the search
-    printed the line that ends the trial before it (reading MLflow's store while the
-    search writes it can lag behind on a busy machine).
+    That is two events: the trial saved its first finished epoch (`nas.tuning` always
+    saves a trial's first epoch, for a resume: `<project>/trial_<id>/resume.json`), and
+    its MLflow run is written (RUNNING, with its params). The trials here have many epochs
+    after the first, so the trial is still training when the test acts on it.
     """
-    ended_before = f"trial {int(trial_id) - 1} ("
+    resume = project / f"trial_{trial_id}" / "resume.json"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while not (resume.exists() and any(
+            run.data.tags.get("nas.trial_id") == trial_id and run.info.status == "RUNNING"
+            and run.data.params for run in runs_of())):
         assert process.poll() is None, output_of(process)
-        begun = int(trial_id) > 0 and any(ended_before in line for line in list(process.lines))
-        begun = begun or any(run.data.tags.get("nas.trial_id") == trial_id
-                             and run.info.status == "RUNNING" for run in runs_of())
-        if begun:
-            time.sleep(1.5)  # into model.fit (a 20-epoch trial takes several seconds)
-            assert process.poll() is None, output_of(process)
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"trial {trial_id} never started training")
+        assert time.monotonic() < deadline, f"trial {trial_id} not training after {timeout} s"
+        time.sleep(0.05)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
+    project = tmp_path / ".nas" / "rel"
+    resume = project / "trial_1" / "resume.json"
     process = start_search(tmp_path, "--epochs", "15")
     try:
-        wait_for_training("1", process)
+        wait_until_training("1", process, project)
+        # Stopped where it is (SIGSTOP), mid-trial 1: it keeps its lock and its RUNNING run
+        # while the test looks, and nothing the test does can race its training.
+        os.killpg(process.pid, signal.SIGSTOP)
         # A second search of the same experiment is refused while the first runs ...
         second = CliRunner().invoke(main, SEARCH + ["--max-trials", "3", "--seed", "2",
                                                     *LONGER])
@@ -270,12 +281,7 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
         # ... while reading it works.
         shown = CliRunner().invoke(main, ["trials", "--experiment", "rel"])
         assert shown.exit_code == 0 and "RUNNING" in shown.output, shown.output
-        resume = tmp_path / ".nas" / "rel" / "trial_1" / "resume.json"
-        deadline = time.monotonic() + 120  # killed once trial 1 has finished 3 epochs
-        while not (resume.exists() and json.loads(resume.read_text())["epoch"] >= 2):
-            assert process.poll() is None and time.monotonic() < deadline, output_of(process)
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # kill -9, mid-trial 1
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
@@ -286,7 +292,6 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     done = json.loads(resume.read_text())["epoch"] + 1  # epochs trial 1 finished
     # What a kill -9 during a plain write would have left: half an oracle.json, an empty
     # trial.json.
-    project = tmp_path / ".nas" / "rel"
     oracle = (project / "oracle.json").read_text()
     (project / "oracle.json").write_text(oracle[:len(oracle) // 2])
     (project / "trial_0" / "trial.json").write_text("")
@@ -306,8 +311,9 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     assert sorted(finished) == ["0", "1", "2"]  # each trial id exactly once
     assert len(trials) == 3 and not [r for r in trials if r.info.status != "FINISHED"]
     # The interrupted trial went on after its last finished epoch, in its own run.
-    assert (f"trial 1 resumes at epoch {done + 1} (epochs 1-{done} were trained by an "
-            f"earlier process)") in result.output
+    trained = "epoch 1 was" if done == 1 else f"epochs 1-{done} were"
+    assert (f"trial 1 resumes at epoch {done + 1} ({trained} trained by an earlier "
+            f"process)") in result.output
     (again_1,) = [r for r in trials if r.data.tags["nas.trial_id"] == "1"]
     assert again_1.info.run_id == dead.info.run_id and "nas.error" not in again_1.data.tags
     steps = [m.step for m in MlflowClient().get_metric_history(again_1.info.run_id,
@@ -326,6 +332,8 @@ def test_one_owner_then_sigkill_mid_trial_and_a_damaged_state_resume(tmp_path):
     assert len(runs_of()) == len(trials)  # nothing trained again
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # three searches side by side
 def test_searches_started_at_once_on_a_new_store(tmp_path):
     """Three searches started at once on an SQLite store none has created yet: two of one
     experiment (one runs; the other is refused in one line, exit code 2, having written
@@ -371,12 +379,14 @@ def test_searches_started_at_once_on_a_new_store(tmp_path):
     assert not (tmp_path / "new.db.lock").exists()  # the store's creation lock, gone after
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("signum, shown", [(signal.SIGTERM, "signal SIGTERM"),
                                            (signal.SIGINT, "Ctrl-C")])
 def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum, shown):
     process = start_search(tmp_path, "--max-trials", "2", *SHORTER)
     try:
-        wait_for_training("0", process)
+        wait_until_training("0", process, tmp_path / ".nas" / "rel")
         process.send_signal(signum)
         output = output_of(process)
     finally:
@@ -404,6 +414,7 @@ def test_a_signal_closes_runs_as_killed_and_says_how_to_resume(tmp_path, signum,
     assert [r.info.status for r in runs_of(kind="search")] == ["FINISHED"]
 
 
+@pytest.mark.slow
 def test_overwrite_never_leaves_the_working_folder(tmp_path):
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -419,6 +430,7 @@ def test_overwrite_never_leaves_the_working_folder(tmp_path):
         folders + [f"{name}.lock" for name in folders])
 
 
+@pytest.mark.slow
 def test_a_damaged_state_file_is_found_again_in_the_tracking_store(tmp_path):
     assert invoke(SEARCH + ["--max-trials", "1"]).exit_code == 0
     (parent,) = runs_of(kind="search")
@@ -433,6 +445,7 @@ def test_a_damaged_state_file_is_found_again_in_the_tracking_store(tmp_path):
     assert len(runs_of(kind="search")) == 2
 
 
+@pytest.mark.slow
 def test_overwrite_starts_afresh(tmp_path):
     assert invoke(SEARCH + ["--max-trials", "1"]).exit_code == 0
     result = invoke(SEARCH + ["--max-trials", "1", "--overwrite"])

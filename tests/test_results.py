@@ -34,6 +34,7 @@ def test_help(command):
     assert f" {command} [OPTIONS]" in result.output.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_trials_lists_every_trial_best_first(digits_search):
     result = nas("trials", "--tracking-uri", digits_search.tracking_uri)  # the latest search
 
@@ -106,6 +107,7 @@ def test_a_search_names_its_final_model_from_its_tags():
                                     _row("2", "FINISHED")]) == [_row("1", "FINISHED", 0.5)]
 
 
+@pytest.mark.slow
 def test_trials_sort_limit_and_status(digits_search):
     uri = digits_search.tracking_uri
     result = nas("trials", "--experiment", "shared", "--sort", "params", "--limit", "2",
@@ -124,6 +126,7 @@ def test_trials_sort_limit_and_status(digits_search):
     assert result.output.startswith("Error: --sort: 'speed' is not one of ['accuracy', ")
 
 
+@pytest.mark.slow
 def test_best_shows_scores_layer_table_and_where_it_is(digits_search):
     result = nas("best", "--experiment", "shared", "--tracking-uri", digits_search.tracking_uri)
 
@@ -153,6 +156,7 @@ def test_best_shows_scores_layer_table_and_where_it_is(digits_search):
             f"?workflowType=machine_learning  (start it with `nas ui`)") in out
 
 
+@pytest.mark.slow
 def test_trials_and_best_do_not_import_tensorflow(digits_search):
     script = textwrap.dedent(f"""
         import sys
@@ -170,6 +174,7 @@ def test_trials_and_best_do_not_import_tensorflow(digits_search):
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_unknown_experiment_is_one_line_exit_2(digits_search):
     for command in ("trials", "best"):
         result = nas(command, "--experiment", "nope", "--tracking-uri",
@@ -223,6 +228,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ui_serves_the_store_on_localhost(digits_search, tmp_path):
     port = _free_port()
     log = open(tmp_path / "ui.log", "w+")

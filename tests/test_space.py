@@ -153,12 +153,9 @@ def test_continuous_knobs_are_named_and_left_out_of_the_count(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cnn", "lenet", "tiny"])
-def test_every_builtin_space_is_counted_fast(name):
-    import time
-
-    started = time.perf_counter()
+def test_every_builtin_space_is_counted(name):
+    # How long it takes is a benchmark figure: bench/run.py --only space.
     report = analyse(load_space(name), (32, 32, 3), 10)
-    assert time.perf_counter() - started < 5
     assert report.possible > 0 and report.min_params <= report.max_params
 
 
@@ -318,6 +315,7 @@ def test_a_budget_below_one_is_refused(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_a_search_under_a_tight_budget_trains_only_candidates_within_it(tmp_path):
     from mlflow import MlflowClient
 
@@ -379,20 +377,14 @@ def directory_pipeline(folder, size: int):
 
 
 @pytest.mark.parametrize("inputs", ["digits", 64])
-def test_a_20_stage_space_with_thousands_of_choices_per_stage_is_described_at_once(
-        tmp_path, inputs):
-    import time
-
+def test_a_20_stage_space_with_thousands_of_choices_per_stage_is_described(tmp_path, inputs):
+    # Without listing its 9,216 ** 20 architectures: how long it takes is a benchmark
+    # figure (bench/run.py --only space).
     path = write_space(tmp_path, "deep", DEEP)
     pipeline = inputs if inputs == "digits" else directory_pipeline(tmp_path, inputs)
-    started = time.perf_counter()
     result = CliRunner().invoke(main, ["space", "show", str(path), "--pipeline", pipeline,
                                        "--samples", "1", "--max-params", "100000"])
-    took = time.perf_counter() - started
     assert result.exit_code == 0, result.output
-    # Listing the 9,216 ** 20 architectures, or even every option of every stage on
-    # every feature map it meets (the old way: 73 s for 12 stages), takes far longer.
-    assert took < 2, f"{took:.2f} s"
     total = DEEP_HEADS * sum(DEEP_PER_STAGE ** depth for depth in range(1, 21))
     assert f"architectures      {total:,} " in result.output
     assert "stage 20 collapses in" in result.output
@@ -527,17 +519,12 @@ def test_thinned_fronts_and_bounded_costs_never_rule_out_what_fits(tmp_path, mon
 
 
 def test_a_space_too_large_to_weigh_exactly_gets_bounds_that_say_so(tmp_path):
-    import time
-
     path = write_space(tmp_path, "deep", DEEP.replace("[1, 3, 5, 7]", "[1, 2, 3, 4, 5, 6, 7]"))
     pipeline = directory_pipeline(tmp_path, 224)
-    started = time.perf_counter()
     result = CliRunner().invoke(main, ["space", "show", str(path), "--pipeline", pipeline,
                                        "--samples", "0", "--max-params", "100000",
                                        "--max-flops", "5000000"])
-    took = time.perf_counter() - started
     assert result.exit_code == 0, result.output
-    assert took < 2, f"{took:.2f} s"
     assert "\nparameters         at least " in result.output
     assert "\nFLOPs              at least " in result.output
     assert ("  (bounds, not the exact range: the space is too large to weigh its costs "
@@ -559,16 +546,11 @@ def test_bounds_still_refuse_what_cannot_fit_and_say_they_are_bounds(monkeypatch
 
 
 def test_a_deep_space_nothing_in_can_be_trained_is_refused_at_once(tmp_path):
-    import time
-
     # From stage 2 on, a valid 7x7 conv meets a 2x2 map: every architecture collapses.
     path = write_space(tmp_path, "deep", DEEP.replace("{min: 1, max: 20}", "{min: 2, max: 20}")
                        .replace("[same, valid]", "valid").replace("[1, 3, 5, 7]", "7")
                        .replace("[1, 2]", "1").replace("[max, avg, none]", "none"))
-    space = load_space(str(path))
-    started = time.perf_counter()
-    problem = budget_problem(space, (8, 8, 1), 10, Constraints())
-    assert time.perf_counter() - started < 2
+    problem = budget_problem(load_space(str(path)), (8, 8, 1), 10, Constraints())
     assert problem.startswith(f"{path}: every one of the ")
     assert problem.endswith(" architectures is impossible on 8x8x1 inputs (e.g. stage 2: a "
                             "7x7 conv with valid padding and stride 1 does not fit the 2x2 "

@@ -91,6 +91,7 @@ def test_keras_datasets_test_on_their_official_test_split(monkeypatch):
     assert np.bincount(arrays.y_val).tolist() == [10] * 10
 
 
+@pytest.mark.slow
 def test_the_search_never_reads_the_test_data_and_scores_the_final_model_once(
         tmp_path, monkeypatch):
     seen = set()
@@ -148,6 +149,7 @@ def test_the_search_never_reads_the_test_data_and_scores_the_final_model_once(
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_without_test_data_the_summary_says_there_is_no_test_score(tmp_path):
     pipeline = tmp_path / "no_test.yaml"
     pipeline.write_text("data: {source: digits, test_split: 0}\ntrain: {epochs: 1}\n")

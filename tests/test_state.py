@@ -8,15 +8,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from nas.cli import main
 from nas.state import SearchLock, StateError
-from test_reliability import SEARCH, output_of, runs_of, start_search
-
-import pytest
+from test_reliability import SEARCH, runs_of, start_search, wait_until_training
 
 
 def invoke(args):
@@ -33,23 +36,32 @@ def assert_whole(trial_ids: list[str]) -> None:
     assert parent.info.status == "FINISHED"
 
 
+# Trial 1 is killed after its first epoch: the epochs after it leave seconds to do so.
+EPOCHS = ["--epochs", "8"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # above its own waits (test_reliability.py)
 def test_sigkill_then_the_working_folder_deleted_goes_on_from_mlflow(tmp_path):
-    process = start_search(tmp_path, "--epochs", "3")
-    try:  # killed once trial 0 has ended (its line printed), whatever runs then
-        while not any("trial 0 (" in line for line in list(process.lines)):
-            assert process.poll() is None, output_of(process)
-            process.reader.join(timeout=0.1)
+    project = tmp_path / ".nas" / "rel"
+    process = start_search(tmp_path, *EPOCHS)
+    try:  # killed as trial 1 trains: trial 0 has ended
+        wait_until_training("1", process, project)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     (first,) = [r for r in runs_of() if r.info.status == "FINISHED"]
-    assert MlflowClient().list_artifacts(first.info.run_id, "")  # its weights are in MLflow
+    # Its weights are in MLflow: the checkpoint of its best epoch, as the disk holds it.
+    logged = MlflowClient().download_artifacts(first.info.run_id, "checkpoint.weights.h5",
+                                               str(tmp_path))
+    assert (Path(logged).read_bytes()
+            == (project / "trial_0" / "checkpoint.weights.h5").read_bytes())
     shutil.rmtree(tmp_path / ".nas")  # a new machine, a wiped disk
 
     result = invoke(SEARCH + ["--max-trials", "3", "--seed", "2", "--pipeline", "long.yaml",
-                              "--epochs", "3"])
+                              *EPOCHS])
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     (parent,) = runs_of(kind="search")
@@ -72,6 +84,7 @@ def test_sigkill_then_the_working_folder_deleted_goes_on_from_mlflow(tmp_path):
     assert (tmp_path / "trial0" / "saved_model.pb").is_file()
 
 
+@pytest.mark.slow
 def test_a_finished_search_grows_with_a_larger_budget(tmp_path):
     args = SEARCH + ["--seed", "3", "--epochs", "1", "--ensemble", "2"]
     assert invoke(args + ["--max-trials", "3"]).exit_code == 0
@@ -104,13 +117,53 @@ def test_a_finished_search_grows_with_a_larger_budget(tmp_path):
         other.output
 
 
+# Takes the lock of the search 'rel' in the folder argv[1] (as `nas search` would), says
+# so, and holds it until killed.
+HOLD_THE_LOCK = ("import sys, time\n"
+                 "from nas.state import SearchLock\n"
+                 "lock = SearchLock(sys.argv[1], 'rel')\n"
+                 "lock.acquire()\n"
+                 "print('held', flush=True)\n"
+                 "time.sleep(600)\n")
+
+
 def test_the_lock_is_one_process_s_and_dies_with_it(tmp_path):
-    lock, again = SearchLock(tmp_path / "s", "s"), SearchLock(tmp_path / "s", "s")
-    lock.acquire()
-    with pytest.raises(StateError, match=f"process {os.getpid()} on "):
-        again.acquire()
-    lock.release()
-    again.acquire()  # free once released (or once its process died: the kernel's lock)
+    from nas import search
+    from nas.specs import load_pipeline, load_space
+
+    project = tmp_path / ".nas" / "rel"  # the folder of the search SEARCH runs
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(project)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline() == "held\n"  # it holds the lock now (or it died)
+        refused = CliRunner().invoke(main, SEARCH + ["--max-trials", "1"])
+        assert refused.exit_code == 2, refused.output
+        assert refused.output.startswith(
+            f"Error: --experiment: the search 'rel' is running in process {holder.pid} on "
+            f"{socket.gethostname()} since "), refused.output
+        with pytest.raises(StateError, match=f"process {holder.pid} on "):
+            SearchLock(project, "rel").acquire()
+        os.killpg(holder.pid, signal.SIGKILL)  # kill -9: it never lets the lock go
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait(timeout=30)
+    assert f'"pid": {holder.pid}' in (tmp_path / ".nas" / "rel.lock").read_text()
+
+    # The next search takes the lock the dead process left (the kernel's lock died with it).
+    prepared = search.prepare(search.SearchConfig(
+        space=load_space("tiny"), pipeline=load_pipeline("digits"), experiment="rel",
+        workdir=str(tmp_path / ".nas")))
+    prepared.lock.acquire()
+    try:
+        assert f'"pid": {os.getpid()}' in (tmp_path / ".nas" / "rel.lock").read_text()
+        with pytest.raises(StateError, match=f"process {os.getpid()} on "):
+            SearchLock(project, "rel").acquire()  # and holds it: one owner at a time
+    finally:
+        prepared.lock.release()
+    again = SearchLock(project, "rel")
+    again.acquire()  # free once released
     again.release()
 
 
@@ -119,6 +172,7 @@ def own_lines(output: str) -> list[str]:
     return [line for line in output.strip().splitlines() if "mlflow.store.db" not in line]
 
 
+@pytest.mark.slow
 def test_what_cannot_be_resumed_is_refused_in_one_line_and_writes_nothing(tmp_path):
     # KerasTuner files that neither nas_search.json nor the tracking store accounts for.
     project = tmp_path / ".nas" / "rel"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras_tuner as kt
+import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -42,6 +43,7 @@ def trial_runs():
     return client.search_runs([experiment.experiment_id], "tags.`nas.kind` = 'trial'")
 
 
+@pytest.mark.slow
 def test_a_short_time_limit_ends_the_search_cleanly_with_its_final_model_and_resumes():
     result = CliRunner().invoke(main, SEARCH + ["--max-trials", "50", "--time-limit", "6s"])
     assert result.exit_code == 0, result.output
@@ -60,6 +62,7 @@ def test_a_short_time_limit_ends_the_search_cleanly_with_its_final_model_and_res
     assert len(ids) == len(set(ids))  # no finished trial trained again
 
 
+@pytest.mark.slow
 def test_max_trials_first_when_it_comes_first_and_a_bad_duration_is_refused(tmp_path):
     result = CliRunner().invoke(main, SEARCH + ["--max-trials", "2", "--time-limit", "1h"])
     assert result.exit_code == 0, result.output
@@ -72,6 +75,7 @@ def test_max_trials_first_when_it_comes_first_and_a_bad_duration_is_refused(tmp_
         assert f"Invalid value for '--time-limit': {message}" in refused.output
 
 
+@pytest.mark.slow
 def test_a_time_limit_without_max_trials_trains_as_many_trials_as_fit():
     result = CliRunner().invoke(main, ["search", "--space", "tiny", "--epochs", "1",
                                        "--experiment", "timed", "--time-limit", "8s"])

@@ -179,19 +179,29 @@ def test_evolution_keeps_its_moves_within_budget(tmp_path):
 def test_median_rule_stops_a_trial_worse_than_the_median_of_earlier_curves():
     from nas.tuning import MedianStopping
 
+    curves = [[0.5, 0.7, 0.8, 0.9], [0.6, 0.8, 0.9, 0.95], [0.4, 0.6, 0.7, 0.8]]
     rule = MedianStopping("val_accuracy", "max", grace=2, min_trials=3)
-    rule.curves = [[0.5, 0.7, 0.8, 0.9], [0.6, 0.8, 0.9, 0.95], [0.4, 0.6, 0.7, 0.8]]
+    rule.curves = curves
     assert not rule.should_stop([0.1])  # within the grace period
     # after 2 epochs the running averages are 0.6, 0.7, 0.5: median 0.6
     assert rule.should_stop([0.3, 0.55])
     assert not rule.should_stop([0.3, 0.65])
-    assert not MedianStopping("val_accuracy", "max", grace=2, min_trials=4).should_stop(
-        [0.0, 0.0]) or False
+    # The same curves, but fewer than min_trials of them: a trial this bad goes on.
+    fewer = MedianStopping("val_accuracy", "max", grace=2, min_trials=4)
+    fewer.curves = curves
+    assert rule.should_stop([0.0, 0.0]) and not fewer.should_stop([0.0, 0.0])
+    # Only the earlier trials that trained as long count: after 2 epochs all three (running
+    # averages 0.5, 0.6, 0.7), after 4 only the last, fewer than min_trials.
+    short = MedianStopping("val_accuracy", "max", grace=2, min_trials=2)
+    short.curves = [[0.4, 0.6], [0.5, 0.7], [0.6, 0.8, 0.7, 0.7]]
+    assert short.should_stop([0.1, 0.1])
+    assert not short.should_stop([0.1, 0.1, 0.1, 0.1])
     losses = MedianStopping("val_loss", "min", grace=1, min_trials=1)
     losses.curves = [[1.0, 0.5]]
     assert losses.should_stop([1.2]) and not losses.should_stop([0.9])
 
 
+@pytest.mark.slow
 def test_median_rule_ends_a_real_fit_early_and_learns_its_curve():
     import keras
     import numpy as np
