@@ -61,7 +61,7 @@ class FinalModel:
 
 @dataclasses.dataclass(frozen=True)
 class ScaleOut:
-    """How a search spreads over devices and processes (`nas.distributed`)."""
+    """How a search spreads over devices and processes (`nas.distributed`, `nas.scaleout`)."""
 
     distribution: str | None = None  # "mirrored": one trial over all local GPUs
     # HOST:PORT: this process is the chief there (or, with `worker_id`, its worker).
@@ -75,6 +75,14 @@ class ScaleOut:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    # On Ray (`nas.scaleout`): the cluster's address ("": a local Ray started for the
+    # search and stopped after it; "auto": the one RAY_ADDRESS or a running local head
+    # names; None: not on Ray), and what each trial asks of it.
+    ray: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractions share a GPU
+    max_concurrent: int | None = None  # trials at once; None: what the cluster holds
+    max_retries: int = 2  # Ray runs a trial's task again when its process or node dies
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 from nas.errors import InputError, Interrupted
 
 __all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "TAG_SEARCH",
-           "TAG_ERROR", "TAG_WORKER", "TAG_DEVICE", "TAG_MAX_TRIALS", "TAG_FINGERPRINT",
-           "TAG_DATA_DIGEST", "TAG_FINAL", "TAG_REFIT", "TAG_MODEL_ERROR", "TAG_BEST_TRIAL",
-           "TAG_BEST_RUN", "TAG_CHIEF", "TAG_WORKER_SETTINGS", "TAG_TRIAL_RUN", "score_tag"]
+           "TAG_ERROR", "TAG_WORKER", "TAG_DEVICE", "TAG_NODE", "TAG_GPUS", "TAG_MAX_TRIALS",
+           "TAG_FINGERPRINT", "TAG_DATA_DIGEST", "TAG_FINAL", "TAG_REFIT", "TAG_MODEL_ERROR",
+           "TAG_BEST_TRIAL", "TAG_BEST_RUN", "TAG_CHIEF", "TAG_WORKER_SETTINGS", "TAG_TRIAL_RUN",
+           "score_tag"]
 
 # The tags nas writes and reads back, named here alone. MLflow is imported only where it
 # is used, so that reading these (`nas.results`, `nas trials`) costs no MLflow import.
@@ -34,6 +35,8 @@ TAG_SEARCH = "nas.search_run_id"  # the run of its search
 TAG_ERROR = "nas.error"  # why it failed
 TAG_WORKER = "nas.worker"  # the worker that trained it ("local": none)
 TAG_DEVICE = "nas.device"  # the device it trained on
+TAG_NODE = "nas.ray_node"  # the Ray node it trained on (a search on Ray)
+TAG_GPUS = "nas.gpus"  # the GPUs Ray gave it ("-": none)
 # On a search's run:
 TAG_FINGERPRINT = "nas.fingerprint"  # found again by its settings (`SearchConfig.fingerprint`)
 TAG_DATA_DIGEST = "nas.data_digest"  # a directory's files (`nas.data.Arrays.data_digest`)

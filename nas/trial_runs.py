@@ -67,6 +67,7 @@ class TrialRuns:
         # A worker of a distributed search (KerasTuner's tuner id), else None.
         self.worker = os.environ.get("KERASTUNER_TUNER_ID")
         self.worker = None if self.worker in (None, "chief") else self.worker
+        self.tags: dict[str, str] = {}  # on every trial run besides its own (a Ray node's)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "nas-mlflow")
         self._unclosed: set[str] = set()  # runs opened and not yet closed (writer thread)
         self._closed = False
@@ -171,7 +172,7 @@ class TrialRuns:
             self.experiment_id, f"trial-{trial.trial_id}",
             tags={tracking.TAG_KIND: "trial", tracking.TAG_TRIAL: trial.trial_id,
                   tracking.TAG_SEARCH: self.search_run_id, tracking.TAG_DEVICE: self.device,
-                  tracking.TAG_WORKER: self.worker or "local"},
+                  tracking.TAG_WORKER: self.worker or "local", **self.tags},
             parent_run_id=self.search_run_id, start_time=start_time,
         )
         try:

@@ -45,3 +45,24 @@ def digits_search(tmp_path_factory):
     return types.SimpleNamespace(root=root, tracking_uri=tracking_uri,
                                  workdir=str(root / ".nas"), experiment="shared",
                                  result=result)
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """Start processes (`processes.Processes`); all are stopped when the test ends."""
+    from processes import Processes
+
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """The URL of an `mlflow server` on 127.0.0.1, for the tests of one module."""
+    from processes import mlflow_server_in
+
+    with mlflow_server_in(tmp_path_factory.mktemp("mlflow_server")) as url:
+        yield url

@@ -76,18 +76,49 @@ from nas.settings import TUNERS, UNCAPPED_TRIALS, Budget, FinalModel, ScaleOut, 
 @click.option("--worker-timeout", type=click.FloatRange(min=1), default=ScaleOut.worker_timeout,
               show_default=True, metavar="SECONDS",
               help="A worker silent this long is lost; its trial goes to another worker.")
+@click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="",
+              metavar="[ADDRESS|auto]",
+              help="Train the trials as Ray tasks: on the cluster at ADDRESS, on the one "
+                   "RAY_ADDRESS or a running local head names (auto), or, with no address, on "
+                   "a local Ray started for the search.")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=f"With --ray: CPUs Ray gives each trial.  [default: "
+                   f"{ScaleOut.cpus_per_trial:g}]")
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None,
+              help=f"With --ray: GPUs Ray gives each trial (0.5: two trials share one).  "
+                   f"[default: {ScaleOut.gpus_per_trial:g}]")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --ray: trials at once.  [default: as many as the cluster's CPUs "
+                   "and GPUs hold]")
+@click.option("--max-retries", type=click.IntRange(min=0), default=None,
+              help=f"With --ray: how often Ray runs a trial again when its process or node "
+                   f"dies (it goes on from its last saved epoch where the working folder is "
+                   f"shared).  [default: {ScaleOut.max_retries}]")
 @PROGRESS
 @user_errors
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
            mixed_precision, jit_compile, register, ensemble, refit, skip_bad_images,
-           distribution, chief, tls_cert, tls_key, workers, worker_timeout, progress):
+           distribution, chief, tls_cert, tls_key, workers, worker_timeout, ray_address,
+           cpus_per_trial, gpus_per_trial, max_concurrent, max_retries, progress):
     """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
     from nas import search as search_module
     from nas.specs import load_pipeline, load_space
 
     if max_trials is None:
         max_trials = Budget.max_trials if time_limit is None else UNCAPPED_TRIALS
+    on_ray = {"--cpus-per-trial": cpus_per_trial, "--gpus-per-trial": gpus_per_trial,
+              "--max-concurrent": max_concurrent, "--max-retries": max_retries}
+    if ray_address is None and any(v is not None for v in on_ray.values()):
+        given = next(flag for flag, v in on_ray.items() if v is not None)
+        raise click.UsageError(f"{given} is for a search on Ray: give --ray too")
+    if ray_address is not None and (workers or chief):
+        raise click.UsageError(f"--ray and {'--workers' if workers else '--chief'} exclude "
+                               f"each other: on Ray, --max-concurrent trials run at once")
+    ray_settings = {k: v for k, v in (("cpus_per_trial", cpus_per_trial),
+                                      ("gpus_per_trial", gpus_per_trial),
+                                      ("max_concurrent", max_concurrent),
+                                      ("max_retries", max_retries)) if v is not None}
     config = SearchConfig(
         space=load_space(space), pipeline=load_pipeline(pipeline), tuner=tuner,
         epochs=epochs, batch_size=batch_size, seed=seed, max_params=max_params,
@@ -97,7 +128,8 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
         budget=Budget(max_trials=max_trials, time_limit=time_limit, max_failures=max_failures),
         final=FinalModel(ensemble=ensemble, refit=refit, register=register),
         scale=ScaleOut(distribution=distribution_of(distribution), chief=chief,
-                       worker_timeout=worker_timeout, tls_cert=tls_cert, tls_key=tls_key),
+                       worker_timeout=worker_timeout, tls_cert=tls_cert, tls_key=tls_key,
+                       ray=ray_address, **ray_settings),
     )
     if (tls_cert or tls_key) and not chief:
         raise click.UsageError("--tls-cert and --tls-key are for a chief: give --chief too")
@@ -108,7 +140,11 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
             raise click.BadParameter(f"{path!r} is not a PEM file", param_hint=flag)
     if workers or chief:
         from nas import distributed
-    if workers:  # this process the chief, N local workers
+    if ray_address is not None:  # this process the driver, the trials Ray tasks
+        from nas import scaleout
+
+        prepared = scaleout.prepare(config)
+    elif workers:  # this process the chief, N local workers
         prepared = distributed.prepare_local(config)
     else:
         if chief:
@@ -133,7 +169,9 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
     shown = Progress(terminal=sys.stdout.isatty(), epochs=progress)
     try:
         with shown:
-            if workers:
+            if ray_address is not None:
+                result = scaleout.run(prepared, shown)
+            elif workers:
                 result = distributed.run_local(prepared, space, pipeline, workers, shown)
             elif chief:  # workers train the trials; this process serves the oracle
                 result = distributed.run_chief(prepared, shown)

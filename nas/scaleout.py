@@ -1,0 +1,517 @@
+"""Scale out on Ray: one search's trials as Ray tasks, on a local Ray or on a cluster.
+
+The driver (the `nas search --ray` process) is a search as `nas.search.run` runs it: it
+owns the oracle (the guard, the time limit, the funnel), the parent MLflow run and the
+state files, and resumes as a local search does. Only the training moves: `drive`, called
+by `nas.search.run` in place of the tuner's own loop, hands each trial the oracle proposes
+to a Ray task, at most `max_concurrent` at once, each asking Ray for `cpus_per_trial` CPUs
+and `gpus_per_trial` GPUs (fractions allowed; Ray sets CUDA_VISIBLE_DEVICES, so a trial
+sees only the GPUs it was given), and ends the trial in the oracle with what it returns.
+
+A task (`_train`) trains its trial with the code of a local search: in each Ray worker
+process the search's tuner (`nas.tuning.NasTuner`) and trial runs
+(`nas.trial_runs.TrialRuns`) are made once, over a stand-in for the oracle that holds the
+one trial the driver sent (`_Relay`). The trial logs its nested MLflow run itself, tagged
+with its Ray worker, node and GPUs, and saves each epoch in the working folder. A task
+whose process or node dies is run again by Ray (up to `max_retries` times): where the
+working folder is shared it goes on from the last saved epoch, in a new run that holds the
+whole curve, and the run of the lost attempt is closed KILLED; after the last retry the
+trial is FAILED and the search goes on. What the tasks report (trial and epoch events)
+reaches the driver's callback through a Ray queue.
+
+Ray is imported only here, and only when a search runs on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from nas import funnel, tracking
+from nas.errors import SearchError
+from nas.search import Prepared
+from nas.settings import SearchConfig
+
+__all__ = ["LOCAL", "check_store", "concurrency", "connect", "drive", "prepare", "run",
+           "TAG_NODE", "TAG_GPUS"]
+
+LOCAL = ""  # `--ray` without an address: a Ray started for the search, stopped after it
+POLL_SECONDS = 0.5  # how often the driver passes on the tasks' events while it waits
+TAG_NODE = tracking.TAG_NODE
+TAG_GPUS = tracking.TAG_GPUS
+_LOCAL_SCHEMES = ("", "file", "sqlite")  # stores that are files on the driver's machine
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every task of one search needs, sent with each (Ray keeps one copy)."""
+
+    config: SearchConfig  # its working folder and tracking store as absolute paths
+    experiment_id: str
+    search_run_id: str
+
+
+# --- the driver ---------------------------------------------------------------------
+
+
+def prepare(config: SearchConfig) -> Prepared:
+    """Connect to Ray (starting a local one for `config.scale.ray == LOCAL`), check the
+    cluster can run the search (its resources, a tracking store every node reaches), then
+    the search itself (`nas.search.prepare`). Writes nothing; a local Ray started here is
+    stopped again when it refuses.
+
+    Raises:
+        SearchError, nas.errors.DataError, nas.tracking.TrackingError.
+    """
+    import mlflow
+
+    from nas import search
+
+    scale = config.scale
+    if scale.chief:
+        raise SearchError("`ray` and `chief` exclude each other: on Ray the search's "
+                          "process is the driver")
+    started = connect(scale.ray)
+    try:
+        import ray
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        _check_resources(scale, nodes, started)
+        # The store as MLflow will open it; not opened yet: a refusal writes nothing.
+        check_store(config.tracking_uri or mlflow.get_tracking_uri(), nodes,
+                    ray.util.get_node_ip_address())
+        return search.prepare(config)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+
+
+def connect(address: str) -> bool:
+    """Connect this process to the Ray cluster at `address` ("auto": the one `RAY_ADDRESS`
+    or a running local head names), or start a local Ray for `LOCAL`. True when a local
+    Ray was started here (stop it with `ray.shutdown()`).
+
+    Raises:
+        SearchError: no cluster answers there.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no notice, nothing sent
+    if "RAY_AUTH_MODE" not in os.environ and (address == LOCAL or _has_token()):
+        # Token authentication, as Ray itself turns it on for a new local Ray or where a
+        # token is found, only without its notice; unset elsewhere, Ray warns (rightly).
+        os.environ["RAY_AUTH_MODE"] = "token"
+    options = {"logging_level": logging.WARNING, "log_to_driver": False,
+               "runtime_env": {"env_vars": {
+                   "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}}}
+    if address == LOCAL:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **options)
+        return True
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise SearchError(f"`ray`: no Ray cluster answers at {address!r} ({first})") from None
+    return False
+
+
+def _has_token() -> bool:
+    """Whether Ray would find a token of its own: in its environment or ~/.ray."""
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
+
+
+def check_store(tracking_uri: str, nodes: list[dict], here: str) -> None:
+    """Refuse a tracking store that is a file on this machine when the Ray cluster has
+    nodes on other machines: their trials could not log to it.
+
+    Raises:
+        SearchError
+    """
+    from urllib.parse import urlparse
+
+    elsewhere = sorted({n.get("NodeManagerAddress") for n in nodes} - {here, None})
+    if elsewhere and urlparse(tracking_uri).scheme in _LOCAL_SCHEMES:
+        raise SearchError(
+            f"`tracking_uri`: {tracking_uri} is a file on this machine, which the Ray nodes "
+            f"at {', '.join(elsewhere)} cannot reach; give a tracking server every node "
+            f"reaches (`mlflow server`, e.g. http://HOST:5000)")
+
+
+def _check_resources(scale, nodes: list[dict], local: bool) -> None:
+    """Refuse what no node can give a trial. On a cluster, only a note: an autoscaler may
+    yet add such nodes (Ray then waits for them)."""
+    asked = {"CPU": scale.cpus_per_trial, "GPU": scale.gpus_per_trial}
+    for name, amount in asked.items():
+        most = max((n.get("Resources", {}).get(name, 0.0) for n in nodes), default=0.0)
+        if amount > most:
+            flag = "`cpus_per_trial`" if name == "CPU" else "`gpus_per_trial`"
+            line = (f"{flag}: {amount:g} {name}s per trial, but no node of the Ray cluster "
+                    f"has that many (at most {most:g})")
+            if local:
+                raise SearchError(line)
+            logging.getLogger("nas").warning(line + "; trials wait for a node that has")
+
+
+def concurrency(scale, resources: dict) -> int:
+    """Trials at once: `max_concurrent`, else as many as the cluster's CPUs and GPUs hold
+    (at least one)."""
+    if scale.max_concurrent:
+        return scale.max_concurrent
+    fits = [resources.get("CPU", 0.0) / scale.cpus_per_trial]
+    if scale.gpus_per_trial:
+        fits.append(resources.get("GPU", 0.0) / scale.gpus_per_trial)
+    return max(1, math.floor(min(fits) + 1e-9))
+
+
+def run(prepared: Prepared, callback=None):
+    """Run the search with its trials on Ray (`prepare` connected this process); the
+    search's `SearchResult`. A local Ray started by `prepare` is stopped after it."""
+    import ray
+
+    from nas import search
+    from nas.events import Callback
+
+    callback = callback if callback is not None else Callback()
+    local = prepared.config.scale.ray == LOCAL
+    try:
+        return search.run(prepared, callback, serve=lambda tuner, experiment_id, search_run_id:
+                          drive(tuner, prepared, experiment_id, search_run_id, callback))
+    finally:
+        if local and ray.is_initialized():
+            ray.shutdown()
+
+
+def drive(tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
+          callback) -> None:
+    """Train the trials `tuner`'s oracle proposes as Ray tasks, until it stops and every
+    task has ended (`nas.search.run`'s `serve`).
+
+    Raises:
+        RuntimeError: too many consecutive trials failed (KerasTuner's, from `end_trial`).
+        nas.errors.Interrupted / KeyboardInterrupt: the tasks are cancelled, their runs
+            closed KILLED; the state is saved and the same command resumes.
+    """
+    import ray
+    from keras_tuner.engine import trial as trial_module
+    from ray.util.queue import Queue
+
+    status = trial_module.TrialStatus
+    config, scale, tracker = prepared.config, prepared.config.scale, prepared.tracker
+    oracle = tuner.oracle
+    oracle.verbose = 0
+    tuner.save()  # so a restarted driver reloads the oracle and resumes
+    job = _Job(_portable(config, tracker.tracking_uri), experiment_id, search_run_id)
+    arrays = ray.put(dataclasses.replace(prepared.arrays, x_test=prepared.arrays.x_test[:0],
+                                         y_test=prepared.arrays.y_test[:0]))
+    inbox = Queue()
+    train = ray.remote(_train).options(num_cpus=scale.cpus_per_trial,
+                                       num_gpus=scale.gpus_per_trial,
+                                       max_retries=scale.max_retries)
+    resources = ray.cluster_resources()
+    slots = concurrency(scale, resources)
+    gpus = f" and {scale.gpus_per_trial:g} GPU" if scale.gpus_per_trial else ""
+    callback.on_message(
+        f"on Ray: {slots} trial{'' if slots == 1 else 's'} at once, each with "
+        f"{scale.cpus_per_trial:g} CPU{gpus} (the cluster has {resources.get('CPU', 0):g} "
+        f"CPUs, {resources.get('GPU', 0):g} GPUs)")
+    free = [f"ray-{n}" for n in range(slots, 0, -1)]  # KerasTuner's tuner ids: one a slot
+    running: dict = {}  # task -> (slot, trial)
+    events = _Events(callback, oracle, config)
+    stopped = False
+    try:
+        while True:
+            while free and not stopped:
+                slot = free.pop()
+                trial = oracle.create_trial(slot)
+                if trial.status != status.RUNNING:  # STOPPED: the search is over; IDLE: later
+                    free.append(slot)
+                    stopped = trial.status == status.STOPPED
+                    break
+                values = trial.hyperparameters.values
+                parent = values.get(funnel.PARENT)
+                parents = {parent: oracle.get_trial(parent)} if parent else {}
+                left = oracle.seconds_left(values) if hasattr(oracle, "seconds_left") else None
+                running[train.remote(job, arrays, trial, left, parents, inbox)] = (slot, trial)
+            if not running:
+                if stopped:
+                    break
+                time.sleep(POLL_SECONDS)  # nothing runs and the oracle said IDLE: ask again
+                continue
+            done, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+            events.pass_on(inbox)
+            for task in done:
+                slot, trial = running.pop(task)
+                free.append(slot)
+                _end(oracle, trial, task, tracker, experiment_id, search_run_id, callback)
+    finally:
+        for task in running:
+            ray.cancel(task, force=True)
+        events.pass_on(inbox)
+        closed = tracker.close_stale_runs(experiment_id, search_run_id)
+        if closed and not running:
+            callback.on_message(f"closed {closed} trial run(s) left running by lost Ray "
+                                f"workers")
+        ray.kill(inbox.actor)
+
+
+def _end(oracle, trial, task, tracker, experiment_id: str, search_run_id: str,
+         callback) -> None:
+    """End `trial` in the oracle as its task reports it; FAILED when Ray gave up on the
+    task (its process or node died more than `max_retries` times)."""
+    import ray
+    from keras_tuner.engine import trial as trial_module
+
+    try:
+        outcome = ray.get(task)
+    except ray.exceptions.RayError as error:
+        reason = _reason(error)
+        trial.status, trial.message = trial_module.TrialStatus.FAILED, reason
+        for run in tracker.trial_runs(experiment_id, search_run_id, trial.trial_id):
+            if run.info.status == "RUNNING":
+                tracker.set_tags(run.info.run_id, {tracking.TAG_ERROR: reason})
+                tracker.end(run.info.run_id, "KILLED")
+        callback.on_message(f"trial {trial.trial_id} failed: {reason}")
+    else:
+        if outcome["metrics"]:
+            oracle.update_trial(trial.trial_id, outcome["metrics"], step=outcome["step"])
+        trial.status, trial.message = outcome["status"], outcome["message"]
+    oracle.end_trial(trial)
+
+
+def _reason(error) -> str:
+    """One line for a task Ray gave up on."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayTaskError):  # our code raised, outside a trial
+        cause = error.cause if getattr(error, "cause", None) is not None else error
+        lines = str(cause).strip().splitlines()
+        return f"its Ray task raised {type(cause).__name__}: {lines[-1] if lines else ''}"
+    first = (str(error).strip().splitlines() or [""])[0]
+    return (f"the Ray worker running it was lost ({type(error).__name__}: {first[:160]}), "
+            f"after its retries")
+
+
+def _portable(config: SearchConfig, tracking_uri: str) -> SearchConfig:
+    """`config` as a task on any node reads it: its working folder and a local tracking
+    store as absolute paths (a Ray worker's current folder is not the driver's)."""
+    from urllib.parse import urlparse
+
+    uri = tracking_uri
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        database = uri.split("sqlite:///", 1)[1] if uri.startswith("sqlite:///") else ""
+        if database and not database.startswith("/") and not database.startswith(":"):
+            uri = f"sqlite:///{Path(database).resolve()}"
+    elif parsed.scheme == "":
+        uri = str(Path(uri).resolve())
+    return dataclasses.replace(config, tracking_uri=uri,
+                               workdir=str(Path(config.workdir).resolve()))
+
+
+class _Events:
+    """The tasks' events, passed on to the driver's callback: each trial's place in the
+    search and the search's best as the driver knows them (a task knows only its own)."""
+
+    def __init__(self, callback, oracle, config: SearchConfig):
+        self.callback, self.oracle = callback, oracle
+        self.direction = config.pipeline.direction
+        self.time_limit = config.budget.time_limit
+        self.best: float | None = None
+
+    def pass_on(self, inbox) -> None:
+        from ray.util.queue import Empty
+
+        waiting = inbox.qsize()
+        if not waiting:
+            return
+        try:
+            items = inbox.get_nowait_batch(waiting)
+        except Empty:
+            return
+        for method, event in items:
+            getattr(self.callback, method)(self._placed(event))
+
+    def _placed(self, event):
+        from nas.events import EpochEnded, TrialEnded
+
+        if not hasattr(event, "trial_id"):
+            return event
+        order = list(self.oracle.start_order)
+        place = order.index(event.trial_id) + 1 if event.trial_id in order else event.trial
+        changes = {"trial": place}
+        if isinstance(event, TrialEnded) and event.value is not None and event.error is None:
+            if self.best is None or (event.value > self.best if self.direction == "max"
+                                     else event.value < self.best):
+                self.best = event.value
+            changes["best"] = self.best
+        if (isinstance(event, EpochEnded) and self.time_limit is not None
+                and callable(getattr(self.oracle, "elapsed", None))):
+            left = max(0.0, self.time_limit - self.oracle.elapsed())
+            if left < event.search_left:
+                changes.update(search_left=left, time_limited=True)
+        return dataclasses.replace(event, **changes)
+
+
+# --- a task, in a Ray worker process -----------------------------------------------------
+
+_WORKERS: dict[str, "_Worker"] = {}  # this process's tuner of each search, made once
+
+
+def _train(job: _Job, arrays, trial, seconds_left: float | None, parents: dict,
+           inbox) -> dict:
+    """Train one trial in this Ray worker process; what the driver ends it with."""
+    received = time.monotonic()
+    worker = _WORKERS.get(job.search_run_id)
+    if worker is None:
+        _WORKERS.clear()  # another search's tuner: this process trains this one now
+        worker = _WORKERS[job.search_run_id] = _Worker(job, arrays, inbox)
+    worker.events.inbox = inbox
+    return worker.train(trial, seconds_left, parents, received)
+
+
+class _Worker:
+    """A Ray worker process's part of a search: its tuner over a `_Relay`, its trial runs
+    and its data, made at its first trial."""
+
+    def __init__(self, job: _Job, arrays, inbox):
+        import ray
+
+        from nas import assembly
+        from nas.data import make_datasets
+
+        context = ray.get_runtime_context()
+        self.node = context.get_node_id()
+        # The trial runs' `nas.worker` tag: one name a process, so a task Ray runs again
+        # (in a new process) is told apart from the attempt that was lost.
+        self.name = f"ray-{self.node[:8]}-{os.getpid()}"
+        os.environ["KERASTUNER_TUNER_ID"] = self.name  # read by TrialRuns and the tuner
+        config = job.config
+        _threads(int(max(1, math.floor(float(
+            context.get_assigned_resources().get("CPU", 1.0))))))
+        assembly.configure_tensorflow(config)
+        self.job, self.events = job, _Inbox(inbox)
+        self.tracker = tracking.Tracker(config.tracking_uri)
+        self.parts = assembly.assemble(config, arrays, self.tracker, job.experiment_id,
+                                       job.search_run_id, self.events)
+        self.tuner = self.parts.tuner(self.parts.oracle(guarded=False))
+        self.relay = _Relay(self.tuner.oracle)
+        self.tuner.oracle = self.relay
+        self.datasets = make_datasets(arrays, config.batch_size or config.pipeline.batch_size,
+                                      config.seed)
+        self.parts.hooks.tags = {TAG_NODE: self.node, TAG_GPUS: ",".join(
+            str(g) for g in ray.get_gpu_ids()) or "-"}
+
+    def train(self, trial, seconds_left, parents: dict, received: float) -> dict:
+        self._close_lost_attempts(trial.trial_id)
+        self.relay.take(trial, seconds_left, parents, received)
+        self.parts.search(self.tuner, self.datasets)
+        return self.relay.outcome()
+
+    def _close_lost_attempts(self, trial_id: str) -> None:
+        """Close, as KILLED, the runs of this trial that another Ray worker left RUNNING:
+        the driver hands a trial to one task at a time, so that worker was lost."""
+        job = self.job
+        for run in self.tracker.trial_runs(job.experiment_id, job.search_run_id, trial_id):
+            worker = run.data.tags.get(tracking.TAG_WORKER)
+            if run.info.status == "RUNNING" and worker != self.name:
+                self.tracker.set_tags(run.info.run_id, {tracking.TAG_ERROR: (
+                    f"Ray worker {worker} was lost (its process or node died); Ray ran the "
+                    f"trial again")})
+                self.tracker.end(run.info.run_id, "KILLED")
+
+
+def _threads(cpus: int) -> None:
+    """TensorFlow's threads to the CPUs Ray gave the task; before TensorFlow starts."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(min(cpus, 2))
+    except RuntimeError:  # TensorFlow already started in this process
+        pass
+
+
+class _Inbox:
+    """A task's callback: its events go to the driver through a Ray queue."""
+
+    def __init__(self, inbox):
+        self.inbox = inbox
+
+    def __getattr__(self, method: str):
+        if not method.startswith("on_"):
+            raise AttributeError(method)
+        return lambda event: self.inbox.put((method, event))
+
+
+class _Relay:
+    """The oracle as a task's tuner sees it: the one trial the driver sent (and the trial
+    a funnel's child starts from); its results kept for the driver. Never saved: the
+    driver's oracle is the search's state."""
+
+    def __init__(self, oracle):
+        self._oracle = oracle  # the search's objective and space, for KerasTuner
+        self.trial = None
+        self.verbose = 0
+
+    @property
+    def objective(self):
+        return self._oracle.objective
+
+    @property
+    def max_trials(self):
+        return self._oracle.max_trials
+
+    def get_space(self):
+        return self._oracle.get_space()
+
+    def take(self, trial, seconds_left: float | None, parents: dict, received: float) -> None:
+        self.trial, self.parents, self.ended = trial, parents, None
+        self.metrics, self.step = {}, 0
+        self.handed = False
+        self.deadline = None if seconds_left is None else received + seconds_left
+
+    def create_trial(self, tuner_id):
+        from keras_tuner.engine import trial as trial_module
+
+        if not self.handed:
+            self.handed = True
+            return self.trial
+        return trial_module.Trial(self.get_space(), status=trial_module.TrialStatus.STOPPED)
+
+    def update_trial(self, trial_id, metrics, step=0):
+        self.metrics, self.step = dict(metrics), step
+        for name, value in metrics.items():
+            if not self.trial.metrics.exists(name):
+                self.trial.metrics.register(name)
+            self.trial.metrics.update(name, value, step=step)
+        return self.trial
+
+    def end_trial(self, trial):
+        self.ended = trial
+
+    def get_trial(self, trial_id):
+        if self.trial is not None and trial_id == self.trial.trial_id:
+            return self.trial
+        return self.parents[trial_id]
+
+    def seconds_left(self, values: dict) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def save(self) -> None:
+        pass
+
+    def reload(self) -> None:
+        pass
+
+    def outcome(self) -> dict:
+        trial = self.ended or self.trial
+        return {"status": trial.status, "message": trial.message, "metrics": self.metrics,
+                "step": self.step}
