@@ -211,7 +211,7 @@ def drive(tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
     job = _Job(_portable(config, tracker.tracking_uri), experiment_id, search_run_id)
     arrays = ray.put(dataclasses.replace(prepared.arrays, x_test=prepared.arrays.x_test[:0],
                                          y_test=prepared.arrays.y_test[:0]))
-    inbox = Queue()
+    inbox = Queue(actor_options={"num_cpus": 0})  # takes no CPU a trial could use
     train = ray.remote(_train).options(num_cpus=scale.cpus_per_trial,
                                        num_gpus=scale.gpus_per_trial,
                                        max_retries=scale.max_retries)
