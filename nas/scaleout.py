@@ -101,12 +101,11 @@ def connect(address: str) -> bool:
         SearchError: no cluster answers there.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no notice, nothing sent
-    if ("ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ
-            and (address == LOCAL or _has_token())):
-        # Token authentication, as Ray itself turns it on for a new local Ray or where a
-        # token is found, only without its notice; unset elsewhere, Ray warns (rightly).
-        # Before Ray is imported: it reads the mode then, and a local Ray whose processes
-        # were started with another mode than this one's refuses it (InvalidAuthToken).
+    if address == LOCAL and "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ:
+        # Token authentication, as Ray 2.60 turns it on for a new local Ray, only without
+        # its notice. Before Ray is imported: it reads the mode then. A cluster's mode is
+        # its own: the driver must use the same (RAY_AUTH_MODE as the cluster's nodes have
+        # it), else Ray refuses its calls, or its actors (InvalidAuthToken).
         os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
@@ -118,6 +117,7 @@ def connect(address: str) -> bool:
     if address == LOCAL:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **options)
         return True
+    _check_reachable(address)
     try:
         ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -126,10 +126,19 @@ def connect(address: str) -> bool:
     return False
 
 
-def _has_token() -> bool:
-    """Whether Ray would find a token of its own: in its environment or ~/.ray."""
-    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or (Path.home() / ".ray" / "auth_token").is_file())
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Refuse at once a HOST:PORT where nothing listens: Ray itself would try for minutes.
+    ("auto", a `ray://` client address and the like are left to Ray.)"""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "/" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise SearchError(f"`ray`: no Ray cluster answers at {address!r} "
+                          f"({error.strerror or error.__class__.__name__})") from None
 
 
 def check_store(tracking_uri: str, nodes: list[dict], here: str) -> None:
@@ -205,8 +214,6 @@ def drive(tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
     """
     import ray
     from keras_tuner.engine import trial as trial_module
-    from ray.util.queue import Queue
-
     status = trial_module.TrialStatus
     config, scale, tracker = prepared.config, prepared.config.scale, prepared.tracker
     oracle = tuner.oracle
@@ -215,7 +222,6 @@ def drive(tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
     job = _Job(_portable(config, tracker.tracking_uri), experiment_id, search_run_id)
     arrays = ray.put(dataclasses.replace(prepared.arrays, x_test=prepared.arrays.x_test[:0],
                                          y_test=prepared.arrays.y_test[:0]))
-    inbox = Queue(actor_options={"num_cpus": 0})  # takes no CPU a trial could use
     train = ray.remote(_train).options(num_cpus=scale.cpus_per_trial,
                                        num_gpus=scale.gpus_per_trial,
                                        max_retries=scale.max_retries)
@@ -245,7 +251,8 @@ def drive(tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
                 parent = values.get(funnel.PARENT)
                 parents = {parent: oracle.get_trial(parent)} if parent else {}
                 left = oracle.seconds_left(values) if hasattr(oracle, "seconds_left") else None
-                running[train.remote(job, arrays, trial, left, parents, inbox)] = (slot, trial)
+                running[train.remote(job, arrays, trial, left, parents, events.inbox)] = (
+                    slot, trial)
             if not running:
                 if stopped:
                     break
@@ -255,7 +262,7 @@ def drive(tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
             wait = time.perf_counter()
             done, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
             waited += time.perf_counter() - wait
-            events.pass_on(inbox)
+            events.pass_on()
             for task in done:
                 slot, trial = running.pop(task)
                 free.append(slot)
@@ -269,12 +276,12 @@ def drive(tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
     finally:
         for task in running:
             ray.cancel(task, force=True)
-        events.pass_on(inbox)
+        events.pass_on()
         closed = tracker.close_stale_runs(experiment_id, search_run_id)
         if closed and not running:
             callback.on_message(f"closed {closed} trial run(s) left running by lost Ray "
                                 f"workers")
-        ray.kill(inbox.actor)
+        events.close()
 
 
 def _end(oracle, trial, task, tracker, experiment_id: str, search_run_id: str,
@@ -292,7 +299,7 @@ def _end(oracle, trial, task, tracker, experiment_id: str, search_run_id: str,
         for run in tracker.trial_runs(experiment_id, search_run_id, trial.trial_id):
             if run.info.status == "RUNNING":
                 tracker.set_tags(run.info.run_id, {tracking.TAG_ERROR: reason})
-                tracker.end(run.info.run_id, "KILLED")
+                tracker.end(run.info.run_id, "FAILED")  # as the trial: no retry is left
         callback.on_message(f"trial {trial.trial_id} failed: {reason}")
     else:
         if outcome["metrics"]:
@@ -331,28 +338,48 @@ def _portable(config: SearchConfig, tracking_uri: str) -> SearchConfig:
                                workdir=str(Path(config.workdir).resolve()))
 
 
+def _queue():
+    """A Ray queue for the tasks' events: on the head node (a cluster lives as long as its
+    head), taking no CPU a trial could use."""
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 1e-4}})
+
+
 class _Events:
     """The tasks' events, passed on to the driver's callback: each trial's place in the
     search and the search's best as the driver knows them (a task knows only its own)."""
 
     def __init__(self, callback, oracle, config: SearchConfig):
         self.callback, self.oracle = callback, oracle
+        self.inbox = _queue()
         self.direction = config.pipeline.direction
         self.time_limit = config.budget.time_limit
         self.best: float | None = None
 
-    def pass_on(self, inbox) -> None:
+    def pass_on(self) -> None:
+        """Pass on what the tasks have queued. Events are a report, not the search's
+        state: a queue lost with its node is replaced, and the search goes on."""
+        import ray
         from ray.util.queue import Empty
 
-        waiting = inbox.qsize()
-        if not waiting:
-            return
         try:
-            items = inbox.get_nowait_batch(waiting)
+            waiting = self.inbox.qsize()
+            items = self.inbox.get_nowait_batch(waiting) if waiting else []
         except Empty:
+            return
+        except ray.exceptions.RayActorError:
+            self.callback.on_message("the queue of the trials' events was lost with its "
+                                     "node; the running trials' lines are lost")
+            self.inbox = _queue()
             return
         for method, event in items:
             getattr(self.callback, method)(self._placed(event))
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.inbox.actor)
 
     def _placed(self, event):
         from nas.events import EpochEnded, TrialEnded
@@ -463,7 +490,13 @@ class _Inbox:
     def __getattr__(self, method: str):
         if not method.startswith("on_"):
             raise AttributeError(method)
-        return lambda event: self.inbox.put((method, event))
+        def put(event) -> None:
+            try:
+                self.inbox.put((method, event))
+            except Exception:  # the driver's queue is gone (its node died): only a report
+                pass
+
+        return put
 
 
 class _Relay:

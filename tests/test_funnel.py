@@ -267,7 +267,9 @@ def test_a_funnel_interrupted_mid_way_resumes_the_same_funnel(small_funnel):
         run(prepare(config(20.0)), Stop())
     _, before = runs_of("funnel")
     looked = {r.data.tags["nas.trial_id"] for r in before if r.info.status == "FINISHED"}
-    assert len(looked) == 3 and all(float(r.data.params["nas/share"]) < 1 for r in before)
+    # Three trials ended, the first a look (on a slow machine the looks' part of the 20 s
+    # may be spent by then, and the third already a full training).
+    assert len(looked) == 3 and float(before[0].data.params["nas/share"]) < 1
 
     result = run(prepare(config(20.0)), Callback())
     assert result.resumed

@@ -81,19 +81,20 @@ from nas.settings import TUNERS, UNCAPPED_TRIALS, Budget, FinalModel, ScaleOut, 
               help="Train the trials as Ray tasks: on the cluster at ADDRESS, on the one "
                    "RAY_ADDRESS or a running local head names (auto), or, with no address, on "
                    "a local Ray started for the search.")
-@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"With --ray: CPUs Ray gives each trial.  [default: "
-                   f"{ScaleOut.cpus_per_trial:g}]")
-@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None,
-              help=f"With --ray: GPUs Ray gives each trial (0.5: two trials share one).  "
-                   f"[default: {ScaleOut.gpus_per_trial:g}]")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True),
+              default=ScaleOut.cpus_per_trial, show_default=True,
+              help="With --ray: CPUs Ray gives each trial.")
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0),
+              default=ScaleOut.gpus_per_trial, show_default=True,
+              help="With --ray: GPUs Ray gives each trial (0.5: two trials share one).")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None, metavar="N",
               help="With --ray: trials at once.  [default: as many as the cluster's CPUs "
                    "and GPUs hold]")
-@click.option("--max-retries", type=click.IntRange(min=0), default=None,
-              help=f"With --ray: how often Ray runs a trial again when its process or node "
-                   f"dies (it goes on from its last saved epoch where the working folder is "
-                   f"shared).  [default: {ScaleOut.max_retries}]")
+@click.option("--max-retries", type=click.IntRange(min=0), default=ScaleOut.max_retries,
+              show_default=True,
+              help="With --ray: how often Ray runs a trial again when its process or node "
+                   "dies (it goes on from its last saved epoch where the working folder is "
+                   "shared).")
 @PROGRESS
 @user_errors
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
@@ -107,18 +108,15 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
 
     if max_trials is None:
         max_trials = Budget.max_trials if time_limit is None else UNCAPPED_TRIALS
-    on_ray = {"--cpus-per-trial": cpus_per_trial, "--gpus-per-trial": gpus_per_trial,
-              "--max-concurrent": max_concurrent, "--max-retries": max_retries}
-    if ray_address is None and any(v is not None for v in on_ray.values()):
-        given = next(flag for flag, v in on_ray.items() if v is not None)
-        raise click.UsageError(f"{given} is for a search on Ray: give --ray too")
+    given = [f"--{name.replace('_', '-')}" for name in ("cpus_per_trial", "gpus_per_trial",
+                                                         "max_concurrent", "max_retries")
+             if click.get_current_context().get_parameter_source(name)
+             != click.core.ParameterSource.DEFAULT]
+    if ray_address is None and given:
+        raise click.UsageError(f"{given[0]} is for a search on Ray: give --ray too")
     if ray_address is not None and (workers or chief):
         raise click.UsageError(f"--ray and {'--workers' if workers else '--chief'} exclude "
                                f"each other: on Ray, --max-concurrent trials run at once")
-    ray_settings = {k: v for k, v in (("cpus_per_trial", cpus_per_trial),
-                                      ("gpus_per_trial", gpus_per_trial),
-                                      ("max_concurrent", max_concurrent),
-                                      ("max_retries", max_retries)) if v is not None}
     config = SearchConfig(
         space=load_space(space), pipeline=load_pipeline(pipeline), tuner=tuner,
         epochs=epochs, batch_size=batch_size, seed=seed, max_params=max_params,
@@ -129,7 +127,9 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
         final=FinalModel(ensemble=ensemble, refit=refit, register=register),
         scale=ScaleOut(distribution=distribution_of(distribution), chief=chief,
                        worker_timeout=worker_timeout, tls_cert=tls_cert, tls_key=tls_key,
-                       ray=ray_address, **ray_settings),
+                       ray=ray_address, cpus_per_trial=cpus_per_trial,
+                       gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
+                       max_retries=max_retries),
     )
     if (tls_cert or tls_key) and not chief:
         raise click.UsageError("--tls-cert and --tls-key are for a chief: give --chief too")
