@@ -115,6 +115,44 @@ def test_a_search_on_a_local_ray_trains_each_trial_as_a_ray_task(processes, tmp_
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_workers_option_runs_its_trials_at_once_on_a_local_ray(processes, tmp_path):
+    """`--workers N` is `--ray --max-concurrent N`: N trials at once on a local Ray."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    search(processes, "driver", uri, "--workers", "2", "--max-trials", "2", "--epochs", "2",
+           experiment="workers")
+    out = finished(processes, "driver")
+    assert "on Ray: 2 trials at once" in out
+    assert "2 trials finished, 0 failed" in out
+    parents, trials = search_runs(uri, "workers")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    done = assert_each_trial_finished_once(trials, 2)
+    assert all(r.data.tags["nas.worker"].startswith("ray-") for r in done.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "2", "--max-concurrent", "3"],
+     "Error: --workers and --max-concurrent exclude each other: --workers N is --ray "
+     "--max-concurrent N"),
+    (["--workers", "2", "--ray", "auto"],
+     "Error: --workers and --ray auto exclude each other: --workers trains on a local Ray; on "
+     "a cluster, give --max-concurrent"),
+    (["--workers", "2", "--ray", "10.0.0.5:6379"],
+     "Error: --workers and --ray 10.0.0.5:6379 exclude each other: --workers trains on a "
+     "local Ray; on a cluster, give --max-concurrent"),
+    (["--workers", "0"], "Error: Invalid value for '--workers'"),
+    (["--chief", "127.0.0.1:1"], "Error: No such option '--chief'"),
+])
+def test_workers_beside_another_ray_or_concurrency_is_refused_in_one_line(args, message,
+                                                                          tmp_path):
+    result = CliRunner().invoke(main, ["search", *TINY, *args])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith(message), line
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".nas").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_trials_asking_for_a_gpu_run_on_the_node_that_has_one(processes, tmp_path, cluster):
     import ray
 
@@ -217,7 +255,7 @@ def test_a_store_the_cluster_cannot_reach_is_refused():
 
     nodes = [{"NodeManagerAddress": "10.0.0.5"}, {"NodeManagerAddress": "10.0.0.6"}]
     for uri in ("sqlite:////data/mlflow.db", "file:///data/mlruns", "/data/mlruns"):
-        with pytest.raises(SearchError, match=r"`tracking_uri`: .* is a file on this machine, "
+        with pytest.raises(SearchError, match=r"tracking_uri: .* is a file on this machine, "
                                               r"which the Ray nodes at 10.0.0.6 cannot reach"):
             check_store(uri, nodes, "10.0.0.5")
     check_store("http://10.0.0.5:5000", nodes, "10.0.0.5")  # a server: every node reaches it
@@ -227,8 +265,6 @@ def test_a_store_the_cluster_cannot_reach_is_refused():
 @pytest.mark.parametrize("args, message", [
     (["--cpus-per-trial", "2"], "Error: --cpus-per-trial is for a search on Ray: give --ray "
                                 "too"),
-    (["--ray", "--workers", "2"], "Error: --ray and --workers exclude each other"),
-    (["--ray", "--chief", "127.0.0.1:1"], "Error: --ray and --chief exclude each other"),
     (["--ray", "--cpus-per-trial", "0"], "Error: Invalid value for '--cpus-per-trial': 0.0 "
                                          "is not in the range x>0."),
     (["--ray", "--gpus-per-trial", "-1"], "Error: Invalid value for '--gpus-per-trial'"),
