@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -96,15 +97,18 @@ def connect(address: str) -> bool:
     Raises:
         SearchError: no cluster answers there.
     """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no notice, nothing sent
+    if ("ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ
+            and (address == LOCAL or _has_token())):
+        # Token authentication, as Ray itself turns it on for a new local Ray or where a
+        # token is found, only without its notice; unset elsewhere, Ray warns (rightly).
+        # Before Ray is imported: it reads the mode then, and a local Ray whose processes
+        # were started with another mode than this one's refuses it (InvalidAuthToken).
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no notice, nothing sent
-    if "RAY_AUTH_MODE" not in os.environ and (address == LOCAL or _has_token()):
-        # Token authentication, as Ray itself turns it on for a new local Ray or where a
-        # token is found, only without its notice; unset elsewhere, Ray warns (rightly).
-        os.environ["RAY_AUTH_MODE"] = "token"
     options = {"logging_level": logging.WARNING, "log_to_driver": False,
                "runtime_env": {"env_vars": {
                    "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}}}
