@@ -73,18 +73,18 @@ from nas.settings import (LOCAL_RAY, TUNERS, UNCAPPED_TRIALS, Budget, FinalModel
                    "RAY_ADDRESS or a running local head names (auto), or, with no address, on "
                    "a local Ray started for the search.")
 @click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"With --ray: CPUs Ray gives each trial.  [default: "
+              help=f"With --ray or --workers: CPUs Ray gives each trial.  [default: "
                    f"{ScaleOut.cpus_per_trial:g}]")
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None,
-              help=f"With --ray: GPUs Ray gives each trial (0.5: two trials share one).  "
-                   f"[default: {ScaleOut.gpus_per_trial:g}]")
+              help=f"With --ray or --workers: GPUs Ray gives each trial (0.5: two trials "
+                   f"share one).  [default: {ScaleOut.gpus_per_trial:g}]")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None, metavar="N",
               help="With --ray: trials at once.  [default: as many as the cluster's CPUs "
                    "and GPUs hold]")
 @click.option("--max-retries", type=click.IntRange(min=0), default=None,
-              help=f"With --ray: how often Ray runs a trial again when its process or node "
-                   f"dies (it goes on from its last saved epoch where the working folder is "
-                   f"shared).  [default: {ScaleOut.max_retries}]")
+              help=f"With --ray or --workers: how often Ray runs a trial again when its "
+                   f"process or node dies (it goes on from its last saved epoch where the "
+                   f"working folder is shared).  [default: {ScaleOut.max_retries}]")
 @PROGRESS
 @user_errors
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
