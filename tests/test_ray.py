@@ -101,7 +101,7 @@ def test_a_search_on_a_local_ray_trains_each_trial_as_a_ray_task(processes, tmp_
     out = finished(processes, "driver")
     assert "on Ray: 2 trials at once" in out
     assert "3 trials finished, 0 failed" in out
-    assert "test accuracy" in out
+    assert "test_accuracy" in out
     parents, trials = search_runs(uri, "ray")
     assert [p.info.status for p in parents] == ["FINISHED"]
     done = assert_each_trial_finished_once(trials, 3)
