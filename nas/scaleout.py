@@ -98,12 +98,13 @@ def connect(address: str) -> bool:
         SearchError: no cluster answers there.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no notice, nothing sent
-    if ("ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ
-            and (address == LOCAL or _has_token())):
-        # Token authentication, as Ray itself turns it on for a new local Ray or where a
-        # token is found, only without its notice; unset elsewhere, Ray warns (rightly).
-        # Before Ray is imported: it reads the mode then, and a local Ray whose processes
-        # were started with another mode than this one's refuses it (InvalidAuthToken).
+    if address == LOCAL and "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ:
+        # Token authentication for the Ray started here, as Ray itself turns it on for a
+        # new local Ray, only without its notice. Set before Ray is imported: it reads the
+        # mode then. A cluster's mode is its own (RAY_AUTH_MODE as its nodes have it): a
+        # driver whose mode differs from its nodes' is refused (InvalidAuthToken), so
+        # nothing is guessed here, not even from a token in ~/.ray that an earlier local
+        # Ray left.
         os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
@@ -121,12 +122,6 @@ def connect(address: str) -> bool:
         first = (str(error).strip().splitlines() or [""])[0][:200]
         raise SearchError(f"`ray`: no Ray cluster answers at {address!r} ({first})") from None
     return False
-
-
-def _has_token() -> bool:
-    """Whether Ray would find a token of its own: in its environment or ~/.ray."""
-    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or (Path.home() / ".ray" / "auth_token").is_file())
 
 
 def check_store(tracking_uri: str, nodes: list[dict], here: str) -> None:
