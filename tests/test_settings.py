@@ -44,14 +44,14 @@ EVERY_SETTING = dict(tuner="random", max_trials=5, epochs=2, batch_size=8, seed=
                      mixed_precision=True, time_limit=60.0, max_failures=4, register="m",
                      jit_compile=True, experiment="e", workdir="w", ray="auto")
 
-DEFAULTS = {"space": "pinned", "pipeline": "pinned", "tuner": "evolution", "max_trials": 10, "epochs": 5, "batch_size": 16,
-            "seed": 0, "objective": "val_accuracy", "max_failures": 3, "max_params": None,
-            "max_flops": None, "mixed_precision": False, "jit_compile": False, "ensemble": 3,
-            "refit": False}
-GIVEN = {"space": "pinned", "pipeline": "pinned", "tuner": "random", "max_trials": 5, "epochs": 2, "batch_size": 8, "seed": 3,
-         "objective": "val_accuracy", "max_failures": 4, "max_params": 5000,
-         "max_flops": 1000000, "mixed_precision": True, "jit_compile": True, "ensemble": 1,
-         "refit": True}
+DEFAULTS = {"space": "pinned", "pipeline": "pinned", "tuner": "evolution", "max_trials": 10,
+            "epochs": 5, "batch_size": 16, "seed": 0, "objective": "val_accuracy",
+            "max_failures": 3, "max_params": None, "max_flops": None, "mixed_precision": False,
+            "jit_compile": False, "ensemble": 3, "refit": False}
+GIVEN = {"space": "pinned", "pipeline": "pinned", "tuner": "random", "max_trials": 5,
+         "epochs": 2, "batch_size": 8, "seed": 3, "objective": "val_accuracy",
+         "max_failures": 4, "max_params": 5000, "max_flops": 1000000, "mixed_precision": True,
+         "jit_compile": True, "ensemble": 1, "refit": True}
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_the_cli_defaults_are_the_settings_defaults():
               for f in dataclasses.fields(kind)}
     # --max-trials: none given means as many as --time-limit holds (without it, the
     # budget's default); --distribution none is no distribution (None). Ray's options
-    # are unset unless given (they need --ray), their defaults shown in their help.
+    # are unset unless given (they need --ray or --workers), their defaults in their help.
     on_ray = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_retries"}
     given = {"max_trials": None, "distribution": "none", **dict.fromkeys(on_ray)}
     context = click.Context(search)  # what the option gives when it is not passed
