@@ -1,6 +1,6 @@
 """The one place a search's parts are put together: used by the one-process search
-(`nas.search.run`), the chief (which serves that search's oracle) and every worker
-(`nas.distributed.run_worker`).
+(`nas.search.run`), the driver of a search on Ray (the same) and every Ray worker process
+that trains its trials (`nas.scaleout`).
 
 `Parts` holds the hypermodel (`nas.tuning.CandidateModel`), the trial runs' hooks
 (`nas.trial_runs.TrialRuns`) and makes the oracle and the tuner from the search's
@@ -12,18 +12,14 @@ would otherwise pay for in its first and last trials (`import_ahead`).
 The performance tricks, and where each is started (none at import time):
 
 - the imports ahead (`import_ahead`): by `nas.search.run`, the one-process search and
-  the chief, before the search's run starts;
+  the driver on Ray, before the search's run starts;
 - `gc.freeze()`: by `nas.search.run` once the tuner is open, so that each trial's
   collection scans the trials' own objects only, not TensorFlow's and MLflow's modules;
 - the garbage of the last trial collected by a background thread while the next one
   trains (`NasTuner`'s `collect_in_background`, the thread made when first asked for):
-  by `Parts.tuner`, so in every process that trains, the workers' included;
+  by `Parts.tuner`, so in every process that trains, the Ray workers' included;
 - TensorFlow's gradient registry purged after each trial (`NasTuner`'s
   `forget_gradients`, `nas.tfcompat.forget_custom_gradients`): by `Parts.tuner` too.
-
-Not a trick but a patch of the same kind: KerasTuner's stray print of conditions
-(`nas.ktcompat.quiet_conditions`), silenced where trials start to cross gRPC, by the chief
-(`nas.distributed.serve`) and each worker (`nas.distributed.run_worker`).
 
 Nothing here imports TensorFlow or KerasTuner at import time.
 """
@@ -78,8 +74,8 @@ class Parts:
 
     def oracle(self, guarded: bool = True, on_reject=None):
         """The search's oracle. `guarded`: impossible and over-budget candidates are
-        rejected inside it (a worker's oracle only reports: the chief's proposes);
-        `on_reject` receives each `nas.architecture.Rejection`."""
+        rejected inside it (a Ray task's oracle only holds its trial: the driver's
+        proposes); `on_reject` receives each `nas.architecture.Rejection`."""
         import keras_tuner as kt
 
         from nas import oracles

@@ -1,7 +1,7 @@
 """What a search reports as it runs: events, and the callback object that receives them.
 
 As Keras's and KerasTuner's callbacks: subclass `Callback`, override the methods you need,
-and give it to `nas.search.run` (or `nas.distributed.run_worker`). The library prints
+and give it to `nas.search.run` (or `nas.scaleout.run`). The library prints
 nothing itself (without a callback, a search reports to nobody); `Printer` is the
 callback that prints a search's lines where it is told (the CLI's), `line` the one line
 an event reads as. Nothing here imports TensorFlow or MLflow.

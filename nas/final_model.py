@@ -152,7 +152,7 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
                 models.append(_refit(tuner.hypermodel, trial, refit, seed))
                 continue
             checkpoint = Path(tuner.get_trial_dir(member.trial_id)) / CHECKPOINT
-            if not checkpoint.is_file():  # a worker's disk, or a lost working folder
+            if not checkpoint.is_file():  # a Ray node's disk, or a lost working folder
                 checkpoint = logged_weights(tracker, member.run_id) or checkpoint
             architecture = tuner.hypermodel.architecture(trial.hyperparameters.values).to_dict()
             models.append(model_from_weights(architecture, checkpoint))

@@ -147,7 +147,7 @@ class Funnel:
              running: tuple[str, ...] = ()) -> Step | None:
         """The next step after `trained` (ended trials, oldest first), `elapsed` seconds
         into the search, while the full trainings of the looks `running` train (other
-        workers'); None when nothing fits in the time left.
+        Ray tasks'); None when nothing fits in the time left.
 
         A "look" step still needs the oracle's candidate, and `look_fits` for it.
         """

@@ -171,9 +171,9 @@ class _Guard:
         self._since = time.monotonic()
 
 
-class _Oracle(_Guard, ktcompat.LostWorkers, ktcompat.AtomicOracle):
-    """What every oracle here adds to KerasTuner's: the guard, a chief's lost workers
-    (`nas.distributed`) and a state replaced atomically (`nas.ktcompat`)."""
+class _Oracle(_Guard, ktcompat.AtomicOracle):
+    """What every oracle here adds to KerasTuner's: the guard and a state replaced
+    atomically (`nas.ktcompat`)."""
 
 
 class _RandomOracle(_Oracle, kt.oracles.RandomSearchOracle):
@@ -256,7 +256,7 @@ class _EvolutionOracle(_Oracle, kt.Oracle):
     up or down, any other knob to another of its values. A new stage starts as a copy of
     the one before it. Proposals already tried, impossible or over budget are skipped (the
     guard), so the search never spends a trial twice. Everything it needs (the trials, the
-    seed state) is KerasTuner's own state: resuming and workers need nothing more.
+    seed state) is KerasTuner's own state: resuming needs nothing more.
     """
 
     def __init__(self, seeds=KNOWN_GOOD, **kwargs):

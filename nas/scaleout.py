@@ -35,12 +35,12 @@ from pathlib import Path
 from nas import funnel, tracking
 from nas.errors import SearchError
 from nas.search import Prepared
-from nas.settings import SearchConfig
+from nas.settings import LOCAL_RAY, SearchConfig
 
 __all__ = ["LOCAL", "check_store", "concurrency", "connect", "drive", "prepare", "run",
            "TAG_NODE", "TAG_GPUS"]
 
-LOCAL = ""  # `--ray` without an address: a Ray started for the search, stopped after it
+LOCAL = LOCAL_RAY  # `--ray` without an address: a Ray started for the search, stopped after it
 POLL_SECONDS = 0.5  # how often the driver passes on the tasks' events while it waits
 TAG_NODE = tracking.TAG_NODE
 TAG_GPUS = tracking.TAG_GPUS
@@ -73,9 +73,6 @@ def prepare(config: SearchConfig) -> Prepared:
     from nas import search
 
     scale = config.scale
-    if scale.chief:
-        raise SearchError("`ray` and `chief` exclude each other: on Ray the search's "
-                          "process is the driver")
     started = connect(scale.ray)
     try:
         import ray

@@ -119,9 +119,9 @@ def run(prepared: Prepared, callback: Callback | None = None, serve=None) -> Sea
     `callback` (a `nas.events.Callback`, such as a `Printer`; without one, nobody) receives
     what happens: notices, trials starting and ending, epochs, rejected candidates, the
     search's end.
-    `serve(tuner, experiment_id, search_run_id)`, if given, runs the search in place of
-    training here: the chief of a distributed search serves the oracle to its workers
-    (`nas.distributed.run_chief`).
+    `serve(tuner, experiment_id, search_run_id)`, if given, trains the oracle's trials in
+    place of this process: a search on Ray hands each to a Ray task (`nas.scaleout.drive`),
+    while this process keeps the oracle, the state and the parent run.
 
     The search holds its lock (`nas.state.SearchLock`) from before it writes anything
     until it returns or raises (taken here, unless the caller took `prepared.lock` already;
@@ -203,7 +203,7 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
             # (modules, the data) leaves only the trials' own objects to scan.
             gc.freeze()
             try:
-                if serve is not None:  # workers train the trials; this process serves
+                if serve is not None:  # Ray tasks train the trials; this process drives
                     _search(tuner, lambda: serve(tuner, experiment_id, search_run_id))
                 else:
                     _search(tuner, lambda: parts.search(tuner, datasets))

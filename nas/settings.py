@@ -3,12 +3,11 @@
 `SearchConfig` is everything one search needs (CLI flags land here), split as Optuna
 splits `create_study` from `optimize`: what the search is (its specs, tuner and how its
 trials train) and where it lives, then three groups of their own: its `Budget`, its
-`FinalModel` and how it scales out (`ScaleOut`). From it come the three views of a
-search's settings that must agree: what must match for it to resume (`fingerprint`),
-what its MLflow run logs as params (`params`), and what a worker of a distributed search
-takes from its chief (`worker_settings`, `for_worker`). Also here: the layout of its
-state (the working folder's project folder, the state file) and the tuners' names. The
-CLI's defaults are these dataclasses' defaults. No TensorFlow, no MLflow.
+`FinalModel` and how it scales out (`ScaleOut`). From it come the two views of a search's
+settings that must agree: what must match for it to resume (`fingerprint`) and what its
+MLflow run logs as params (`params`). Also here: the layout of its state (the working
+folder's project folder, the state file) and the tuners' names. The CLI's defaults are
+these dataclasses' defaults. No TensorFlow, no MLflow.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from pathlib import Path
 from nas import tracking  # its tag names only: MLflow is not imported
 from nas.specs import Constraints, Pipeline, SearchSpace
 
-__all__ = ["Budget", "DEFAULT_TUNER", "FinalModel", "MAX_TRIALS", "ScaleOut", "SearchConfig",
-           "STATE_FILE", "TAG_DATA_DIGEST", "TAG_FINGERPRINT", "TAG_MAX_TRIALS", "TUNERS",
-           "UNCAPPED_TRIALS", "project_folder"]
+__all__ = ["Budget", "DEFAULT_TUNER", "FinalModel", "LOCAL_RAY", "MAX_TRIALS", "ScaleOut",
+           "SearchConfig", "STATE_FILE", "TAG_DATA_DIGEST", "TAG_FINGERPRINT", "TAG_MAX_TRIALS",
+           "TUNERS", "UNCAPPED_TRIALS", "project_folder"]
 
 STATE_FILE = "nas_search.json"  # in a search's project folder: its run id and settings
 # The tags of the search's run these settings are found again by (named in nas.tracking).
@@ -36,9 +35,7 @@ DEFAULT_TUNER = "evolution"
 MAX_TRIALS = 10  # --max-trials without --time-limit
 # --max-trials with --time-limit: as many trials as the time holds (lines show no total).
 UNCAPPED_TRIALS = 1000
-# What a worker trains with, taken from its chief's settings (`for_worker`).
-_WORKER_TRAINING = ("tuner", "max_trials", "epochs", "batch_size", "seed", "mixed_precision",
-                    "jit_compile")
+LOCAL_RAY = ""  # `ScaleOut.ray` (`--ray` without an address): a Ray started for the search
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,22 +58,11 @@ class FinalModel:
 
 @dataclasses.dataclass(frozen=True)
 class ScaleOut:
-    """How a search spreads over devices and processes (`nas.distributed`, `nas.scaleout`)."""
+    """How a search spreads over devices and processes (`nas.scaleout`)."""
 
-    distribution: str | None = None  # "mirrored": one trial over all local GPUs
-    # HOST:PORT: this process is the chief there (or, with `worker_id`, its worker).
-    chief: str | None = None
-    worker_id: str | None = None
-    worker_timeout: float = 60.0  # seconds of silence after which a worker is lost
-    # The secret a worker shows the chief on every call: the chief's own (given, or made
-    # for the search), or the one a worker was given.
-    worker_token: str | None = None
-    # TLS for the chief's gRPC port: its certificate and key (PEM); a worker's CA (PEM).
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    # On Ray (`nas.scaleout`): the cluster's address ("": a local Ray started for the
-    # search and stopped after it; "auto": the one RAY_ADDRESS or a running local head
+    distribution: str | None = None  # "mirrored": one trial over all its process's GPUs
+    # On Ray (`nas.scaleout`): the cluster's address (`LOCAL_RAY`: a local Ray started for
+    # the search and stopped after it; "auto": the one RAY_ADDRESS or a running local head
     # names; None: not on Ray), and what each trial asks of it.
     ray: str | None = None
     cpus_per_trial: float = 1.0
@@ -144,12 +130,11 @@ class SearchConfig:
                  str(self.batch_size), str(self.seed), str(self.constraints)]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
-    def settings(self) -> dict:
-        """The search's settings as its run and its workers know them (the one list)."""
+    def params(self) -> dict:
+        """The settings the search's MLflow run logs as params (its specs are artifacts)."""
         constraints = self.constraints
         return {
-            "space": self.space.name, "space_sha": _digest(self.space.text),
-            "pipeline": self.pipeline.name, "pipeline_sha": _digest(self.pipeline.text),
+            "space": self.space.name, "pipeline": self.pipeline.name,
             "tuner": self.tuner, "max_trials": self.budget.max_trials,
             "epochs": self.epochs_per_trial,
             "batch_size": self.batch_size or self.pipeline.batch_size, "seed": self.seed,
@@ -158,28 +143,6 @@ class SearchConfig:
             "mixed_precision": self.mixed_precision, "jit_compile": self.jit_compile,
             "ensemble": self.final.ensemble, "refit": self.final.refit,
         }
-
-    def params(self) -> dict:
-        """The settings the search's MLflow run logs as params (its specs are artifacts)."""
-        return {k: v for k, v in self.settings().items() if not k.endswith("_sha")}
-
-    def worker_settings(self, arrays) -> dict:
-        """What every worker must train with, on the chief's `arrays` (`nas.data.Arrays`:
-        a directory's files must be the same); stored on the parent run by the chief."""
-        settings = self.settings()
-        return {**{k: settings[k] for k in ("space", "space_sha", "pipeline", "pipeline_sha",
-                                            *_WORKER_TRAINING)},
-                "data_digest": arrays.data_digest, "data_files": arrays.samples}
-
-    def for_worker(self, chief_settings: dict) -> SearchConfig:
-        """This worker's config, training as the chief's `worker_settings` say."""
-        return dataclasses.replace(self, **{k: chief_settings[k] for k in _WORKER_TRAINING})
-
-    def differs_from(self, chief_settings: dict) -> str | None:
-        """The spec ("space" or "pipeline") this worker has other than its chief, or None."""
-        mine = self.settings()
-        return next((kind for kind in ("space", "pipeline")
-                     if chief_settings[f"{kind}_sha"] != mine[f"{kind}_sha"]), None)
 
 
 _GROUPS = {"budget": Budget, "final": FinalModel, "scale": ScaleOut}
@@ -199,10 +162,6 @@ def _by_name(init):
 
 
 SearchConfig.__init__ = _by_name(SearchConfig.__init__)
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def project_folder(experiment_name: str) -> str:

@@ -63,7 +63,7 @@ def read_json(path: str | os.PathLike):
 
 
 class SearchLock:
-    """The lock of one search's state, held by one process (a search, or a chief).
+    """The lock of one search's state, held by one process (a search, or its driver on Ray).
 
     `check()` refuses at once when another live process holds it, and takes nothing;
     `acquire()` takes it (or refuses the same way); `release()` lets it go.

@@ -1,7 +1,7 @@
 """MLflow: one parent run per search, one nested run per trial.
 
 Everything goes through an explicit `MlflowClient`, not MLflow's global active run,
-so the chief and the workers of a distributed search log into the same parent run.
+so the driver of a search on Ray and its tasks log into the same parent run.
 Runs are context managers: a run ends FINISHED, FAILED when an exception escapes,
 or KILLED when the process is interrupted; a run is always closed. A new local SQLite
 store is created by one process at a time (`Tracker`), however many start at once.
@@ -23,8 +23,7 @@ from nas.errors import InputError, Interrupted
 __all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "TAG_SEARCH",
            "TAG_ERROR", "TAG_WORKER", "TAG_DEVICE", "TAG_NODE", "TAG_GPUS", "TAG_MAX_TRIALS",
            "TAG_FINGERPRINT", "TAG_DATA_DIGEST", "TAG_FINAL", "TAG_REFIT", "TAG_MODEL_ERROR",
-           "TAG_BEST_TRIAL", "TAG_BEST_RUN", "TAG_CHIEF", "TAG_WORKER_SETTINGS", "TAG_TRIAL_RUN",
-           "score_tag"]
+           "TAG_BEST_TRIAL", "TAG_BEST_RUN", "TAG_TRIAL_RUN", "score_tag"]
 
 # The tags nas writes and reads back, named here alone. MLflow is imported only where it
 # is used, so that reading these (`nas.results`, `nas trials`) costs no MLflow import.
@@ -33,7 +32,7 @@ TAG_KIND = "nas.kind"  # "search" or "trial"
 TAG_TRIAL = "nas.trial_id"  # (on a logged model: the ids of its trials)
 TAG_SEARCH = "nas.search_run_id"  # the run of its search
 TAG_ERROR = "nas.error"  # why it failed
-TAG_WORKER = "nas.worker"  # the worker that trained it ("local": none)
+TAG_WORKER = "nas.worker"  # the Ray worker that trained it ("local": the search's process)
 TAG_DEVICE = "nas.device"  # the device it trained on
 TAG_NODE = "nas.ray_node"  # the Ray node it trained on (a search on Ray)
 TAG_GPUS = "nas.gpus"  # the GPUs Ray gave it ("-": none)
@@ -46,8 +45,6 @@ TAG_REFIT = "nas.refit"  # "1" when its final model was retrained (--refit)
 TAG_MODEL_ERROR = "nas.model_error"  # why its final model could not be logged
 TAG_BEST_TRIAL = "nas.best_trial_id"  # its best trial
 TAG_BEST_RUN = "nas.best_run_id"  # the run of its best trial
-TAG_CHIEF = "nas.chief"  # a distributed search's: the address its chief listens at
-TAG_WORKER_SETTINGS = "nas.worker_settings"  # ... and what its workers train with (JSON)
 # On a logged model: the trial run of its one trial ("" for an ensemble).
 TAG_TRIAL_RUN = "nas.trial_run_id"
 
@@ -67,8 +64,8 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # On an http store MLflow writes "🏃 View run NAME at: URL" and "🧪 View experiment at: URL"
 # to stdout whenever a run ends (after asking the server for the run), unless this is
-# true; nas prints its own lines. Read by MLflow at each run's end; the processes a
-# search starts (its workers) inherit it.
+# true; nas prints its own lines. Read by MLflow at each run's end; the processes started
+# after it is set inherit it.
 NO_RUN_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 _MAX_BATCH_PARAMS = 100  # MLflow's limits per log_batch call
 _MAX_BATCH_METRICS = 1000

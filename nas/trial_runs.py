@@ -3,7 +3,7 @@
 `TrialRuns` is the tuner's hooks (`nas.tuning.NasTuner` calls them): it opens a trial's
 run, logs its choices, per-epoch metrics and layer table, keeps the weights the final
 model may need, closes the run, and tells the search's `nas.events.Callback` what
-happened. Used alike by a one-process search, the chief's and the workers'.
+happened. Used alike by a one-process search and by the Ray tasks of a search on Ray.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ class TrialRuns:
         self.earlier = 0  # trials ended by earlier processes of a resumed search
         self.ended = 0  # trials ended by this process
         self.device = device_name()
-        # A worker of a distributed search (KerasTuner's tuner id), else None.
+        # The Ray worker process this runs in (`nas.scaleout` sets KerasTuner's tuner id
+        # there); None in a search's own process.
         self.worker = os.environ.get("KERASTUNER_TUNER_ID")
-        self.worker = None if self.worker in (None, "chief") else self.worker
         self.tags: dict[str, str] = {}  # on every trial run besides its own (a Ray node's)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "nas-mlflow")
         self._unclosed: set[str] = set()  # runs opened and not yet closed (writer thread)
@@ -106,8 +106,8 @@ class TrialRuns:
     def trial_started(self, trial, architecture, resumed: dict | None = None) -> None:
         """`resumed`: the state an earlier process left of this trial (`tuning.Resume`);
         the trial goes on after its last finished epoch, in its run reopened (unless
-        another worker, since lost, trained it there: the chief closed that run, and a new
-        one holds the trial's curves from its first epoch)."""
+        another Ray worker, since lost, trained it there: that run was closed KILLED, and a
+        new one holds the trial's curves from its first epoch)."""
         earlier = (resumed or {}).get("run_id")
         self._opened, self._flushes, self._pending = None, [], []
         self._logged_until = -1  # epochs the reopened run holds already
@@ -138,8 +138,9 @@ class TrialRuns:
             None if resumed is None else resumed["epoch"] + 2))
 
     def _say_if_restarted(self, trial_id: str) -> None:
-        """On a worker: say so when another worker trained this trial before (it was lost)
-        and its last epoch is not in this worker's working folder, so it starts over."""
+        """On a Ray worker: say so when another Ray worker trained this trial before (it
+        was lost, and Ray ran the trial again) and its last epoch is not in the working
+        folder this one sees, so it starts over."""
         try:
             earlier = self.tracker.trial_runs(self.experiment_id, self.search_run_id,
                                               trial_id)
@@ -149,9 +150,9 @@ class TrialRuns:
         others = sorted(workers - {self.worker, None})
         if others:
             self.callback.on_message(
-                f"trial {trial_id} starts again at epoch 1: worker {', '.join(others)} "
-                f"trained it before and was lost, and its last epoch is not in this "
-                f"worker's working folder (a `workdir` the workers share continues it)")
+                f"trial {trial_id} starts again at epoch 1: Ray worker {', '.join(others)} "
+                f"trained it before and was lost, and its last epoch is not in the working "
+                f"folder this node sees (a `workdir` the nodes share continues it)")
 
     def current_run_id(self) -> str | None:
         """The current trial's run, once it is written (None before)."""

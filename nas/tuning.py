@@ -444,7 +444,7 @@ class MedianStopping:
     far is worse than the median, over the earlier trials that trained that long, of
     their objective's running average up to epoch `e`; at least `min_trials` such trials
     are needed. It only ever compares the validation objective, as the search does. The
-    curves are those this process trained (a resumed search or a worker starts anew).
+    curves are those this process trained (a resumed search or a Ray worker starts anew).
     """
 
     def __init__(self, objective: str, direction: str, grace: int = 3, min_trials: int = 3):

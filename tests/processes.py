@@ -1,4 +1,4 @@
-"""Processes a test starts (searches, workers, an MLflow server), and what it reads back.
+"""Processes a test starts (searches, an MLflow server), and what it reads back.
 
 Every process is in its own process group, logs to a file in the test's folder, and is
 stopped (SIGTERM, then SIGKILL) by `stop_all`, whatever happens; the fixtures
@@ -20,7 +20,7 @@ import requests
 from mlflow import MlflowClient
 
 NAS = [sys.executable, "-m", "nas.cli"]
-DEADLINE = 150  # seconds for one distributed search of a few tiny trials
+DEADLINE = 150  # seconds for one search of a few tiny trials in a process of its own
 
 
 def free_port() -> int:

@@ -126,6 +126,26 @@ def test_every_tuner_runs_a_search_to_its_end(tuner):
     assert parent.data.metrics["finished_trials"] == 3
 
 
+@pytest.mark.slow
+def test_mirrored_distribution_trains_on_the_cpu(tmp_path, monkeypatch):
+    from nas import assembly
+
+    made = []
+    original = assembly.strategy
+    monkeypatch.setattr(assembly, "strategy",
+                        lambda name: made.append(original(name)) or made[-1])
+    uri = f"sqlite:///{tmp_path}/mirrored.db"
+    result = CliRunner().invoke(main, [
+        "search", "--space", "tiny", "--max-trials", "1", "--epochs", "1",
+        "--experiment", "mirrored", "--tracking-uri", uri, "--distribution", "mirrored"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "1 trial finished, 0 failed" in result.output
+    (strategy,) = made
+    assert type(strategy).__name__ == "MirroredStrategy"
+    assert strategy.num_replicas_in_sync >= 1
+
+
 # --- what a person sees while a search runs (issue 13) ----------------------------------
 
 EPOCH_LINE = re.compile(r"trial (\S+) epoch (\d+)/(\d+)  val_accuracy (\d\.\d{4}) \(trial best "
@@ -243,12 +263,11 @@ def write_fashion_mnist(keras_home, samples=240):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # three processes side by side, a search among them
+@pytest.mark.timeout(600)  # two processes side by side, a search among them
 def test_no_tensorflow_start_up_line_at_log_level_3_on_any_path(tmp_path):
     """None of TensorFlow's start-up lines at TF_CPP_MIN_LOG_LEVEL=3, the user's or nas's
     own, wherever a command first imports TensorFlow: a search whose data is a Keras
-    dataset, a Keras dataset that is not on the machine (refused in one line), `nas worker`
-    (KerasTuner imports it)."""
+    dataset, a Keras dataset that is not on the machine (refused in one line)."""
     keras_home, empty_home = tmp_path / "keras_home", tmp_path / "empty_home"
     write_fashion_mnist(keras_home)
     empty_home.mkdir()
@@ -273,10 +292,8 @@ def test_no_tensorflow_start_up_line_at_log_level_3_on_any_path(tmp_path):
         "search": start("search", search + ["--pipeline", "fashion_mnist"],
                         TF_CPP_MIN_LOG_LEVEL="3"),
         # mnist: no system folder holds it (Debian packages only Fashion-MNIST)
-        "search offline": start("offline", search + ["--pipeline", "mnist"],
-                                TF_CPP_MIN_LOG_LEVEL="3", **offline),
-        "worker, level unset": start("worker", ["worker", "--space", "tiny", "--chief",
-                                                "127.0.0.1:9", "--token", "t", "--wait", "0"]),
+        # The level unset: nas's own (3).
+        "search offline": start("offline", search + ["--pipeline", "mnist"], **offline),
     }
     deadline = time.monotonic() + 300
     try:
@@ -298,7 +315,3 @@ def test_no_tensorflow_start_up_line_at_log_level_3_on_any_path(tmp_path):
     (line,) = err.splitlines()
     assert line.startswith("Error: pipelines/mnist.yaml: data.source: 'mnist' not found "
                            "offline; looked in "), line
-    (out, err), code = ended["worker, level unset"]
-    (line,) = err.splitlines()
-    assert code == 2 and line.startswith("Error: --chief: no search of experiment "
-                                         "'tiny-digits' with its chief at 127.0.0.1:9 "), err

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
-from mlflow import MlflowClient
 
 from nas import results
 from nas.architecture import Architecture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -257,31 +256,6 @@ def test_a_search_does_not_resume_on_other_files(tmp_path):
         f"Error: {tmp_path / 'p.yaml'}: data.path: this search was started by an earlier "
         f"nas, which split the images in {folder} otherwise; pass --overwrite to start "
         f"afresh, or choose another --experiment\n"))
-
-
-def test_a_worker_refuses_other_files_than_its_chiefs(tmp_path):
-    from nas import distributed, search
-    from nas.events import Callback
-    from nas.specs import load_space
-    from nas.tracking import Tracker
-
-    folder = make_folder(tmp_path / "data", per_class=6)
-    spec = pipeline(tmp_path / "p.yaml", folder)
-    uri = f"sqlite:///{tmp_path}/refuse.db"
-    tracker = Tracker(uri)
-    chief = search.SearchConfig(space=load_space("tiny"), pipeline=load_pipeline(spec))
-    tracker.start_run(tracker.experiment_id("refuse"), "search", tags={
-        "nas.kind": "search", distributed.TAG_CHIEF: "127.0.0.1:9",
-        distributed.TAG_SETTINGS: json.dumps(chief.worker_settings(
-            load_arrays(chief.pipeline)))})
-    (folder / "square" / "square_000.png").unlink()
-    worker = dataclasses.replace(chief, experiment="refuse", tracking_uri=uri,
-                                 chief="127.0.0.1:9", worker_id="w")
-    with pytest.raises(search.SearchError, match=re.escape(
-            f"{spec}: data.path: the images in {folder} are not the chief's (18 files there, "
-            f"17 here), so the split would differ; a worker needs the same image files as "
-            f"its chief")):
-        distributed.run_worker(distributed.prepare_worker(worker), Callback(), wait=0)
 
 
 def test_streamed_and_cached_images_are_the_same_pixels(tmp_path):

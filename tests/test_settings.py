@@ -1,12 +1,11 @@
 """A search's settings: what identifies it must not change between versions of nas.
 
 A search resumes only when its fingerprint matches the one its state file and its run
-hold, and its run's params and its workers' settings are read back by other versions:
-these outputs are pinned as an earlier nas gave them.
+hold, and its run's params are read back by other versions: these outputs are pinned as
+an earlier nas gave them.
 """
 
 import dataclasses
-import types
 
 import click
 import pytest
@@ -40,25 +39,19 @@ train:
 objective: val_accuracy
 """
 
-ARRAYS = types.SimpleNamespace(data_digest="d", samples=7)  # as `nas.data.Arrays` has them
-
 EVERY_SETTING = dict(tuner="random", max_trials=5, epochs=2, batch_size=8, seed=3,
                      max_params=5000, max_flops=10**6, ensemble=1, refit=True,
                      mixed_precision=True, time_limit=60.0, max_failures=4, register="m",
-                     jit_compile=True, experiment="e", workdir="w", chief="h:1")
+                     jit_compile=True, experiment="e", workdir="w", ray="auto")
 
-SHAS = {"space": "pinned", "space_sha": "77ba979d9b66b868",
-        "pipeline": "pinned", "pipeline_sha": "91b0bd1787945b3a"}
-DEFAULTS = {**SHAS, "tuner": "evolution", "max_trials": 10, "epochs": 5, "batch_size": 16,
-            "seed": 0, "objective": "val_accuracy", "max_failures": 3, "max_params": None,
-            "max_flops": None, "mixed_precision": False, "jit_compile": False, "ensemble": 3,
-            "refit": False}
-GIVEN = {**SHAS, "tuner": "random", "max_trials": 5, "epochs": 2, "batch_size": 8, "seed": 3,
-         "objective": "val_accuracy", "max_failures": 4, "max_params": 5000,
-         "max_flops": 1000000, "mixed_precision": True, "jit_compile": True, "ensemble": 1,
-         "refit": True}
-WORKER_KEYS = ("space", "space_sha", "pipeline", "pipeline_sha", "tuner", "max_trials",
-               "epochs", "batch_size", "seed", "mixed_precision", "jit_compile")
+DEFAULTS = {"space": "pinned", "pipeline": "pinned", "tuner": "evolution", "max_trials": 10,
+            "epochs": 5, "batch_size": 16, "seed": 0, "objective": "val_accuracy",
+            "max_failures": 3, "max_params": None, "max_flops": None, "mixed_precision": False,
+            "jit_compile": False, "ensemble": 3, "refit": False}
+GIVEN = {"space": "pinned", "pipeline": "pinned", "tuner": "random", "max_trials": 5,
+         "epochs": 2, "batch_size": 8, "seed": 3, "objective": "val_accuracy",
+         "max_failures": 4, "max_params": 5000, "max_flops": 1000000, "mixed_precision": True,
+         "jit_compile": True, "ensemble": 1, "refit": True}
 
 
 @pytest.fixture
@@ -68,23 +61,15 @@ def specs(tmp_path):
     return load_space(str(tmp_path / "s.yaml")), load_pipeline(str(tmp_path / "p.yaml"))
 
 
-@pytest.mark.parametrize("given, fingerprint, settings, worker_fingerprint", [
-    ({}, "b66f9e081c1913ff", DEFAULTS, "ca042cc3f646f504"),
-    (EVERY_SETTING, "dccf58459102d946", GIVEN, "dccf58459102d946"),
+@pytest.mark.parametrize("given, fingerprint, params", [
+    ({}, "b66f9e081c1913ff", DEFAULTS),
+    (EVERY_SETTING, "dccf58459102d946", GIVEN),
 ])
-def test_settings_are_those_an_earlier_nas_wrote(specs, given, fingerprint, settings,
-                                                  worker_fingerprint):
+def test_settings_are_those_an_earlier_nas_wrote(specs, given, fingerprint, params):
     config = SearchConfig(space=specs[0], pipeline=specs[1], **given)
 
     assert config.fingerprint() == fingerprint
-    assert list(config.settings().items()) == list(settings.items())  # the order too
-    assert config.params() == {k: v for k, v in settings.items() if not k.endswith("_sha")}
-    for_workers = config.worker_settings(ARRAYS)
-    assert list(for_workers.items()) == [*((k, settings[k]) for k in WORKER_KEYS),
-                                         ("data_digest", "d"), ("data_files", 7)]
-    worker = config.for_worker(for_workers)
-    assert worker.settings() == settings
-    assert worker.fingerprint() == worker_fingerprint
+    assert list(config.params().items()) == list(params.items())  # the order too
 
 
 def test_the_tuners_are_those_nas_oracles_makes():
@@ -100,10 +85,10 @@ def test_a_groups_settings_given_by_their_own_names_are_that_group(specs):
     space, pipeline = specs
     grouped = SearchConfig(space=space, pipeline=pipeline, seed=2,
                            budget=Budget(max_trials=5, time_limit=60.0),
-                           final=FinalModel(ensemble=1), scale=ScaleOut(chief="h:1"))
+                           final=FinalModel(ensemble=1), scale=ScaleOut(ray="auto"))
 
     assert SearchConfig(space=space, pipeline=pipeline, seed=2, max_trials=5, time_limit=60.0,
-                        ensemble=1, chief="h:1") == grouped
+                        ensemble=1, ray="auto") == grouped
     grown = dataclasses.replace(grouped, max_trials=6)
     assert grown.budget == Budget(max_trials=6, time_limit=60.0)
     assert (grown.final, grown.scale) == (grouped.final, grouped.scale)
@@ -112,23 +97,24 @@ def test_a_groups_settings_given_by_their_own_names_are_that_group(specs):
 
 
 def test_the_cli_defaults_are_the_settings_defaults():
-    """`nas search` and `nas worker` read their defaults from the settings' dataclasses."""
-    from nas.cli.search import search, worker
+    """`nas search` reads its defaults from the settings' dataclasses."""
+    from nas.cli.search import search
 
     fields = {f.name: f for kind in (SearchConfig, Budget, FinalModel, ScaleOut)
               for f in dataclasses.fields(kind)}
     # --max-trials: none given means as many as --time-limit holds (without it, the
-    # budget's default); --distribution none is no distribution (None).
-    given = {"max_trials": None, "distribution": "none"}
+    # budget's default); --distribution none is no distribution (None). Ray's options
+    # are unset unless given (they need --ray or --workers), their defaults in their help.
+    on_ray = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_retries"}
+    given = {"max_trials": None, "distribution": "none", **dict.fromkeys(on_ray)}
+    context = click.Context(search)  # what the option gives when it is not passed
     checked = set()
-    for command in (search, worker):
-        context = click.Context(command)  # what the option gives when it is not passed
-        for option in command.params:
-            field = fields.get(option.name)
-            if field is None or field.default is dataclasses.MISSING or option.required:
-                continue
-            default = option.get_default(context)
-            assert default == given.get(option.name, field.default), option.name
-            checked.add(option.name)
-    assert {"tuner", "seed", "workdir", "max_failures", "ensemble",
-            "worker_timeout"} <= checked
+    for option in search.params:
+        field = fields.get(option.name)
+        if field is None or field.default is dataclasses.MISSING:
+            continue
+        assert option.get_default(context) == given.get(option.name, field.default), option.name
+        if option.name in on_ray and field.default is not None:
+            assert f"[default: {field.default:g}]" in option.help, option.name
+        checked.add(option.name)
+    assert {"tuner", "seed", "workdir", "max_failures", "ensemble", "max_retries"} <= checked

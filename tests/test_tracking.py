@@ -1,7 +1,10 @@
 """The tracking store as the MLflow UI shows it."""
 
+import pytest
+from click.testing import CliRunner
 from mlflow import MlflowClient
 
+from nas.cli import main
 from nas.tracking import Tracker
 
 
@@ -29,8 +32,8 @@ def test_a_read_only_lookup_writes_no_tag(tmp_path):
 
 
 def test_a_tracker_keeps_mlflow_run_links_out_of_the_output(tmp_path, monkeypatch):
-    """MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, for this process and those it starts (a
-    search's workers); a value the user set stays (see test_distributed for an http store)."""
+    """MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, for this process and those it starts; a
+    value the user set stays (an http store: the test below)."""
     import os
     import subprocess
     import sys
@@ -46,3 +49,26 @@ def test_a_tracker_keeps_mlflow_run_links_out_of_the_output(tmp_path, monkeypatc
     monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
     Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "false"
+
+
+@pytest.mark.slow
+def test_no_mlflow_run_links_in_the_output_on_an_http_store(mlflow_server, monkeypatch,
+                                                           capsys):
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    result = CliRunner().invoke(main, [
+        "search", "--space", "tiny", "--pipeline", "digits", "--max-trials", "1",
+        "--epochs", "1", "--ensemble", "1", "--experiment", "http-output",
+        "--tracking-uri", mlflow_server])
+    assert result.exit_code == 0, result.output
+    assert "1 trial finished" in result.output
+    assert "View run" not in result.output and "View experiment" not in result.output
+    experiment = MlflowClient(mlflow_server).get_experiment_by_name("http-output")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # What the search kept out: MLflow's lines, when the user asks for them.
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
+    tracker = Tracker(mlflow_server)
+    run_id = tracker.start_run(experiment.experiment_id, "shown")
+    capsys.readouterr()
+    tracker.end(run_id, "FINISHED")
+    assert "View run shown at: " in capsys.readouterr().out

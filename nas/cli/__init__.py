@@ -1,6 +1,6 @@
 """The `nas` command line. Thin: parse, one library call, print.
 
-One module per command group, as MLflow's CLI: `search` (search, worker), `results`
+One module per command group, as MLflow's CLI: `search`, `results`
 (trials, best, report, ui), `space` (space show), `export`; what they share is in
 `common`. TensorFlow is imported only inside the commands that train or export, so
 `nas --help` and the read-only commands answer at once. Errors in the user's input end as
@@ -25,5 +25,5 @@ def main():
 
 
 for command in (search.search, space.space, results.trials, results.best, results.ui,
-                export.export_model, search.worker, results.report):
+                export.export_model, results.report):
     main.add_command(command)

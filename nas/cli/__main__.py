@@ -1,4 +1,4 @@
-"""`python -m nas.cli`: the `nas` command (how `nas search --workers` starts its processes)."""
+"""`python -m nas.cli`: the `nas` command, run as a module (as the tests start it)."""
 
 from nas.cli import main
 

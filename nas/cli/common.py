@@ -22,10 +22,9 @@ from nas.errors import InputError
 from nas.settings import SearchConfig
 
 __all__ = ["TRACKING_URI", "EXPERIMENT", "WORKDIR", "SPACE", "PIPELINE", "PROGRESS",
-           "DISTRIBUTION", "SKIP_BAD_IMAGES", "LATEST_EXPERIMENT", "UserError",
-           "user_errors", "flag_of", "tensorflow_environment", "start_tensorflow",
-           "tensorflow_lines", "Duration", "Group", "plural", "describe_final",
-           "test_line", "cell", "count", "seconds", "distribution_of"]
+           "LATEST_EXPERIMENT", "UserError", "user_errors", "flag_of",
+           "tensorflow_environment", "start_tensorflow", "tensorflow_lines", "Duration",
+           "Group", "plural", "describe_final", "test_line", "cell", "count", "seconds"]
 
 # Shared options, as constants (the MLflow CLI's way): same flag, same help everywhere.
 TRACKING_URI = click.option(
@@ -61,13 +60,6 @@ PROGRESS = click.option(
     help="A line per epoch of each trial: its objective and the time left in the trial "
          "and in the search (updated in place on a terminal).  [env: NAS_PROGRESS=0 "
          "turns it off]",
-)
-
-
-DISTRIBUTION = click.option(
-    "--distribution", type=click.Choice(["none", "mirrored"]), default="none",
-    show_default=True,
-    help="mirrored: train each trial over all GPUs this process sees (tf.distribute).",
 )
 
 
@@ -114,7 +106,7 @@ def tensorflow_environment() -> None:
     here on, wherever TensorFlow is first imported, its start-up lines are held to the log
     level (`start_tensorflow`)."""
     # Take GPU memory as trials need it, not all of it up front (and let several
-    # workers share one GPU); nas.assembly.configure_tensorflow sets it per device too.
+    # trials share one GPU); nas.assembly.configure_tensorflow sets it per device too.
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     # MLflow's INFO lines ("Creating initial MLflow database tables...") are not for users;
     # MLflow reads this when it is imported.
@@ -140,8 +132,8 @@ def start_tensorflow() -> None:
     3; more at a lower level the user chose.
 
     A command may import TensorFlow before this, inside a library call (Keras to read a
-    Keras dataset, KerasTuner in `nas worker`): once `tensorflow_environment` has run,
-    that first import is held the same way (`_TensorFlowFinder`).
+    Keras dataset): once `tensorflow_environment` has run, that first import is held the
+    same way (`_TensorFlowFinder`).
     """
     global _started
     if _started:
@@ -289,12 +281,6 @@ class Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-SKIP_BAD_IMAGES = click.option(
-    "--skip-bad-images", is_flag=True,
-    help="Leave a directory's unreadable image files out (listed on the search's run) "
-         "instead of refusing the data.")
-
-
 def plural(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "s")
 
@@ -344,8 +330,3 @@ def count(value) -> str:
 
 def seconds(value) -> str:
     return "-" if value is None else f"{value:.1f}"
-
-
-def distribution_of(choice: str | None) -> str | None:
-    return None if choice in (None, "none") else choice
-
