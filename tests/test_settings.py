@@ -103,10 +103,8 @@ def test_the_cli_defaults_are_the_settings_defaults():
     fields = {f.name: f for kind in (SearchConfig, Budget, FinalModel, ScaleOut)
               for f in dataclasses.fields(kind)}
     # --max-trials: none given means as many as --time-limit holds (without it, the
-    # budget's default); --distribution none is no distribution (None). Ray's options
-    # are unset unless given (they need --ray or --workers), their defaults in their help.
-    on_ray = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_retries"}
-    given = {"max_trials": None, "distribution": "none", **dict.fromkeys(on_ray)}
+    # budget's default); --distribution none is no distribution (None).
+    given = {"max_trials": None, "distribution": "none"}
     context = click.Context(search)  # what the option gives when it is not passed
     checked = set()
     for option in search.params:
@@ -114,7 +112,6 @@ def test_the_cli_defaults_are_the_settings_defaults():
         if field is None or field.default is dataclasses.MISSING:
             continue
         assert option.get_default(context) == given.get(option.name, field.default), option.name
-        if option.name in on_ray and field.default is not None:
-            assert f"[default: {field.default:g}]" in option.help, option.name
         checked.add(option.name)
-    assert {"tuner", "seed", "workdir", "max_failures", "ensemble", "max_retries"} <= checked
+    assert {"tuner", "seed", "workdir", "max_failures", "ensemble", "cpus_per_trial",
+            "gpus_per_trial", "max_retries"} <= checked

@@ -1,0 +1,109 @@
+"""A search on a Ray cluster of several nodes simulated on this machine
+(`ray.cluster_utils.Cluster`): trials placed by the GPUs they ask for, a node killed in the
+middle of a trial, a driver killed and started again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from processes import search_runs
+from ray_searches import (assert_each_trial_finished_once, curve, finished, search, training,
+                          wait_for)
+
+
+@pytest.fixture
+def cluster():
+    """A Ray cluster on this machine: a head that runs no trial, and two nodes of one CPU,
+    the second with a GPU declared (no real one: Ray only counts it)."""
+    from ray.cluster_utils import Cluster
+
+    made = Cluster(initialize_head=True,
+                   head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        made.add_node(num_cpus=1)
+        made.add_node(num_cpus=1, num_gpus=1)
+        made.wait_for_nodes()
+        yield made
+    finally:
+        made.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_trials_asking_for_a_gpu_run_on_the_node_that_has_one(processes, tmp_path, cluster):
+    import ray
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    search(processes, "driver", uri, "--ray", cluster.address, "--gpus-per-trial", "1",
+           "--max-trials", "2", "--epochs", "1")
+    out = finished(processes, "driver")
+    assert "on Ray: 1 trial at once" in out  # one GPU in the cluster
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        gpu_nodes = {n["NodeID"] for n in ray.nodes()
+                     if n["Alive"] and n["Resources"].get("GPU")}
+    finally:
+        ray.shutdown()
+    _, trials = search_runs(uri, "ray")
+    done = assert_each_trial_finished_once(trials, 2)
+    assert {r.data.tags["nas.ray_node"] for r in done.values()} == gpu_nodes
+    assert {r.data.tags["nas.gpus"] for r in done.values()} == {"0"}  # what Ray gave it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_node_s_trial_is_run_again_and_goes_on_from_its_epoch(processes, tmp_path,
+                                                                       cluster, mlflow_server):
+    uri, experiment = mlflow_server, "node-killed"
+    workdir = tmp_path / ".nas"
+    # 4 epochs a trial: the node is removed while the trial is still training
+    search(processes, "driver", uri, "--ray", cluster.address, "--max-trials", "6",
+           "--epochs", "4", experiment=experiment)
+    victim = wait_for(processes, "driver", lambda: training(uri, experiment, workdir),
+                      "trial in the middle of its training")
+    trial_id, node_id = victim.data.tags["nas.trial_id"], victim.data.tags["nas.ray_node"]
+    # What the lost attempt saved of its epochs (its run may not hold them yet: a trial's
+    # metrics reach MLflow in batches).
+    saved = json.loads((workdir / experiment / f"trial_{trial_id}" / "resume.json").read_text())
+    node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
+    cluster.remove_node(node, allow_graceful=False)
+    cluster.add_node(num_cpus=1)  # the cluster keeps two nodes, as an autoscaler would
+    out = finished(processes, "driver")
+    assert "6 trials finished, 0 failed" in out
+    _, trials = search_runs(uri, experiment)
+    done = assert_each_trial_finished_once(trials, 6)
+    lost = MlflowClient(uri).get_run(victim.info.run_id)
+    assert lost.info.status == "KILLED"
+    assert "was lost" in lost.data.tags["nas.error"]
+    again = done[trial_id]
+    assert again.info.run_id != lost.info.run_id
+    assert again.data.tags["nas.ray_node"] != node_id
+    # It went on from its last saved epoch: the new run holds the whole curve, and its
+    # first epoch is the lost attempt's, not trained again.
+    assert [step for step, _ in curve(uri, again)] == list(range(4))
+    assert curve(uri, again)[0][1] == pytest.approx(saved["history"]["val_accuracy"][0])
+    assert f"trial {trial_id} resumes at epoch" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_restarted_driver_resumes_the_search_on_the_cluster(processes, tmp_path, cluster):
+    uri, experiment = f"sqlite:///{tmp_path}/mlflow.db", "driver-restart"
+    workdir = tmp_path / ".nas"
+    options = ("--ray", cluster.address, "--max-trials", "3")  # 3 epochs a trial
+    search(processes, "first", uri, *options, experiment=experiment)
+    victim = wait_for(processes, "first", lambda: training(uri, experiment, workdir),
+                      "trial in the middle of its training")
+    processes.kill("first")  # SIGKILL: no handler runs
+    search(processes, "again", uri, *options, experiment=experiment)
+    out = finished(processes, "again")
+    assert "resuming the search" in out
+    parents, trials = search_runs(uri, experiment)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    done = assert_each_trial_finished_once(trials, 3)
+    trial_id = victim.data.tags["nas.trial_id"]
+    assert MlflowClient(uri).get_run(victim.info.run_id).info.status == "KILLED"
+    assert [step for step, _ in curve(uri, done[trial_id])] == list(range(3))
