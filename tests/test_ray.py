@@ -19,8 +19,9 @@ from ray_searches import (DEADLINE, TINY, assert_each_trial_finished_once, curve
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_search_on_a_local_ray_trains_each_trial_as_a_ray_task(processes, tmp_path):
+    """`--workers N` is `--ray --max-concurrent N`: N trials at once on a local Ray."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    search(processes, "driver", uri, "--ray", "--max-trials", "3", "--max-concurrent", "2")
+    search(processes, "driver", uri, "--workers", "2", "--max-trials", "3")
     out = finished(processes, "driver")
     assert "on Ray: 2 trials at once" in out
     assert "3 trials finished, 0 failed" in out
@@ -34,22 +35,6 @@ def test_a_search_on_a_local_ray_trains_each_trial_as_a_ray_task(processes, tmp_
         assert run.data.tags["nas.gpus"] == "-"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert curve(uri, run)  # its epochs logged by the task itself
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_workers_option_runs_its_trials_at_once_on_a_local_ray(processes, tmp_path):
-    """`--workers N` is `--ray --max-concurrent N`: N trials at once on a local Ray."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    search(processes, "driver", uri, "--workers", "2", "--max-trials", "2", "--epochs", "2",
-           experiment="workers")
-    out = finished(processes, "driver")
-    assert "on Ray: 2 trials at once" in out
-    assert "2 trials finished, 0 failed" in out
-    parents, trials = search_runs(uri, "workers")
-    assert [p.info.status for p in parents] == ["FINISHED"]
-    done = assert_each_trial_finished_once(trials, 2)
-    assert all(r.data.tags["nas.worker"].startswith("ray-") for r in done.values())
 
 
 @pytest.mark.parametrize("args, message", [

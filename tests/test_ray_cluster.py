@@ -1,6 +1,6 @@
 """A search on a Ray cluster of several nodes simulated on this machine
-(`ray.cluster_utils.Cluster`): trials placed by the GPUs they ask for, a node killed in the
-middle of a trial, a driver killed and started again."""
+(`ray.cluster_utils.Cluster`): a node killed in the middle of a trial; a driver killed and
+started again, its trials placed on the node with the GPU they ask for."""
 
 from __future__ import annotations
 
@@ -29,28 +29,6 @@ def cluster():
         yield made
     finally:
         made.shutdown()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_trials_asking_for_a_gpu_run_on_the_node_that_has_one(processes, tmp_path, cluster):
-    import ray
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    search(processes, "driver", uri, "--ray", cluster.address, "--gpus-per-trial", "1",
-           "--max-trials", "2", "--epochs", "1")
-    out = finished(processes, "driver")
-    assert "on Ray: 1 trial at once" in out  # one GPU in the cluster
-    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-    try:
-        gpu_nodes = {n["NodeID"] for n in ray.nodes()
-                     if n["Alive"] and n["Resources"].get("GPU")}
-    finally:
-        ray.shutdown()
-    _, trials = search_runs(uri, "ray")
-    done = assert_each_trial_finished_once(trials, 2)
-    assert {r.data.tags["nas.ray_node"] for r in done.values()} == gpu_nodes
-    assert {r.data.tags["nas.gpus"] for r in done.values()} == {"0"}  # what Ray gave it
 
 
 @pytest.mark.slow
@@ -90,10 +68,14 @@ def test_a_killed_node_s_trial_is_run_again_and_goes_on_from_its_epoch(processes
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_restarted_driver_resumes_the_search_on_the_cluster(processes, tmp_path, cluster):
+def test_a_restarted_driver_resumes_the_search_on_the_cluster_its_trials_on_the_gpu_node(
+        processes, tmp_path, cluster):
+    import ray
+
     uri, experiment = f"sqlite:///{tmp_path}/mlflow.db", "driver-restart"
     workdir = tmp_path / ".nas"
-    options = ("--ray", cluster.address, "--max-trials", "3")  # 3 epochs a trial
+    # 3 trials of 3 epochs, each asking for the cluster's one GPU
+    options = ("--ray", cluster.address, "--max-trials", "3", "--gpus-per-trial", "1")
     search(processes, "first", uri, *options, experiment=experiment)
     victim = wait_for(processes, "first", lambda: training(uri, experiment, workdir),
                       "trial in the middle of its training")
@@ -101,9 +83,19 @@ def test_a_restarted_driver_resumes_the_search_on_the_cluster(processes, tmp_pat
     search(processes, "again", uri, *options, experiment=experiment)
     out = finished(processes, "again")
     assert "resuming the search" in out
+    assert "on Ray: 1 trial at once" in out  # one GPU in the cluster
     parents, trials = search_runs(uri, experiment)
     assert [p.info.status for p in parents] == ["FINISHED"]
     done = assert_each_trial_finished_once(trials, 3)
     trial_id = victim.data.tags["nas.trial_id"]
     assert MlflowClient(uri).get_run(victim.info.run_id).info.status == "KILLED"
     assert [step for step, _ in curve(uri, done[trial_id])] == list(range(3))
+    # Every trial ran where the GPU is, and saw the GPU Ray gave it.
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        gpu_nodes = {n["NodeID"] for n in ray.nodes()
+                     if n["Alive"] and n["Resources"].get("GPU")}
+    finally:
+        ray.shutdown()
+    assert {r.data.tags["nas.ray_node"] for r in trials} == gpu_nodes
+    assert {r.data.tags["nas.gpus"] for r in trials} == {"0"}
