@@ -16,8 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def pytest_collection_modifyitems(config, items):
     """The files that train the most first (the sum of their slow tests' time limits): the
-    suite is spread over processes a file at a time (pytest-xdist), so the longest start
-    first and no long file is left running alone at the end. A file keeps its own order."""
+    suite is spread over processes in runs of tests (pytest-xdist's worksteal), so the long
+    ones start first and none is left running alone at the end. A file keeps its order."""
     weight = collections.Counter()
     for item in items:
         if item.get_closest_marker("slow") is not None:
