@@ -82,11 +82,18 @@ def prepare(config: SearchConfig) -> Prepared:
         # The store as MLflow will open it; not opened yet: a refusal writes nothing.
         check_store(config.tracking_uri or mlflow.get_tracking_uri(), nodes,
                     ray.util.get_node_ip_address())
-        return search.prepare(config)
+        prepared = search.prepare(config)
     except BaseException:
         if started:
             ray.shutdown()
         raise
+    # The trials' Ray workers start importing TensorFlow now, while this process does too.
+    warm = ray.remote(_warm_up).options(num_cpus=scale.cpus_per_trial,
+                                        num_gpus=scale.gpus_per_trial)
+    for _ in range(min(concurrency(scale, ray.cluster_resources()),
+                       config.budget.max_trials)):
+        warm.remote()
+    return prepared
 
 
 def connect(address: str) -> bool:
@@ -465,6 +472,21 @@ class _Worker:
                     f"Ray worker {worker} was lost (its process or node died); Ray ran the "
                     f"trial again")})
                 self.tracker.end(run.info.run_id, "KILLED")
+
+
+def _warm_up() -> None:
+    """A Ray worker's start: what its first trial would import (TensorFlow, Keras,
+    KerasTuner, MLflow) imported ahead, its threads set first. Ray gives the worker
+    process the search's trials after."""
+    import ray
+
+    _threads(int(max(1, math.floor(float(
+        ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))))))
+    import importlib
+
+    for module in ("nas.tuning", "nas.data", "nas.trial_runs", "nas.assembly"):
+        importlib.import_module(module)
+    importlib.import_module("nas.assembly").import_ahead()
 
 
 def _threads(cpus: int) -> None:
