@@ -24,6 +24,7 @@ Ray is imported only here, and only when a search runs on it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -119,7 +120,9 @@ def connect(address: str) -> bool:
                "runtime_env": {"env_vars": {
                    "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}}}
     if address == LOCAL:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **options)
+        # "local": a new Ray of its own, even where another runs on this machine
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 **options)
         return True
     _check_reachable(address)
     try:
@@ -218,6 +221,7 @@ def drive(tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
     """
     import ray
     from keras_tuner.engine import trial as trial_module
+
     status = trial_module.TrialStatus
     config, scale, tracker = prepared.config, prepared.config.scale, prepared.tracker
     oracle = tuner.oracle
@@ -280,12 +284,13 @@ def drive(tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
     finally:
         for task in running:
             ray.cancel(task, force=True)
-        events.pass_on()
+        with contextlib.suppress(Exception):  # the last lines are a report, not the search
+            events.pass_on()
+            events.close()
         closed = tracker.close_stale_runs(experiment_id, search_run_id)
         if closed and not running:
             callback.on_message(f"closed {closed} trial run(s) left running by lost Ray "
                                 f"workers")
-        events.close()
 
 
 def _end(oracle, trial, task, tracker, experiment_id: str, search_run_id: str,
@@ -359,7 +364,8 @@ class _Events:
         self.inbox = _queue()
         self.direction = config.pipeline.direction
         self.time_limit = config.budget.time_limit
-        self.best: float | None = None
+        best = oracle.get_best_trials(1)  # of a search resumed: its earlier trials' too
+        self.best: float | None = best[0].score if best else None
 
     def pass_on(self) -> None:
         """Pass on what the tasks have queued. Events are a report, not the search's

@@ -65,8 +65,9 @@ def test_a_trial_whose_worker_dies_after_its_last_retry_fails_and_the_search_goe
         processes, tmp_path):
     uri, experiment = f"sqlite:///{tmp_path}/mlflow.db", "retries"
     workdir = tmp_path / ".nas"
+    # 12 epochs a trial: it is still training when its worker is killed
     search(processes, "driver", uri, "--ray", "--max-retries", "0", "--max-trials", "3",
-           "--max-concurrent", "1", "--epochs", "4", experiment=experiment)
+           "--max-concurrent", "1", "--epochs", "12", experiment=experiment)
     victim = wait_for(processes, "driver", lambda: training(uri, experiment, workdir),
                       "trial in the middle of its training")
     pid = int(victim.data.tags["nas.worker"].rsplit("-", 1)[1])  # ray-NODE-PID
