@@ -127,9 +127,11 @@ def connect(address: str) -> bool:
     _check_reachable(address)
     try:
         ray.init(address=address, **options)
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
         first = (str(error).strip().splitlines() or [""])[0][:200]
-        raise SearchError(f"`ray`: no Ray cluster answers at {address!r} ({first})") from None
+        raise SearchError(f"`ray`: no Ray cluster answers at {address!r}, or it refused this "
+                          f"driver ({first}); its RAY_AUTH_MODE and token must be the "
+                          f"cluster's") from None
     return False
 
 
@@ -396,7 +398,7 @@ class _Events:
 
         if not hasattr(event, "trial_id"):
             return event
-        order = list(self.oracle.start_order)
+        order = self.oracle.start_order
         place = order.index(event.trial_id) + 1 if event.trial_id in order else event.trial
         changes = {"trial": place}
         if isinstance(event, TrialEnded) and event.value is not None and event.error is None:
