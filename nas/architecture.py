@@ -249,9 +249,12 @@ class Architecture:
     ) -> "Architecture":
         """The candidate that `values` picks from `space`, for inputs of `input_shape`.
 
-        Missing values of fixed knobs are filled in; inactive values are ignored.
+        Missing values of fixed knobs are filled in; inactive values are ignored, but for
+        augmentations the space has no knob of (a pipeline's, `nas.tuning`).
         """
         chosen = _active_values(space, values)
+        chosen.update((name, value) for name, value in values.items()
+                      if name.startswith("augment/") and name not in chosen)
         builder = Builder(tuple(input_shape))
         builder.add("rescaling", "Rescaling", {"scale": 1.0 / pixel_scale, "offset": 0.0},
                     builder.shape, 0, 0)

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def prepare(config: SearchConfig) -> Prepared:
     the search itself (`nas.search.prepare`). Writes nothing; a local Ray started here is
     stopped again when it refuses.
 
+    Ray starts (or is connected to) in a thread while this one checks the search and
+    loads its data, and the trials' Ray workers start importing TensorFlow as soon as it
+    is up: a local Ray's start-up is mostly waiting for its processes.
+
     Raises:
         SearchError, nas.errors.DataError, nas.tracking.TrackingError.
     """
@@ -74,8 +79,11 @@ def prepare(config: SearchConfig) -> Prepared:
     from nas import search
 
     scale = config.scale
-    started = connect(scale.ray)
-    try:
+    starting = _Starting(scale, config.budget.max_trials)
+    starting.start()
+
+    def checks() -> None:  # before the search opens its tracking store
+        started = starting.result()  # its refusal (SearchError) raised here
         import ray
 
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -83,18 +91,76 @@ def prepare(config: SearchConfig) -> Prepared:
         # The store as MLflow will open it; not opened yet: a refusal writes nothing.
         check_store(config.tracking_uri or mlflow.get_tracking_uri(), nodes,
                     ray.util.get_node_ip_address())
-        prepared = search.prepare(config)
+
+    try:
+        return search.prepare(config, checks)
     except BaseException:
-        if started:
-            ray.shutdown()
+        starting.stop()
         raise
-    # The trials' Ray workers start importing TensorFlow now, while this process does too.
-    warm = ray.remote(_warm_up).options(num_cpus=scale.cpus_per_trial,
-                                        num_gpus=scale.gpus_per_trial)
-    for _ in range(min(concurrency(scale, ray.cluster_resources()),
-                       config.budget.max_trials)):
-        warm.remote()
-    return prepared
+
+
+class _Starting(threading.Thread):
+    """Starts a local Ray (or connects to a cluster) while the driver checks the search,
+    then the Ray workers that will train the first trials importing what they need
+    (`_warm_up`); and lives until Ray is stopped (`stop`): a local Ray's processes are
+    children of the thread that started them and die with it (Linux's PR_SET_PDEATHSIG)."""
+
+    current: _Starting | None = None  # the one of this process's search
+
+    def __init__(self, scale, max_trials: int):
+        super().__init__(name="nas-ray", daemon=True)
+        self.scale, self.max_trials = scale, max_trials
+        self.started: bool | None = None  # a local Ray started here (None: not yet, failed)
+        self.warming: list = []  # the `_warm_up` tasks
+        self.error: BaseException | None = None
+        self._ready, self._stopped = threading.Event(), threading.Event()
+        _Starting.current = self
+
+    def run(self) -> None:
+        try:
+            self.started = connect(self.scale.ray)
+            import ray
+
+            warm = ray.remote(_warm_up).options(num_cpus=self.scale.cpus_per_trial,
+                                                num_gpus=self.scale.gpus_per_trial)
+            # as many as run at once, and no more than the cluster holds now (the driver
+            # waits for them: on a cluster that an autoscaler grows, the rest come later)
+            holds = concurrency(dataclasses.replace(self.scale, max_concurrent=None),
+                                ray.cluster_resources())
+            self.warming = [warm.remote() for _ in range(min(
+                holds, self.scale.max_concurrent or holds, self.max_trials))]
+        except BaseException as error:
+            self.error = error
+        finally:
+            self._ready.set()
+        self._stopped.wait()
+
+    def result(self) -> bool:
+        """True when a local Ray was started; its refusal raised once it is known."""
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+        return bool(self.started)
+
+    def warmed(self) -> None:
+        """Wait for the warm-up tasks: a trial sent to Ray while they run would start a
+        new Ray worker, which imports everything again, instead of taking a warmed one."""
+        import ray
+
+        with contextlib.suppress(Exception):  # a lost warm-up: the trial's worker imports
+            ray.wait(self.warming, num_returns=len(self.warming), timeout=60)
+
+    def stop(self) -> None:
+        """Stop the local Ray started here (once it is up), and end the thread."""
+        self._ready.wait()
+        if self.started:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        if _Starting.current is self:
+            _Starting.current = None
+        self._stopped.set()
 
 
 def connect(address: str) -> bool:
@@ -119,6 +185,9 @@ def connect(address: str) -> bool:
     options = {"logging_level": logging.WARNING, "log_to_driver": False,
                "runtime_env": {"env_vars": {
                    "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}}}
+    # Started from `_Starting`'s thread, Ray notes that it set no SIGTERM handler: nas
+    # handles SIGTERM itself while it searches (`nas.assembly`).
+    logging.getLogger("ray._private.worker").addFilter(_no_sigterm_note)
     if address == LOCAL:
         # "local": a new Ray of its own, even where another runs on this machine
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
@@ -133,6 +202,10 @@ def connect(address: str) -> bool:
                           f"driver ({first}); its RAY_AUTH_MODE and token must be the "
                           f"cluster's") from None
     return False
+
+
+def _no_sigterm_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("SIGTERM handler is not set")
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -203,11 +276,23 @@ def run(prepared: Prepared, callback=None):
 
     callback = callback if callback is not None else Callback()
     local = prepared.config.scale.ray == LOCAL
+    starting = _Starting.current
+    stopping: list[threading.Thread] = []
+
+    def serve(tuner, experiment_id: str, search_run_id: str) -> None:
+        drive(tuner, prepared, experiment_id, search_run_id, callback)
+        if local and starting is not None:  # no task runs now: the local Ray stops
+            stopping.append(threading.Thread(target=starting.stop, name="nas-ray-stop"))
+            stopping[0].start()  # while the final model is made
+
     try:
-        return search.run(prepared, callback, serve=lambda tuner, experiment_id, search_run_id:
-                          drive(tuner, prepared, experiment_id, search_run_id, callback))
+        return search.run(prepared, callback, serve=serve)
     finally:
-        if local and ray.is_initialized():
+        for thread in stopping:
+            thread.join()
+        if starting is not None:
+            starting.stop()
+        elif local and ray.is_initialized():
             ray.shutdown()
 
 
@@ -245,6 +330,8 @@ def drive(tuner, prepared: Prepared, experiment_id: str, search_run_id: str,
     free = [f"ray-{n}" for n in range(slots, 0, -1)]  # KerasTuner's tuner ids: one a slot
     running: dict = {}  # task -> (slot, trial)
     events = _Events(callback, oracle, config)
+    if _Starting.current is not None:
+        _Starting.current.warmed()
     stopped = False
     ended = 0
     waited, began = 0.0, time.perf_counter()  # the driver's own time: the rest

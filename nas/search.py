@@ -12,6 +12,7 @@ import gc
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from nas import assembly, final_model, pareto, results, resume, tracking
 from nas.data import Arrays, load_arrays
@@ -63,8 +64,10 @@ class Prepared:
     lock: SearchLock | None = None
 
 
-def prepare(config: SearchConfig) -> Prepared:
-    """Check everything the user gave us; raise before anything is written.
+def prepare(config: SearchConfig, checks: Callable[[], None] | None = None) -> Prepared:
+    """Check everything the user gave us; raise before anything is written. `checks`, if
+    given, are the caller's own (`nas.scaleout`'s), run before the tracking store is
+    opened.
 
     Raises:
         SearchError, nas.errors.DataError, nas.tracking.TrackingError.
@@ -94,6 +97,8 @@ def prepare(config: SearchConfig) -> Prepared:
     lock = SearchLock(config.project_dir, config.experiment_name)
     lock.check()  # another process runs this search: refused before anything is written
     saved = resume.saved_state(config)
+    if checks is not None:
+        checks()
     tracker = tracking.Tracker(config.tracking_uri)
     tracker.check()
     if config.overwrite:

@@ -184,6 +184,9 @@ class Pipeline:
     early_stopping_patience: int | None
     objective: str
     constraints: Constraints
+    # (name, value) of each augmentation the data allows (`train.augment`), in `AUGMENTS`
+    # order: what a search's trainings on all the training data apply (`nas.tuning`)
+    augment: tuple[tuple[str, str | float], ...] = ()
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
     @property
@@ -408,15 +411,17 @@ def load_space(ref: str) -> SearchSpace:
     )
 
 
-def _augment(reader: _Reader, value) -> tuple[tuple[str, Knob], ...]:
+def _augment(reader: _Reader, value, field: str = "augment", read=None) -> tuple:
+    """(name, what `read` makes of it) for each augmentation `value` names: a knob each
+    (a space's `augment`), or a value each (a pipeline's `train.augment`, `reader.scalar`)."""
     if value is None:
         return ()
-    reader.mapping(value, "augment", AUGMENTS)
+    read = read or reader.knob
+    reader.mapping(value, field, AUGMENTS)
     return tuple(
-        (name, reader.knob(value[name], f"augment.{name}", "str", allowed=FLIPS)
+        (name, read(value[name], f"{field}.{name}", "str", allowed=FLIPS)
          if name == "flip" else
-         reader.knob(value[name], f"augment.{name}", "float", low=0.0, high=1.0,
-                     high_open=True))
+         read(value[name], f"{field}.{name}", "float", low=0.0, high=1.0, high_open=True))
         for name in AUGMENTS if name in value)
 
 
@@ -438,7 +443,7 @@ def load_pipeline(ref: str) -> Pipeline:
                    "test_split", "pixel_scale", "seed"),
                   required=("source",))
     train = r.mapping(data.get("train", {}), "train",
-                      ("epochs", "batch_size", "early_stopping_patience"))
+                      ("epochs", "batch_size", "early_stopping_patience", "augment"))
     source = r.scalar(d["source"], "data.source", "str", allowed=SOURCES)
 
     data_path = None
@@ -500,5 +505,6 @@ def load_pipeline(ref: str) -> Pipeline:
         objective=r.scalar(data.get("objective", "val_accuracy"), "objective", "str",
                            allowed=OBJECTIVES),
         constraints=_constraints(r, data.get("constraints")),
+        augment=_augment(r, train.get("augment"), "train.augment", r.scalar),
         text=text,
     )

@@ -39,9 +39,12 @@ class CandidateModel(kt.HyperModel):
     """Builds the candidate a trial's values pick, and times its `fit`."""
 
     def __init__(self, space: SearchSpace, input_shape, num_classes: int, pixel_scale: float,
-                 jit_compile: bool | str = "auto", mixed_precision: bool = False):
+                 jit_compile: bool | str = "auto", mixed_precision: bool = False,
+                 augment: tuple = ()):
         super().__init__(name="candidate")
         self.space = space
+        # the pipeline's `train.augment`, as the values of a space's augment knobs
+        self.augment = {f"augment/{name}": value for name, value in augment}
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.pixel_scale = pixel_scale
@@ -51,8 +54,18 @@ class CandidateModel(kt.HyperModel):
         self.resume: Resume | None = None  # set by NasTuner for the trial it runs
 
     def architecture(self, values: dict) -> Architecture:
-        return Architecture.from_values(self.space, values, self.input_shape, self.num_classes,
-                                        self.pixel_scale)
+        return Architecture.from_values(self.space, self._augmented(values), self.input_shape,
+                                        self.num_classes, self.pixel_scale)
+
+    def _augmented(self, values: dict) -> dict:
+        """`values` with the pipeline's augmentations when the trial trains on all the
+        training data and the space chooses none itself. A funnel's looks (a few epochs
+        on a share of the data, `nas.funnel`) train without: augmentation pays only over
+        many epochs, and would rank the looks by how fast they learn despite it."""
+        if (not self.augment or funnel.fidelity(values)[0] < 1
+                or any(name.startswith("augment/") for name in values)):
+            return values
+        return {**values, **self.augment}
 
     def check(self, values: dict, constraints) -> Rejection | None:
         return self.architecture(values).rejection(constraints)

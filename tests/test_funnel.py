@@ -147,6 +147,38 @@ def _hp(values):
     return hp
 
 
+# --- the pipeline's augmentations -----------------------------------------------------------
+
+
+def test_trainings_on_all_the_data_augment_as_the_pipeline_says_and_looks_do_not():
+    _, values = candidate(filters_2=8)
+    hypermodel = tuning.CandidateModel(load_space("tiny"), (8, 8, 1), 10, 16.0,
+                                       augment=(("flip", "horizontal"), ("translation", 0.1)))
+    look = {**values, funnel.SHARE: 0.2, funnel.EPOCHS: 3, funnel.PARENT: ""}
+    full = {**values, funnel.SHARE: 1.0, funnel.EPOCHS: 12, funnel.PARENT: "0001"}
+
+    def augments(v):
+        return [(layer.kind, layer.config["factor"]) for layer in
+                hypermodel.architecture(v).layers if layer.kind.startswith("Random")]
+
+    assert augments(look) == []
+    assert augments(full) == [("RandomFlip", "horizontal"), ("RandomTranslation", 0.1)]
+    assert augments(values) == augments(full)  # a search without a funnel: every trial
+    assert augments({**full, "augment/flip": "vertical"}) == [("RandomFlip", "vertical")]
+    # training only: the same parameters and FLOPs, and none in the served model
+    assert hypermodel.architecture(full).params == hypermodel.architecture(look).params
+    assert hypermodel.architecture(full).flops == hypermodel.architecture(look).flops
+    assert not [layer for layer in hypermodel.architecture(full).for_serving().layers
+                if layer.kind.startswith("Random")]
+    # the full training starts from its look's weights: every layer that has weights
+    model = hypermodel.build(_hp(full))
+    assert [layer.__class__.__name__ for layer in model.layers
+            if layer.__class__.__name__.startswith("Random")] == ["RandomFlip",
+                                                                "RandomTranslation"]
+    assert tuning.inherit(model, hypermodel.build(_hp(look))) == [
+        "stage_1_conv", "stage_2_conv", "output"]
+
+
 # --- a schedule that fits the time ----------------------------------------------------------
 
 

@@ -162,6 +162,9 @@ def test_pipeline_defaults_and_relative_paths(tmp_path):
     assert pipeline.image_size == (12, 12)
     assert pipeline.direction == "min"
     assert (pipeline.epochs, pipeline.batch_size, pipeline.early_stopping_patience) == (10, 64, 3)
+    assert pipeline.augment == ()
+    path.write_text("data: {source: digits}\ntrain: {augment: {zoom: 0.1, flip: horizontal}}")
+    assert load_pipeline(str(path)).augment == (("flip", "horizontal"), ("zoom", 0.1))
 
 
 @pytest.mark.parametrize(
@@ -180,8 +183,16 @@ def test_pipeline_defaults_and_relative_paths(tmp_path):
         ("data: {source: digits}\nobjective: f1",
          "objective: 'f1' is not one of ['val_accuracy', 'val_loss', 'accuracy', 'loss']"),
         ("data: {source: digits}\ntrain: {epoch: 3}",
-         "train.epoch: unknown key; allowed keys are ['batch_size', 'early_stopping_patience', "
-         "'epochs']"),
+         "train.epoch: unknown key; allowed keys are ['augment', 'batch_size', "
+         "'early_stopping_patience', 'epochs']"),
+        ("data: {source: digits}\ntrain: {augment: {flip: diagonal}}",
+         "train.augment.flip: 'diagonal' is not one of ['none', 'horizontal', 'vertical', "
+         "'horizontal_and_vertical']"),
+        ("data: {source: digits}\ntrain: {augment: {translation: [0.1, 0.2]}}",
+         "train.augment.translation: [0.1, 0.2] is not a number"),
+        ("data: {source: digits}\ntrain: {augment: {blur: 1}}",
+         "train.augment.blur: unknown key; allowed keys are ['contrast', 'flip', 'rotation', "
+         "'translation', 'zoom']"),
         ("data: {source: digits, cache: memory}",
          "data.cache: only applies to the directory source, not 'digits'"),
         ("data: {source: directory, path: ., cache: disk}",
