@@ -8,6 +8,7 @@
     python bench/run.py --only fashion --time-limit 30m   # real data (bench/fashion.py)
     python bench/run.py --only space     # how long looking at a space takes (bench/spaces.py)
     python bench/run.py --only scale     # a search on Ray: driver and store per trial
+    python bench/run.py --only latency   # how repeatable a model's measured latency is
 
 Prints one table (figure, nas, baseline, ratio, target, ok) and exits 1 when a target is
 missed. Every baseline is measured by this same run. Each measurement runs in a fresh
@@ -35,13 +36,14 @@ import time
 from pathlib import Path
 
 import fashion
+import latency
 import scale
 import spaces
 from baselines import small_cnn_build
 from runs import search_runs
 
 FIGURES = ("overhead", "startup", "memory", "rejection", "space", "data", "quality", "shapes",
-           "images", "augment", "fashion", "scale")
+           "images", "augment", "fashion", "scale", "latency")
 _RESULT = "BENCH_RESULT "
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
 _ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -1092,6 +1094,8 @@ def main(argv=None) -> int:
                 figure_augment(table, sizes, root)
             elif figure == "scale":
                 scale.figure_scale(table, root, nas_executable(), _ENV, log, args.quick)
+            elif figure == "latency":
+                latency.figure_latency(table, log, args.quick)
             elif figure == "fashion":
                 from nas.cli.common import Duration
 

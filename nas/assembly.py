@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import signal
 
@@ -108,7 +109,8 @@ class Parts:
                                               pipeline.direction),
                 collect_in_background=True, forget_gradients=True,  # see the module's doc
                 directory=config.workdir, project_name=config.project_name, overwrite=False,
-                distribution_strategy=strategy(config.scale.distribution))
+                distribution_strategy=strategy(config.scale.distribution),
+                latency=latency_meter(config))
 
     def search(self, tuner, datasets) -> None:
         """Train the trials `tuner`'s oracle proposes, on `datasets`, until it stops."""
@@ -120,6 +122,16 @@ class Parts:
                      epochs=config.epochs_per_trial, verbose=0, shuffle=False,
                      callbacks=tuning.early_stopping(pipeline.objective, pipeline.direction,
                                                      pipeline.early_stopping_patience))
+
+
+def latency_meter(config: SearchConfig):
+    """What measures a model's latency as `config` asks (`nas.latency.measure`), or None."""
+    if config.latency_engine is None:
+        return None
+    from nas import latency
+
+    return functools.partial(latency.measure, engine=config.latency_engine,
+                             threads=config.latency_threads)
 
 
 def assemble(config: SearchConfig, arrays, tracker, experiment_id: str, search_run_id: str,

@@ -13,6 +13,7 @@ TensorFlow and MLflow's model flavour are imported inside the functions.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import threading
@@ -119,8 +120,8 @@ def prepare_model_logging() -> None:
 
 def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
                    register: str | None = None, echo=_silent, test=None,
-                   ensemble: int = 1, refit=None,
-                   seed: int = 0) -> tuple[dict, list[str]]:
+                   ensemble: int = 1, refit=None, seed: int = 0, latency=None,
+                   max_latency_ms: float | None = None) -> tuple[dict, list[str]]:
     """At the end of `nas search`: make the final model, score it on the test data, log it.
 
     The final model is the best trial's at its best epoch or, with `ensemble` K > 1, the
@@ -133,12 +134,26 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
     score); the final model is evaluated on it once, and
     `test_loss` and `test_accuracy` are logged on the search's run and as tags of its
     MLflow model (and registered version); the tag `nas.final_trials` names its trials.
-    A failure here does not fail the search (its trials are logged): it is told to `echo`
-    and kept as the run's `nas.model_error` tag. Returns the test scores ({} without) and the
-    final model's trial ids ([] when it could not be made). `echo(line)` is told what
-    happens.
+    With `latency` (`nas.assembly.latency_meter`), the final model's latency is measured
+    and logged on the search's run as well (`latency_ms`, `latency_spread_ms`; an ensemble
+    runs every member). With `max_latency_ms`, only trials measured within it are
+    members, and an ensemble measured over it loses its last members until it is within
+    (or one is left). A failure here does not fail the search (its trials are logged):
+    it is told to `echo` and kept as the run's `nas.model_error` tag. Returns the test
+    scores ({} without) and the final model's trial ids ([] when it could not be made).
+    `echo(line)` is told what happens.
     """
-    members = _of_full_fidelity(result.finished, tuner.oracle)[:max(1, ensemble)]
+    members = _of_full_fidelity(result.finished, tuner.oracle)
+    if max_latency_ms is not None:
+        members = [m for m in members
+                   if m.metrics.get("latency_ms", math.inf) <= max_latency_ms]
+        if not members:
+            message = (f"no finished trial was measured within --max-latency-ms "
+                       f"{max_latency_ms:g}")
+            tracker.set_tags(search_run_id, {tracking.TAG_MODEL_ERROR: message})
+            echo(f"warning: no final model: {message}")
+            return {}, []
+    members = members[:max(1, ensemble)]
     if not members:
         return {}, []
     ids = [m.trial_id for m in members]
@@ -156,12 +171,21 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
                 checkpoint = logged_weights(tracker, member.run_id) or checkpoint
             architecture = tuner.hypermodel.architecture(trial.hyperparameters.values).to_dict()
             models.append(model_from_weights(architecture, checkpoint))
-        model = ensemble_of(models, ids)
+        tags = {TAG_FINAL: "", TAG_REFIT: "1" if refit is not None else "0"}
+        while True:  # an ensemble over the latency budget loses its last member
+            model = ensemble_of(models, ids)
+            measured = _latency(model, latency, tags, echo)
+            if (max_latency_ms is None or len(models) == 1
+                    or measured.get("latency_ms", 0.0) <= max_latency_ms):
+                break
+            echo(f"the ensemble of {len(models)} is over --max-latency-ms "
+                 f"{max_latency_ms:g}: without trial {ids[-1]}")
+            models, ids = models[:-1], ids[:-1]
+        tags[TAG_FINAL] = ",".join(ids)
         scores = {}
         if test is not None:
             scores = score_on_test(model, *test)
-        tags = {TAG_FINAL: ",".join(ids), TAG_REFIT: "1" if refit is not None else "0"}
-        tracker.log_batch(search_run_id, tracker.metrics(scores), tags=tags)
+        tracker.log_batch(search_run_id, tracker.metrics({**scores, **measured}), tags=tags)
         log_model(tracker, search_run_id, model, trial_id=",".join(ids),
                   trial_run_id=(members[0].run_id or "") if len(ids) == 1 else "",
                   register=register, echo=echo, scores=scores)
@@ -171,6 +195,24 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
         tracker.set_tags(search_run_id, {tracking.TAG_MODEL_ERROR: message})
         echo(f"warning: the best model was not logged to MLflow ({message})")
         return {}, []
+
+
+def _latency(model, latency, tags: dict, echo) -> dict:
+    """The final model's latency metrics (none without `latency`), told to `echo`; why it
+    could not be measured goes in `tags` and to `echo`, and the model is logged all the
+    same."""
+    if latency is None:
+        return {}
+    try:
+        measured = latency(model)
+    except Exception as error:
+        message = f"{error.__class__.__name__}: {error}".strip().splitlines()[0][:500]
+        tags[tracking.TAG_LATENCY_ERROR] = message
+        echo(f"warning: the final model's latency could not be measured ({message})")
+        return {}
+    echo(f"final model latency: {measured.describe()}")
+    tags[tracking.TAG_LATENCY] = measured.how
+    return measured.metrics()
 
 
 def _of_full_fidelity(finished: list, oracle) -> list:

@@ -1,13 +1,14 @@
 """Trade-offs between a search's objective and what its candidates cost.
 
 `pareto_front` keeps the trials no other trial beats: none reaches at least as good an
-objective at no greater cost (parameters, or FLOPs) while being better on one of the
-two. `plot_tradeoff` draws the objective against the costs with the fronts marked,
+objective at no greater cost (parameters, FLOPs, or the measured latency of a search run
+with `--latency`) while being better on one of the two. `plot_tradeoff` draws the objective against the costs with the fronts marked,
 using matplotlib's Agg canvas (no display, no pyplot state), and `log_plot` attaches
 that plot to a search's MLflow run.
 
-Trials are anything with `trial_id`, `objective`, `params` and `flops`, as attributes
-or as mapping keys; a trial without an objective (failed, still running) is left out.
+Trials are anything with `trial_id`, `objective`, `params` and `flops` (and `latency`,
+in ms, where measured), as attributes or as mapping keys; a trial without an objective
+(failed, still running) is left out, and from the latency's front one without a latency.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["COSTS", "PLOT_FILE", "pareto_front", "front_marks", "plot_tradeoff", "log_plot"]
+__all__ = ["COSTS", "PLOT_FILE", "costs_of", "pareto_front", "front_marks", "plot_tradeoff",
+           "log_plot"]
 
-COSTS = ("params", "flops")
+COSTS = ("params", "flops", "latency")
 PLOT_FILE = "pareto.png"  # the artifact's name on the search's MLflow run
-_LABELS = {"params": "parameters", "flops": "FLOPs"}
+_LABELS = {"params": "parameters", "flops": "FLOPs", "latency": "latency (ms, batch size 1)"}
 
 
 def _get(trial: Any, key: str):
@@ -39,7 +41,7 @@ def pareto_front(trials: Sequence, cost: str = "params", direction: str = "max")
 
     Args:
         trials: Objects or mappings with `objective` and `cost`.
-        cost: "params" or "flops".
+        cost: "params", "flops" or "latency".
         direction: "max" when a higher objective is better (accuracy), "min" (loss).
 
     Two trials with the same cost and objective are both on the front when nothing
@@ -50,7 +52,8 @@ def pareto_front(trials: Sequence, cost: str = "params", direction: str = "max")
     if direction not in ("max", "min"):
         raise ValueError(f"direction {direction!r} is not one of ['max', 'min']")
     sign = 1.0 if direction == "max" else -1.0
-    ranked = sorted(_scored(trials), key=lambda t: (_get(t, cost), -sign * _get(t, "objective")))
+    costed = [t for t in _scored(trials) if _get(t, cost) is not None]
+    ranked = sorted(costed, key=lambda t: (_get(t, cost), -sign * _get(t, "objective")))
     front, best, best_cost = [], -math.inf, None
     for trial in ranked:
         score, spent = sign * _get(trial, "objective"), _get(trial, cost)
@@ -62,15 +65,22 @@ def pareto_front(trials: Sequence, cost: str = "params", direction: str = "max")
     return front
 
 
+def costs_of(trials: Sequence) -> tuple[str, ...]:
+    """The costs `trials` have: parameters and FLOPs, and latency where one was measured."""
+    return COSTS if any(_get(t, "latency") is not None for t in trials) else COSTS[:2]
+
+
 def front_marks(trials: Sequence, direction: str = "max") -> list[tuple[str, ...]]:
-    """For each trial, in order, the costs ("params", "flops") on whose front it lies."""
-    on = {cost: {id(t) for t in pareto_front(trials, cost, direction)} for cost in COSTS}
-    return [tuple(cost for cost in COSTS if id(t) in on[cost]) for t in trials]
+    """For each trial, in order, the costs (`costs_of`) on whose front it lies."""
+    costs = costs_of(trials)
+    on = {cost: {id(t) for t in pareto_front(trials, cost, direction)} for cost in costs}
+    return [tuple(cost for cost in costs if id(t) in on[cost]) for t in trials]
 
 
 def plot_tradeoff(trials: Sequence, path, objective: str = "objective",
                   direction: str = "max", title: str | None = None) -> Path:
-    """Write a PNG of the objective against parameters and FLOPs, fronts drawn.
+    """Write a PNG of the objective against parameters, FLOPs and (where measured) latency,
+    fronts drawn.
 
     Args:
         trials: The trials to plot (those without an objective are left out).
@@ -86,15 +96,17 @@ def plot_tradeoff(trials: Sequence, path, objective: str = "objective",
     from matplotlib.figure import Figure
 
     scored = _scored(trials)
-    figure = Figure(figsize=(11, 4.5))
+    costs = costs_of(scored)
+    figure = Figure(figsize=(5.5 * len(costs), 4.5))
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.9, wspace=0.06)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(COSTS), sharey=True)
-    for ax, cost in zip(axes, COSTS):
-        xs = [_get(t, cost) for t in scored]
-        ys = [_get(t, "objective") for t in scored]
+    axes = figure.subplots(1, len(costs), sharey=True)
+    for ax, cost in zip(axes, costs):
+        costed = [t for t in scored if _get(t, cost) is not None]
+        xs = [_get(t, cost) for t in costed]
+        ys = [_get(t, "objective") for t in costed]
         ax.scatter(xs, ys, s=28, color="tab:blue", alpha=0.6, label="trial")
-        front = pareto_front(scored, cost, direction)
+        front = pareto_front(costed, cost, direction)
         if front:
             fx = [_get(t, cost) for t in front]
             fy = [_get(t, "objective") for t in front]

@@ -41,8 +41,8 @@ __all__ = ["ResultsError", "Search", "TrialRow", "Reader", "SORT_KEYS", "STATUSE
 STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING")
 # --sort keys besides any metric the trial runs carry; the value is the metric read.
 SORT_KEYS = {"objective": "objective", "trial": None, "params": "params", "flops": "flops",
-             "fit_time": "fit_time_s", "epochs": "epochs_trained"}
-_SMALLEST_FIRST = ("params", "flops", "fit_time_s", "epochs_trained")
+             "fit_time": "fit_time_s", "epochs": "epochs_trained", "latency": "latency_ms"}
+_SMALLEST_FIRST = ("params", "flops", "fit_time_s", "epochs_trained", "latency_ms")
 
 
 class ResultsError(InputError, LookupError):
@@ -131,6 +131,11 @@ class TrialRow:
         return {"depth": depth, "filters": per_stage("filters"),
                 "kernels": per_stage("kernel_size"), "strides": per_stage("stride"),
                 "pooling": per_stage("pool"), "pointwise": per_stage("pointwise")}
+
+    @property
+    def latency(self) -> float | None:
+        """Its measured latency in ms at batch size 1 (`--latency`), or None."""
+        return self.metrics.get("latency_ms")
 
     @property
     def fidelity(self) -> str:
@@ -263,8 +268,9 @@ def select_trials(rows: Iterable[TrialRow], search: Search, status: str | None =
         limit: At most this many, the first in that order.
 
     Returns:
-        The rows, and with `pareto` for each row's run id its fronts: "params", "flops"
-        or "params,flops" (an empty mapping without `pareto`).
+        The rows, and with `pareto` for each row's run id its fronts, e.g. "params",
+        "flops", "params,flops" or "params,flops,latency" (an empty mapping without
+        `pareto`).
 
     Raises:
         ResultsError: `status` or `sort` is none of those allowed.

@@ -228,7 +228,8 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
                 tracker, search_run_id, tuner, result, register=final.register, echo=echo,
                 test=None if test is None else (test, len(arrays.y_test)),
                 ensemble=final.ensemble, seed=config.seed,
-                refit=refit_dataset(arrays, batch_size, config.seed) if final.refit else None)
+                refit=refit_dataset(arrays, batch_size, config.seed) if final.refit else None,
+                latency=assembly.latency_meter(config), max_latency_ms=config.max_latency_ms)
             result.refit = final.refit and bool(result.final_trials)
         finally:
             hooks.close()

@@ -91,6 +91,14 @@ class SearchConfig:
     max_flops: int | None = None
     mixed_precision: bool = False
     jit_compile: bool = False
+    # What is measured besides the objective: each trained trial's and the final model's
+    # latency at batch size 1, run by this engine ("tflite", "keras"; None: not measured)
+    # on this many threads (`nas.latency`).
+    latency: str | None = None
+    latency_threads: int = 1
+    # A trial measured slower is never chosen, and the final model is kept under it
+    # (ms at batch size 1; None: no budget; set, the latency is measured).
+    max_latency_ms: float | None = None
     # Where it lives: its experiment, tracking store and working folder.
     experiment: str | None = None  # None: SPACE-PIPELINE
     tracking_uri: str | None = None  # None: MLflow's own rule
@@ -104,6 +112,11 @@ class SearchConfig:
     @property
     def experiment_name(self) -> str:
         return self.experiment or f"{self.space.name}-{self.pipeline.name}"
+
+    @property
+    def latency_engine(self) -> str | None:
+        """What measures the latency: `latency`, else TFLite when a budget needs it."""
+        return self.latency or ("tflite" if self.max_latency_ms is not None else None)
 
     @property
     def epochs_per_trial(self) -> int:
@@ -142,6 +155,8 @@ class SearchConfig:
             "max_params": constraints.max_params, "max_flops": constraints.max_flops,
             "mixed_precision": self.mixed_precision, "jit_compile": self.jit_compile,
             "ensemble": self.final.ensemble, "refit": self.final.refit,
+            **({"latency": self.latency_engine, "latency_threads": self.latency_threads,
+                "max_latency_ms": self.max_latency_ms} if self.latency_engine else {}),
         }
 
 

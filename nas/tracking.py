@@ -43,6 +43,9 @@ TAG_MAX_TRIALS = "nas.max_trials"  # once it grew past its first budget
 TAG_FINAL = "nas.final_trials"  # the trial(s) of its final model
 TAG_REFIT = "nas.refit"  # "1" when its final model was retrained (--refit)
 TAG_MODEL_ERROR = "nas.model_error"  # why its final model could not be logged
+TAG_LATENCY = "nas.latency"  # what measured the final model's latency ("TFLite, 1 thread")
+TAG_LATENCY_ERROR = "nas.latency_error"  # why a model's latency could not be measured
+TAG_OVER_BUDGET = "nas.over_budget"  # a trial measured over --max-latency-ms: never chosen
 TAG_BEST_TRIAL = "nas.best_trial_id"  # its best trial
 TAG_BEST_RUN = "nas.best_run_id"  # the run of its best trial
 # On a logged model: the trial run of its one trial ("" for an ensemble).

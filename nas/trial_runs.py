@@ -59,6 +59,7 @@ class TrialRuns:
         # Every trial that enters the best `keep` so far has its weights logged to MLflow
         # (what the final model needs, whatever happens to this machine's disk).
         self.keep = max(1, config.final.ensemble)
+        self.max_latency_ms = config.max_latency_ms  # trials measured slower: never chosen
         self.project_dir = config.project_dir
         self.scores: list[float] = []  # of the finished trials, this process's and earlier
         self.earlier = 0  # trials ended by earlier processes of a resumed search
@@ -256,7 +257,10 @@ class TrialRuns:
         if opened.exception() is None:  # else the trial fails on that error already
             self.tracker.log_batch(opened.result(), metrics)
 
-    def trial_ended(self, trial, architecture, history, fit_seconds, error) -> None:
+    def trial_ended(self, trial, architecture, history, fit_seconds, error,
+                    measured: dict | None = None, notes: dict | None = None) -> None:
+        """Close the trial's run: its status, its best objective, `measured` (more
+        metrics: its latency) and `notes` (more tags)."""
         self.batch_ended()  # a trial that never trained gets its run too
         self.ended += 1
         try:
@@ -273,7 +277,11 @@ class TrialRuns:
         if error is None and failed_flush is not None:
             error = failed_flush  # its metrics could not be written: the trial fails
         status = "FINISHED"
-        metrics, tags, weights = {"fit_time_s": fit_seconds}, {}, None
+        metrics = {"fit_time_s": fit_seconds, **(measured or {})}
+        tags, weights = dict(notes or {}), None
+        over = self._over_budget(metrics) if error is None else None
+        if over:
+            tags[tracking.TAG_OVER_BUDGET] = over
         if history is not None:
             values = [v for v in history.get(self.objective, []) if v == v]
             if values:
@@ -283,8 +291,9 @@ class TrialRuns:
                 metrics["epochs_trained"] = len(history[self.objective])
                 better = self.best is None or (best > self.best if self.direction == "max"
                                                else best < self.best)
-                self.best = best if better and error is None else self.best
-                if error is None:
+                chosen = error is None and not over  # what the final model may take
+                self.best = best if better and chosen else self.best
+                if chosen:
                     weights = self._weights_to_keep(trial.trial_id, best)
         if error is not None:
             status = ("KILLED" if isinstance(error, (KeyboardInterrupt, tracking.Interrupted))
@@ -300,8 +309,23 @@ class TrialRuns:
             trial.trial_id, self.earlier + self.ended, self.total, self.objective,
             metrics.get("objective"), self.best, architecture.params, seconds, status, run_id,
             tags.get(tracking.TAG_ERROR)))
+        if over:
+            self.callback.on_message(f"trial {trial.trial_id} is over the latency budget "
+                                     f"({over}): never chosen")
         if failed_flush is not None and error is failed_flush:
             raise failed_flush  # KerasTuner records the trial as failed
+
+    def _over_budget(self, metrics: dict) -> str | None:
+        """Why a trial must not be chosen for the final model: its measured latency is over
+        `max_latency_ms`, or could not be measured; None when it may be."""
+        if self.max_latency_ms is None:
+            return None
+        measured = metrics.get("latency_ms")
+        if measured is None:
+            return "latency not measured"
+        if measured > self.max_latency_ms:
+            return f"latency {measured:.4g} ms > {self.max_latency_ms:g} ms"
+        return None
 
     def _weights_to_keep(self, trial_id: str, score: float):
         """The trial's checkpoint if it is among the best `keep` finished so far, else None."""

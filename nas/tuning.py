@@ -235,7 +235,7 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
 
     def __init__(self, oracle, hypermodel: CandidateModel, hooks,
                  stopping: MedianStopping | None = None, collect_in_background: bool = False,
-                 forget_gradients: bool = False, **kwargs):
+                 forget_gradients: bool = False, latency: Callable | None = None, **kwargs):
         from nas import tracking  # the MLflow side, loaded by now: imported once, not per batch
 
         ktcompat.install()  # atomic checkpoints
@@ -243,6 +243,7 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
         self.hooks = hooks
         self.stopping = stopping
+        self.latency = latency  # model -> nas.latency.Latency; None: not measured
         self._epoch = 0
         self._collect = False  # the last trial's garbage waits for this trial's first batch
         self._on_gpu = bool(tf.config.list_logical_devices("GPU"))
@@ -303,8 +304,22 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         if resume is not None:
             resume.clear()
         self.hooks.trial_ended(trial, architecture, histories[-1].history,
-                               self.hypermodel.last_fit_seconds, None)
+                               self.hypermodel.last_fit_seconds, None,
+                               *self._latency(architecture))
         return histories
+
+    def _latency(self, architecture: Architecture) -> tuple[dict, dict]:
+        """(metrics, tags) of the trial's measured latency (`latency`, `nas.latency`), on
+        its architecture as served, freshly built (weights do not change it). One that
+        cannot be measured (a layer TFLite cannot convert) is a tag, not a failed trial."""
+        if self.latency is None:
+            return {}, {}
+        try:
+            model = build_model(architecture.for_serving(), jit_compile=False)
+            return self.latency(model).metrics(), {}
+        except Exception as error:
+            message = f"{error.__class__.__name__}: {error}".strip().splitlines()[0][:500]
+            return {}, {tracking.TAG_LATENCY_ERROR: message}
 
     def _fidelity(self, values: dict, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The fit's arguments for a trial of a funnel (`nas.funnel`): a look trains on its

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from nas.cli import main
-from nas.pareto import front_marks, pareto_front, plot_tradeoff
+from nas.pareto import COSTS, costs_of, front_marks, pareto_front, plot_tradeoff
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,9 +72,20 @@ def test_the_front_is_what_no_other_trial_dominates():
         assert set(ids(pareto_front(trials, "params", direction))) == expected
 
 
+def test_a_measured_latency_is_a_third_front_of_the_trials_that_have_one():
+    timed = [{**t, "latency": latency} for t, latency in
+             zip(TRIALS, (0.5, 0.4, None, 0.2, 0.9, 0.1, 0.01, 0.01))]
+    assert ids(pareto_front(timed, "latency", "max")) == ["f", "d", "b"]  # c: none measured
+    assert front_marks(timed, "max") == [
+        ("params",), ("params", "flops", "latency"), ("params",), ("flops", "latency"),
+        ("params", "flops"), ("flops", "latency"), (), ()]
+    assert costs_of(TRIALS) == ("params", "flops") and costs_of(timed) == COSTS
+
+
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match=r"cost 'latency' is not one of \['params', 'flops'\]"):
-        pareto_front(TRIALS, "latency")
+    with pytest.raises(ValueError, match=r"cost 'time' is not one of \['params', 'flops', "
+                                         r"'latency'\]"):
+        pareto_front(TRIALS, "time")
     with pytest.raises(ValueError, match=r"direction 'up' is not one of"):
         pareto_front(TRIALS, "params", "up")
 

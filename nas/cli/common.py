@@ -111,6 +111,9 @@ def tensorflow_environment() -> None:
     # MLflow's INFO lines ("Creating initial MLflow database tables...") are not for users;
     # MLflow reads this when it is imported.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow draws a progress bar for each artifact it reads back (`nas best`'s layer
+    # table) wherever tqdm is installed (LiteRT brings it): not a line of ours.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # unless the user chose a level
     if "tensorflow" not in sys.modules and not any(
             isinstance(finder, _TensorFlowFinder) for finder in sys.meta_path):

@@ -16,15 +16,15 @@ from nas.settings import UNCAPPED_TRIALS
 @click.command()
 @LATEST_EXPERIMENT
 @click.option("--sort", default="objective", show_default=True, metavar="METRIC",
-              help="objective (best first), trial, params, flops, fit_time, epochs, or any "
-                   "metric of the trial runs (e.g. val_loss).")
+              help="objective (best first), trial, params, flops, latency, fit_time, "
+                   "epochs, or any metric of the trial runs (e.g. val_loss).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Show the first N rows only.")
 @click.option("--status", type=click.Choice(STATUSES, case_sensitive=False), default=None,
               help="Only trials whose MLflow run ended so.")
 @click.option("--pareto", is_flag=True,
-              help="Only the trials on the Pareto front of the objective vs parameters or "
-                   "FLOPs, marked.")
+              help="Only the trials on the Pareto front of the objective vs parameters, "
+                   "FLOPs or (searched with --latency) latency, marked.")
 @TRACKING_URI
 @user_errors
 def trials(experiment, sort, limit, status, pareto, tracking_uri):
@@ -62,7 +62,7 @@ def best(experiment, tracking_uri):
     import textwrap
 
     from nas import final_model, results
-    from nas.tracking import TAG_TRIAL
+    from nas.tracking import TAG_LATENCY, TAG_TRIAL
 
     tracker = results.open_store(tracking_uri)
     found = results.find_search(tracker, experiment)
@@ -71,11 +71,17 @@ def best(experiment, tracking_uri):
     finished = sum(r.status == "FINISHED" for r in rows)
     click.echo(f"best trial {top.trial_id} of experiment {found.experiment_name!r}: "
                f"{found.objective} {top.objective:.4f} ({finished} finished trials)")
+    latency = top.metrics.get("latency_ms")
     click.echo(f"{count(top.params)} parameters, {count(top.flops)} FLOPs, "
-               f"fit {seconds(top.fit_seconds)} s, {top.epochs or '-'} epochs")
+               f"fit {seconds(top.fit_seconds)} s, {top.epochs or '-'} epochs"
+               + (f", latency {latency:.3f} ms" if latency is not None else ""))
     final = found.final_trials
     if final:
         click.echo(test_line(found.test, final, found.refit))
+        if "latency_ms" in found.metrics:
+            click.echo(f"final model latency: {found.metrics['latency_ms']:.3f} ms at batch "
+                       f"size 1 ({found.tags.get(TAG_LATENCY, 'measured')}; spread "
+                       f"{found.metrics.get('latency_spread_ms', 0):.3f} ms)")
     values = "  ".join(f"{k}={cell(v)}" for k, v in top.values.items())
     click.echo(textwrap.fill(values, width=88, initial_indent="hyperparameters: ",
                              subsequent_indent="  ", break_on_hyphens=False))
@@ -132,16 +138,20 @@ def ui(host, port, tracking_uri):
 
 def _results_table(rows, objective: str) -> str:
     funnel = any(r.fidelity for r in rows)  # a funnel's looks and full trainings
-    header = ("trial", "status", objective, "params", "FLOPs", "fit s", "epochs",
+    timed = any("latency_ms" in r.metrics for r in rows)  # a search with --latency
+    header = ("trial", "status", objective, "params", "FLOPs",
+              *(("latency ms",) if timed else ()), "fit s", "epochs",
               *(("data",) if funnel else ()), "depth", "filters", "kernels", "strides",
               "pool", "1x1")
     table = [header]
     for r in rows:
         a = r.architecture
+        latency = r.metrics.get("latency_ms")
         table.append((r.trial_id, r.status,
                       "-" if r.objective is None else f"{r.objective:.4f}",
-                      count(r.params), count(r.flops), seconds(r.fit_seconds),
-                      "-" if r.epochs is None else str(r.epochs),
+                      count(r.params), count(r.flops),
+                      *(("-" if latency is None else f"{latency:.3f}",) if timed else ()),
+                      seconds(r.fit_seconds), "-" if r.epochs is None else str(r.epochs),
                       *((r.fidelity or "-",) if funnel else ()), cell(a["depth"]),
                       cell(a["filters"]), cell(a["kernels"]), cell(a["strides"]),
                       cell(a["pooling"]), cell(a["pointwise"])))
@@ -158,7 +168,8 @@ def _results_table(rows, objective: str) -> str:
 @TRACKING_URI
 @user_errors
 def report(experiment, out, tracking_uri):
-    """Plot a search's objective against parameters and FLOPs, Pareto fronts drawn.
+    """Plot a search's objective against parameters, FLOPs and (with --latency) latency,
+    Pareto fronts drawn.
 
     The same plot as the pareto.png artifact of the search's MLflow run.
     """
@@ -178,9 +189,13 @@ def report(experiment, out, tracking_uri):
                         f"no finished trial to plot yet")
     pareto.plot_tradeoff(finished, out, found.objective, found.direction,
                          title=f"search {found.experiment_name}")
-    on_front = [r.trial_id for r in pareto.pareto_front(finished, "params", found.direction)]
+    timed = "latency" in pareto.costs_of(finished)
+    against, cost = (("parameters, FLOPs and latency", "latency") if timed
+                     else ("parameters and FLOPs", "parameters"))
+    on_front = [r.trial_id for r in pareto.pareto_front(
+        finished, "latency" if timed else "params", found.direction)]
     click.echo(f"wrote {out}: {found.objective} of {len(finished)} finished trials against "
-               f"parameters and FLOPs; Pareto front (parameters): trials {', '.join(on_front)}")
+               f"{against}; Pareto front ({cost}): trials {', '.join(on_front)}")
 
 
 def _with_pareto_column(table: str, rows, marks: dict[str, str]) -> str:

@@ -49,6 +49,19 @@ from nas.settings import (LOCAL_RAY, TUNERS, UNCAPPED_TRIALS, Budget, FinalModel
               help="FLOPs budget per candidate.")
 @click.option("--mixed-precision", is_flag=True, help="float16 compute, float32 output.")
 @click.option("--jit-compile", is_flag=True, help="Compile training steps with XLA.")
+@click.option("--latency", type=click.Choice(["tflite", "keras"]), default=None,
+              is_flag=False, flag_value="tflite",
+              help="Measure each trial's and the final model's latency at batch size 1 on "
+                   "this machine: as TFLite runs it (the default), or Keras's forward "
+                   "pass; logged as latency_ms.")
+@click.option("--latency-threads", type=click.IntRange(min=1),
+              default=SearchConfig.latency_threads, show_default=True, metavar="N",
+              help="With --latency tflite: the threads the TFLite interpreter runs on.")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="MS",
+              help="A latency budget: trials measured slower are never chosen, and the "
+                   "final model is kept within it (measured as --latency says; TFLite "
+                   "without it).")
 @click.option("--register", default=None, metavar="NAME",
               help="Register the final model in the MLflow Model Registry as NAME.")
 @click.option("--ensemble", type=click.IntRange(min=1), default=FinalModel.ensemble,
@@ -91,9 +104,9 @@ from nas.settings import (LOCAL_RAY, TUNERS, UNCAPPED_TRIALS, Budget, FinalModel
 @user_errors
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
-           mixed_precision, jit_compile, register, ensemble, refit, skip_bad_images,
-           distribution, workers, ray_address, cpus_per_trial, gpus_per_trial, max_concurrent,
-           max_retries, progress):
+           mixed_precision, jit_compile, latency, latency_threads, max_latency_ms, register,
+           ensemble, refit, skip_bad_images, distribution, workers, ray_address, cpus_per_trial,
+           gpus_per_trial, max_concurrent, max_retries, progress):
     """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
     from nas import search as search_module
     from nas.specs import load_pipeline, load_space
@@ -113,12 +126,17 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
                                    f"--workers trains on a local Ray; on a cluster, give "
                                    f"--max-concurrent")
         ray_address, max_concurrent = LOCAL_RAY, workers
+    engine = latency or ("tflite" if max_latency_ms else None)  # as SearchConfig reads it
+    if engine != "tflite" and click.get_current_context().get_parameter_source(
+            "latency_threads") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--latency-threads is for --latency tflite: give it too")
     if ray_address is None and given:
         raise click.UsageError(f"{given[0]} is for a search on Ray: give --ray too")
     config = SearchConfig(
         space=load_space(space), pipeline=load_pipeline(pipeline), tuner=tuner,
         epochs=epochs, batch_size=batch_size, seed=seed, max_params=max_params,
         max_flops=max_flops, mixed_precision=mixed_precision, jit_compile=jit_compile,
+        latency=latency, latency_threads=latency_threads, max_latency_ms=max_latency_ms,
         experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
         overwrite=overwrite, skip_bad_images=skip_bad_images,
         budget=Budget(max_trials=max_trials, time_limit=time_limit, max_failures=max_failures),
