@@ -142,7 +142,8 @@ def assemble(config: SearchConfig, arrays, tracker, experiment_id: str, search_r
     hypermodel = tuning.CandidateModel(config.space, arrays.input_shape, arrays.num_classes,
                                        arrays.pixel_scale, jit_compile=config.jit_compile,
                                        mixed_precision=config.mixed_precision,
-                                       augment=config.pipeline.augment)
+                                       augment=config.pipeline.augment,
+                                       label_smoothing=config.pipeline.label_smoothing)
     hooks = TrialRuns(tracker, experiment_id, search_run_id, config, callback,
                       config.budget.max_trials)
     return Parts(config, hypermodel, hooks, (len(arrays.y_train), len(arrays.y_val)))

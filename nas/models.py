@@ -36,8 +36,11 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
 
 
 def build_model(architecture: Architecture, *, jit_compile: bool | str = "auto",
-                mixed_precision: bool = False) -> keras.Model:
+                mixed_precision: bool = False, label_smoothing: float = 0.0) -> keras.Model:
     """Build and compile the Keras model `architecture` describes.
+
+    With `label_smoothing`, the loss spreads that share of each label's probability over
+    the other classes (the loss a trial trains with; a served model is compiled without).
 
     With `mixed_precision`, every layer computes in float16 on float32 variables, except
     the output layer, which computes in float32 so that the softmax and the loss stay
@@ -62,11 +65,23 @@ def build_model(architecture: Architecture, *, jit_compile: bool | str = "auto",
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
         optimizer=optimizer,
-        loss="sparse_categorical_crossentropy",
+        loss=(_smoothed_loss(label_smoothing, architecture.num_classes) if label_smoothing
+              else "sparse_categorical_crossentropy"),
         metrics=["accuracy"],
         jit_compile=jit_compile,
     )
     return model
+
+
+def _smoothed_loss(label_smoothing: float, classes: int):
+    """Sparse categorical cross-entropy with label smoothing (Keras's smooths one-hot
+    labels only)."""
+    def smoothed_sparse_categorical_crossentropy(y_true, y_pred):
+        labels = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"),
+                                   classes)
+        return keras.losses.categorical_crossentropy(labels, y_pred,
+                                                     label_smoothing=label_smoothing)
+    return smoothed_sparse_categorical_crossentropy
 
 
 def _make_layer(layer, policy: str) -> keras.layers.Layer:

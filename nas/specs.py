@@ -187,6 +187,9 @@ class Pipeline:
     # (name, value) of each augmentation the data allows (`train.augment`), in `AUGMENTS`
     # order: what a search's trainings on all the training data apply (`nas.tuning`)
     augment: tuple[tuple[str, str | float], ...] = ()
+    # the share of each label's probability spread over the other classes in the loss
+    # (`train.label_smoothing`; 0: none), in every trial's training
+    label_smoothing: float = 0.0
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
     @property
@@ -443,7 +446,8 @@ def load_pipeline(ref: str) -> Pipeline:
                    "test_split", "pixel_scale", "seed"),
                   required=("source",))
     train = r.mapping(data.get("train", {}), "train",
-                      ("epochs", "batch_size", "early_stopping_patience", "augment"))
+                      ("epochs", "batch_size", "early_stopping_patience", "augment",
+                       "label_smoothing"))
     source = r.scalar(d["source"], "data.source", "str", allowed=SOURCES)
 
     data_path = None
@@ -506,5 +510,7 @@ def load_pipeline(ref: str) -> Pipeline:
                            allowed=OBJECTIVES),
         constraints=_constraints(r, data.get("constraints")),
         augment=_augment(r, train.get("augment"), "train.augment", r.scalar),
+        label_smoothing=r.scalar(train.get("label_smoothing", 0.0), "train.label_smoothing",
+                                 "float", low=0.0, high=1.0, high_open=True),
         text=text,
     )

@@ -40,11 +40,12 @@ class CandidateModel(kt.HyperModel):
 
     def __init__(self, space: SearchSpace, input_shape, num_classes: int, pixel_scale: float,
                  jit_compile: bool | str = "auto", mixed_precision: bool = False,
-                 augment: tuple = ()):
+                 augment: tuple = (), label_smoothing: float = 0.0):
         super().__init__(name="candidate")
         self.space = space
         # the pipeline's `train.augment`, as the values of a space's augment knobs
         self.augment = {f"augment/{name}": value for name, value in augment}
+        self.label_smoothing = label_smoothing  # the pipeline's `train.label_smoothing`
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.pixel_scale = pixel_scale
@@ -75,7 +76,8 @@ class CandidateModel(kt.HyperModel):
         if architecture.impossible:
             raise kt.errors.FailedTrialError(architecture.impossible)
         return build_model(architecture, jit_compile=self.jit_compile,
-                           mixed_precision=self.mixed_precision)
+                           mixed_precision=self.mixed_precision,
+                           label_smoothing=self.label_smoothing)
 
     def fit(self, hp, model, *args, **kwargs):
         """`model.fit`, timed; continued from the trial's last finished epoch when an

@@ -147,7 +147,7 @@ def _hp(values):
     return hp
 
 
-# --- the pipeline's augmentations -----------------------------------------------------------
+# --- the pipeline's recipe: augmentations, label smoothing --------------------------------
 
 
 def test_trainings_on_all_the_data_augment_as_the_pipeline_says_and_looks_do_not():
@@ -177,6 +177,25 @@ def test_trainings_on_all_the_data_augment_as_the_pipeline_says_and_looks_do_not
                                                                 "RandomTranslation"]
     assert tuning.inherit(model, hypermodel.build(_hp(look))) == [
         "stage_1_conv", "stage_2_conv", "output"]
+
+
+def test_trials_train_with_the_pipelines_label_smoothing_and_serve_without():
+    from nas.models import build_model
+
+    _, values = candidate(filters_2=8)
+    hypermodel = tuning.CandidateModel(load_space("tiny"), (8, 8, 1), 10, 16.0,
+                                       label_smoothing=0.1)
+    trained = hypermodel.build(_hp(values))
+    labels, probabilities = np.array([3, 0]), np.full((2, 10), 0.05, "float32")
+    probabilities[0, 3] = probabilities[1, 1] = 0.55
+    # each label's target: 0.9 + 0.1 / 10 on its class, 0.1 / 10 on every other
+    targets = np.full((2, 10), 0.01)
+    targets[0, 3] = targets[1, 0] = 0.91
+    expected = -(targets * np.log(probabilities)).sum(axis=1)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(
+        trained.loss(labels, probabilities)), expected, rtol=1e-5)
+    served = build_model(hypermodel.architecture(values).for_serving(), jit_compile=False)
+    assert served.loss == "sparse_categorical_crossentropy"
 
 
 # --- a schedule that fits the time ----------------------------------------------------------
