@@ -1,10 +1,10 @@
 """Trade-offs between a search's objective and what its candidates cost.
 
 `pareto_front` keeps the trials no other trial beats: none reaches at least as good an
-objective at no greater cost (parameters, FLOPs, or the measured latency of a search run
-with `--latency`) while being better on one of the two. `plot_tradeoff` draws the objective against the costs with the fronts marked,
-using matplotlib's Agg canvas (no display, no pyplot state), and `log_plot` attaches
-that plot to a search's MLflow run.
+objective at no greater cost (parameters, FLOPs, or the latency a search run with
+`--latency` measured) while being better on one of the two. `plot_tradeoff` draws the
+objective against the costs with the fronts marked, using matplotlib's Agg canvas (no
+display, no pyplot state), and `log_plot` attaches that plot to a search's MLflow run.
 
 Trials are anything with `trial_id`, `objective`, `params` and `flops` (and `latency`,
 in ms, where measured), as attributes or as mapping keys; a trial without an objective

@@ -99,3 +99,27 @@ def test_a_restarted_driver_resumes_the_search_on_the_cluster_its_trials_on_the_
         ray.shutdown()
     assert {r.data.tags["nas.ray_node"] for r in trials} == gpu_nodes
     assert {r.data.tags["nas.gpus"] for r in trials} == {"0"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_store_on_this_machine_is_refused_when_a_node_is_on_another(processes, tmp_path):
+    """A node at another address (127.0.0.2: another machine, as far as Ray can tell) could
+    not log to a SQLite file here: refused in one line, before anything is written."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
+        cluster.wait_for_nodes()
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        search(processes, "driver", uri, "--ray", cluster.address, experiment="elsewhere")
+        code = processes.wait("driver", timeout=120)
+        out = processes.output("driver")
+    finally:
+        cluster.shutdown()
+    assert code == 2, processes.logs()
+    assert (f"Error: --tracking-uri: {uri} is a file on this machine, which the Ray nodes at "
+            f"127.0.0.2 cannot reach; give a tracking server every node reaches") in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".nas").exists()
