@@ -11,9 +11,12 @@ most CPUs. `measure` times a Keras model at batch size 1, as it will be served:
   service runs a SavedModel.
 
 Warm-up runs first (the first calls allocate and, for TFLite, pick kernels), then the
-median of `RUNS` timed runs, with their spread (the interquartile range): one slow run,
-another process's burst on a shared CPU, moves neither. A model's weights do not change
-its latency, so a trial's is measured on its architecture freshly built.
+median of `RUNS` timed samples, with their spread (the interquartile range): one slow
+run, another process's burst on a shared CPU, moves neither. A sample times as many runs
+in a row as take `SAMPLE_SECONDS` (one run of a small model takes microseconds, too
+little to time alone: the clock and the loop around it would be most of what is timed).
+A model's weights do not change its latency, so a trial's is measured on its
+architecture freshly built.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import os
 import statistics
 import sys
@@ -31,8 +35,8 @@ __all__ = ["ENGINES", "Latency", "measure"]
 
 ENGINES = ("tflite", "keras")
 WARMUP = 10  # runs before timing
-RUNS = 100  # timed runs; the median is the latency
-MIN_SECONDS = 0.2  # ... and at least this long, for models too fast to time in 100 runs
+RUNS = 100  # timed samples; their median is the latency
+SAMPLE_SECONDS = 0.002  # a sample times as many runs in a row as take this long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Latency:
     threads: int
     median_ms: float
     spread_ms: float  # the interquartile range of the timed runs
-    runs: int
+    runs: int  # timed in all
 
     def metrics(self) -> dict:
         """As a run logs it."""
@@ -56,8 +60,8 @@ class Latency:
         return f"TFLite, {threads}" if self.engine == "tflite" else "Keras"
 
     def describe(self) -> str:
-        return (f"{self.median_ms:.3f} ms at batch size 1 ({self.how}; median of {self.runs} "
-                f"runs, spread {self.spread_ms:.3f} ms)")
+        return (f"{self.median_ms:.3f} ms at batch size 1 ({self.how}; {self.runs} runs "
+                f"timed, spread {self.spread_ms:.3f} ms)")
 
 
 def measure(model, engine: str = "tflite", threads: int = 1, runs: int = RUNS,
@@ -72,17 +76,20 @@ def measure(model, engine: str = "tflite", threads: int = 1, runs: int = RUNS,
 
     image = np.random.default_rng(0).random((1, *model.input_shape[1:]), dtype=np.float32)
     run = _tflite(model, image, threads) if engine == "tflite" else _keras(model, image)
+    begin = time.perf_counter()
     for _ in range(warmup):
         run()
+    each = (time.perf_counter() - begin) / max(1, warmup)
+    in_a_row = max(1, math.ceil(SAMPLE_SECONDS / max(each, 1e-9)))
     times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < runs or time.perf_counter() - started < MIN_SECONDS:
+    for _ in range(runs):
         begin = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - begin) * 1000)
+        for _ in range(in_a_row):
+            run()
+        times.append((time.perf_counter() - begin) * 1000 / in_a_row)
     quartiles = statistics.quantiles(times, n=4)
     return Latency(engine, threads, statistics.median(times), quartiles[2] - quartiles[0],
-                   len(times))
+                   runs * in_a_row)
 
 
 def _tflite(model, image, threads: int):

@@ -55,7 +55,7 @@ def test_a_search_with_latency_logs_and_shows_each_trials_and_the_final_models(t
         "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "final model latency: " in result.output
-    assert "(TFLite, 2 threads; median of " in result.output
+    assert "(TFLite, 2 threads; " in result.output and " runs timed, spread " in result.output
     search, trials = runs("timed")
     assert len(trials) == 3
     for run in trials:
