@@ -86,7 +86,7 @@ def test_a_model_whose_latency_cannot_be_measured_is_noted_and_its_trial_kept(mo
     monkeypatch.setattr(latency, "measure", cannot)
     result = CliRunner().invoke(main, [
         "search", "--space", "tiny", "--pipeline", "digits", "--epochs", "1",
-        "--max-trials", "2", "--experiment", "untimed", "--latency", "--no-progress"])
+        "--max-trials", "1", "--experiment", "untimed", "--latency", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert ("warning: the final model's latency could not be measured (RuntimeError: some "
             "op TFLite cannot convert)") in result.output
@@ -106,8 +106,8 @@ def test_a_latency_budget_keeps_slower_trials_out_of_the_final_model_and_shrinks
 
     monkeypatch.setattr(latency, "measure", measure)
     result = CliRunner().invoke(main, [
-        "search", "--space", "tiny", "--pipeline", "digits", "--epochs", "2",
-        "--max-trials", "5", "--experiment", "budget", "--max-latency-ms", "3.5",
+        "search", "--space", "tiny", "--pipeline", "digits", "--epochs", "1",
+        "--max-trials", "4", "--experiment", "budget", "--max-latency-ms", "3.5",
         "--no-progress"])
     assert result.exit_code == 0, result.output
     search, trials = runs("budget")
