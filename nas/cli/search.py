@@ -126,10 +126,6 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
                                    f"--workers trains on a local Ray; on a cluster, give "
                                    f"--max-concurrent")
         ray_address, max_concurrent = LOCAL_RAY, workers
-    engine = latency or ("tflite" if max_latency_ms else None)  # as SearchConfig reads it
-    if engine != "tflite" and click.get_current_context().get_parameter_source(
-            "latency_threads") != click.core.ParameterSource.DEFAULT:
-        raise click.UsageError("--latency-threads is for --latency tflite: give it too")
     if ray_address is None and given:
         raise click.UsageError(f"{given[0]} is for a search on Ray: give --ray too")
     config = SearchConfig(
@@ -146,6 +142,9 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
                        gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                        max_retries=max_retries),
     )
+    if config.latency_engine != "tflite" and click.get_current_context().get_parameter_source(
+            "latency_threads") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--latency-threads is for --latency tflite: give it too")
     if ray_address is not None:  # this process the driver, the trials Ray tasks
         from nas import scaleout
 
