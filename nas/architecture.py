@@ -20,9 +20,9 @@ import numpy as np
 
 from nas.specs import Constraints, Knob, SearchSpace
 
-__all__ = ["Architecture", "Builder", "Impossible", "Layer", "HyperparameterSpec",
+__all__ = ["Architecture", "Builder", "INPUT", "Impossible", "Layer", "HyperparameterSpec",
            "hyperparameter_specs", "CONV_SHAPE_KNOBS", "POOL_KNOBS", "ConvKnobs", "PoolKnobs",
-           "conv_costs", "pool_costs"]
+           "conv_costs", "pool_costs", "scaled_filters"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,27 +42,40 @@ def hyperparameter_specs(space: SearchSpace) -> list[HyperparameterSpec]:
     """The whole space as named hyperparameters, parents before children."""
     depths = space.depth.values()
     specs = [HyperparameterSpec("depth", space.depth)]
+    # A space that names no newer knob (stacked convs, blocks, a width, a resolution)
+    # declares what it did before they existed: its searches resume, and propose the
+    # same candidates, as they did.
+    if space.width.values() != [1.0]:
+        specs.append(HyperparameterSpec("width", space.width))
+    if space.resolution is not None:
+        specs.append(HyperparameterSpec("resolution", space.resolution))
     pooled = tuple(t for t in space.pool_type.values() if t != "none")
+    blocks = tuple(space.block.values())
     for stage in range(1, max(depths) + 1):
         active = (("depth", tuple(d for d in depths if d >= stage)),)
         prefix = f"stage_{stage}/"
-        # A space that stacks no convs declares what it did before `convs` existed: its
-        # searches resume, and propose the same candidates, as they did.
-        stacked = (("convs", space.convs),) if space.convs.values() != [1] else ()
-        stacked += (("separable", space.separable),) if space.separable.values() != [
-            False] else ()
         for name, knob in (
+            ("block", space.block),
             ("filters", space.filters),
-            *stacked,
+            ("convs", space.convs),
+            ("separable", space.separable),
             ("kernel_size", space.kernel_size),
             ("stride", space.stride),
             ("padding", space.padding),
             ("activation", space.activation),
             ("batch_norm", space.batch_norm),
             ("pointwise", space.pointwise),
+            ("expand_ratio", space.expand_ratio),
+            ("se", space.se),
             ("pool", space.pool_type),
         ):
-            specs.append(HyperparameterSpec(prefix + name, knob, active))
+            if name in _NEWER_KNOBS and knob.values() == [_NEWER_KNOBS[name]]:
+                continue  # as it was before the knob existed
+            kinds = tuple(b for b in blocks if b in _BLOCKS_OF.get(name, blocks))
+            if not kinds:
+                continue  # no block of the space has it (its value is the default)
+            block = (((prefix + "block", kinds),) if kinds != blocks else ())
+            specs.append(HyperparameterSpec(prefix + name, knob, active + block))
         if pooled:
             pool_active = active + ((prefix + "pool", pooled),)
             specs.append(HyperparameterSpec(prefix + "pool_size", space.pool_size, pool_active))
@@ -83,9 +96,24 @@ def hyperparameter_specs(space: SearchSpace) -> list[HyperparameterSpec]:
     return specs
 
 
+# The knobs newer than the first spaces, and the value that leaves them out (a space
+# whose knob takes only that value declares no hyperparameter for it).
+_NEWER_KNOBS = {"block": "plain", "convs": 1, "separable": False, "expand_ratio": 1,
+                "se": 0.0}
+# The blocks each per-stage knob applies to (the others, to every block): a shortcut
+# needs the feature map's size kept, so residual and mbconv blocks pad "same".
+_BLOCKS_OF = {"separable": ("plain", "residual"), "padding": ("plain",),
+              "pointwise": ("plain",), "expand_ratio": ("mbconv",),
+              "se": ("residual", "mbconv")}
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """One layer of a candidate: what it is, its output shape and its cost."""
+    """One layer of a candidate: what it is, its output shape and its cost.
+
+    `inputs` names the layers whose outputs it takes (a shortcut's, an `Add`'s); empty,
+    it takes the output of the layer before it.
+    """
 
     name: str
     kind: str
@@ -93,12 +121,21 @@ class Layer:
     output_shape: tuple[int, ...]
     params: int
     flops: int
+    inputs: tuple[str, ...] = ()
 
     def describe(self) -> str:
         c = self.config
+        source = f" of {' + '.join(self.inputs)}" if self.inputs else ""
         if self.kind in ("Conv2D", "SeparableConv2D"):
             return (f"{c['filters']} {c['kernel_size']}x{c['kernel_size']} "
-                    f"stride {c['strides']} {c['padding']}")
+                    f"stride {c['strides']} {c['padding']}{source}")
+        if self.kind == "DepthwiseConv2D":
+            return (f"{c['kernel_size']}x{c['kernel_size']} stride {c['strides']} "
+                    f"{c['padding']}")
+        if self.kind in ("Add", "Multiply"):
+            return " + ".join(self.inputs) if self.kind == "Add" else " x ".join(self.inputs)
+        if self.kind == "Resizing":
+            return f"to {c['height']}x{c['width']}"
         if self.kind in ("MaxPooling2D", "AveragePooling2D"):
             return f"{c['pool_size']}x{c['pool_size']} stride {c['strides']}"
         if self.kind == "Dense":
@@ -206,6 +243,7 @@ class Architecture:
                     "output_shape": list(layer.output_shape),
                     "params": layer.params,
                     "flops": layer.flops,
+                    **({"inputs": list(layer.inputs)} if layer.inputs else {}),
                 }
                 for layer in self.layers
             ],
@@ -215,7 +253,8 @@ class Architecture:
     def from_dict(cls, data: dict) -> "Architecture":
         """The architecture `to_dict` wrote (e.g. a trial run's `architecture.json`)."""
         layers = tuple(Layer(d["name"], d["type"], d["config"], tuple(d["output_shape"]),
-                             d["params"], d["flops"]) for d in data["layers"])
+                             d["params"], d["flops"], tuple(d.get("inputs", ())))
+                       for d in data["layers"])
         return cls(tuple(data["input_shape"]), data["num_classes"], data["values"], layers,
                    data.get("impossible"))
 
@@ -258,6 +297,7 @@ class Architecture:
         builder = Builder(tuple(input_shape))
         builder.add("rescaling", "Rescaling", {"scale": 1.0 / pixel_scale, "offset": 0.0},
                     builder.shape, 0, 0)
+        builder.resize(chosen.get("resolution"))
         builder.augment(chosen)
         try:
             for stage in range(1, chosen["depth"] + 1):
@@ -266,6 +306,10 @@ class Architecture:
         except Impossible as why:
             return cls(tuple(input_shape), num_classes, chosen, tuple(builder.layers), str(why))
         return cls(tuple(input_shape), num_classes, chosen, tuple(builder.layers))
+
+
+# The name of a model's input, as a layer's `inputs` name it.
+INPUT = "image"
 
 
 class Impossible(Exception):
@@ -297,8 +341,17 @@ _AUGMENT_LAYERS = {"flip": "RandomFlip", "rotation": "RandomRotation",
 # The stage knobs the feature map's height and width after a stage's convolutions
 # depend on, and its pool's knobs (each also says why a stage does not fit); the other
 # knobs change only channels and costs. No condition joins the pool's to the others.
-CONV_SHAPE_KNOBS = ("convs", "kernel_size", "stride", "padding")
+CONV_SHAPE_KNOBS = ("block", "convs", "kernel_size", "stride", "padding")
 POOL_KNOBS = ("pool", "pool_size", "pool_stride")
+# The blocks as the arithmetic numbers them (`ConvKnobs.block`).
+_BLOCK_NUMBERS = {"plain": 0, "residual": 1, "mbconv": 2}
+# Squeeze-and-excitation's share, in millionths: its squeeze is computed in whole numbers.
+_SE_UNIT = 1_000_000
+
+
+def scaled_filters(filters: int, width: float) -> int:
+    """A stage's filters under the model-wide width multiplier: rounded, at least 1."""
+    return max(1, int(filters * width + 0.5))
 
 
 class ConvKnobs(NamedTuple):
@@ -308,22 +361,32 @@ class ConvKnobs(NamedTuple):
     options'. The activation only names layers: it changes no number.
     """
 
-    filters: Any
+    filters: Any  # under the width multiplier
     kernel: Any
     stride: Any
     same: Any  # 1: same padding, 0: valid
     batch_norm: Any
     pointwise: Any
-    convs: Any = 1  # stacked convs: the first strides, the others keep the size ("same")
+    convs: Any = 1  # stacked convs (mbconv: blocks): the first strides, the others do not
     separable: Any = 0  # 1: depthwise-separable convs
+    block: Any = 0  # `_BLOCK_NUMBERS`
+    expand: Any = 1  # mbconv: the expanded channels, as a multiple of the input's
+    se: Any = 0  # squeeze-and-excitation's share of the input channels, in `_SE_UNIT`s
 
     @classmethod
     def of(cls, values: dict, prefix: str = "") -> "ConvKnobs":
-        """The numbers of the stage whose knobs are named `prefix` + knob in `values`."""
-        return cls(values[prefix + "filters"], values[prefix + "kernel_size"],
-                   values[prefix + "stride"], int(values[prefix + "padding"] == "same"),
-                   int(values[prefix + "batch_norm"]), int(values[prefix + "pointwise"]),
-                   values.get(prefix + "convs", 1), int(values.get(prefix + "separable", False)))
+        """The numbers of the stage whose knobs are named `prefix` + knob in `values`
+        (a knob inactive for its stage's block takes its default)."""
+        return cls(scaled_filters(values[prefix + "filters"], values.get("width", 1.0)),
+                   values[prefix + "kernel_size"], values[prefix + "stride"],
+                   int(values.get(prefix + "padding", "same") == "same"),
+                   int(values[prefix + "batch_norm"]),
+                   int(values.get(prefix + "pointwise", False)),
+                   values.get(prefix + "convs", 1),
+                   int(values.get(prefix + "separable", False)),
+                   _BLOCK_NUMBERS[values.get(prefix + "block", "plain")],
+                   values.get(prefix + "expand_ratio", 1),
+                   int(round(values.get(prefix + "se", 0.0) * _SE_UNIT)))
 
 
 class PoolKnobs(NamedTuple):
@@ -370,12 +433,13 @@ def _conv_cost(k: ConvKnobs, channels, pixels):
     return weights + k.filters * (1 - k.batch_norm), 2 * weights * pixels
 
 
-def _batch_norm_cost(k: ConvKnobs, pixels):
-    return 4 * k.filters, 2 * pixels * k.filters
+def _batch_norm_cost(k: ConvKnobs, pixels, channels=None):
+    channels = k.filters if channels is None else channels
+    return 4 * channels, 2 * pixels * channels
 
 
-def _activation_flops(k: ConvKnobs, pixels):
-    return pixels * k.filters
+def _activation_flops(k: ConvKnobs, pixels, channels=None):
+    return pixels * (k.filters if channels is None else channels)
 
 
 def _pointwise_cost(k: ConvKnobs, pixels):
@@ -386,13 +450,48 @@ def _pool_flops(k: PoolKnobs, channels, pixels):
     return k.size * k.size * pixels * channels
 
 
-def conv_costs(shape, k: ConvKnobs):
+def _normalized_1x1_cost(k: ConvKnobs, channels, out, pixels):
+    """A 1x1 conv from `channels` to `out` with the stage's batch norm (a shortcut's
+    projection, an mbconv's expansion or projection): (parameters, FLOPs)."""
+    params = channels * out + out * (1 - k.batch_norm) + k.batch_norm * 4 * out
+    return params, 2 * channels * out * pixels + k.batch_norm * 2 * pixels * out
+
+
+def _projects(k: ConvKnobs, channels, stride, shortcut: str):
+    """1 where a block's shortcut needs a 1x1 conv (it strides, or changes the channels).
+
+    `shortcut` "low" or "high" counts it only where it strides, or everywhere: for
+    bounds on feature maps whose channels are not known (`nas.costs`), as they must be
+    (no more, no fewer, parameters and FLOPs than with the real channels)."""
+    if shortcut == "low":
+        return (stride > 1) * 1
+    if shortcut == "high":
+        return 1 + 0 * k.filters
+    return ((stride > 1) | (channels != k.filters)) * 1
+
+
+def _squeeze(k: ConvKnobs, channels):
+    """A squeeze-and-excitation's squeezed channels: the share of the block's input
+    channels, at least 1 (EfficientNet's rule)."""
+    return np.maximum(1, channels * k.se // _SE_UNIT)
+
+
+def _se_cost(k: ConvKnobs, channels, squeezed, pixels):
+    """Squeeze-and-excitation on `channels` (where `k.se` > 0): average over the map, a
+    1x1 conv to `squeezed` and its activation, one back and a sigmoid, the product."""
+    on = (k.se > 0) * 1
+    params = 2 * channels * squeezed + squeezed + channels
+    flops = (2 * pixels * channels + 4 * channels * squeezed + squeezed + channels)
+    return on * params, on * flops
+
+
+def conv_costs(shape, k: ConvKnobs, shortcut: str = "exact"):
     """(height, width, channels, parameters, FLOPs) after a stage's convolutions.
 
-    The conv, batch norm, activation and pointwise layers of `Builder.stage`, summed,
-    for many options at once: `k`'s fields (and the channels of `shape`) may be numpy
-    arrays that broadcast together. A height or width below 1 means the option does not
-    fit (`Builder.stage` raises `Impossible`, saying why); its costs then mean nothing.
+    The layers of `Builder.stage` but the pool, summed, for many options at once: `k`'s
+    fields (and the channels of `shape`) may be numpy arrays that broadcast together. A
+    height or width below 1 means the option does not fit (`Builder.stage` raises
+    `Impossible`, saying why); its costs then mean nothing. `shortcut`: see `_projects`.
     """
     h, w, c = shape
     oh, ow = _conv_size(h, k), _conv_size(w, k)
@@ -407,7 +506,56 @@ def conv_costs(shape, k: ConvKnobs):
     pointwise_params, pointwise_flops = _pointwise_cost(k, pixels)
     params = params + k.pointwise * pointwise_params
     flops = flops + k.pointwise * (pointwise_flops + _activation_flops(k, pixels))
-    return oh, ow, k.filters, params, flops
+    # A residual block is those convs, squeeze-and-excitation, a shortcut and the sum.
+    se_params, se_flops = _se_cost(k, k.filters, _squeeze(k, c), pixels)
+    shortcut_params, shortcut_flops = _shortcut_cost(k, c, k.stride, pixels, shortcut)
+    residual = (k.block == 1) * 1
+    params = params + residual * (se_params + shortcut_params)
+    flops = flops + residual * (se_flops + shortcut_flops)
+    mb_params, mb_flops = _mbconv_costs(h * w, pixels, c, k, shortcut)
+    mbconv = (k.block == 2) * 1
+    return (oh, ow, k.filters, params + mbconv * (mb_params - params),
+            flops + mbconv * (mb_flops - flops))
+
+
+def _shortcut_cost(k: ConvKnobs, channels, stride, pixels, shortcut: str):
+    """A block's shortcut (a 1x1 conv where `_projects`) and the sum: (parameters, FLOPs)."""
+    projects = _projects(k, channels, stride, shortcut)
+    params, flops = _normalized_1x1_cost(k, channels, k.filters, pixels)
+    return projects * params, projects * flops + pixels * k.filters
+
+
+def _mbconv_costs(pixels_in, pixels, channels, k: ConvKnobs, shortcut: str):
+    """(parameters, FLOPs) of a stage of `k.convs` mbconv blocks, the first taking
+    `channels` on `pixels_in` pixels and leaving `pixels`; the others stride 1."""
+    params, flops = _mbconv_block_costs(pixels_in, pixels, channels, k.stride, k, shortcut)
+    for extra in range(1, int(np.max(k.convs))):
+        on = (k.convs > extra) * 1
+        more_params, more_flops = _mbconv_block_costs(pixels, pixels, k.filters, 1, k,
+                                                      shortcut)
+        params, flops = params + on * more_params, flops + on * more_flops
+    return params, flops
+
+
+def _mbconv_block_costs(pixels_in, pixels, channels, stride, k: ConvKnobs, shortcut: str):
+    """One mbconv block: a 1x1 expansion (none at ratio 1) with batch norm and
+    activation, a depthwise conv with both, squeeze-and-excitation, a 1x1 projection with
+    batch norm and no activation, the shortcut and the sum."""
+    expanded = channels * k.expand
+    expands = (k.expand > 1) * 1
+    expand_params, expand_flops = _normalized_1x1_cost(k, channels, expanded, pixels_in)
+    expand_flops = expand_flops + _activation_flops(k, pixels_in, expanded)
+    depthwise_params = (k.kernel * k.kernel * expanded + expanded * (1 - k.batch_norm)
+                        + k.batch_norm * 4 * expanded)
+    depthwise_flops = (2 * k.kernel * k.kernel * expanded * pixels
+                       + k.batch_norm * 2 * pixels * expanded + pixels * expanded)
+    se_params, se_flops = _se_cost(k, expanded, _squeeze(k, channels), pixels)
+    project_params, project_flops = _normalized_1x1_cost(k, expanded, k.filters, pixels)
+    shortcut_params, shortcut_flops = _shortcut_cost(k, channels, stride, pixels, shortcut)
+    return (expands * expand_params + depthwise_params + se_params + project_params
+            + shortcut_params,
+            expands * expand_flops + depthwise_flops + se_flops + project_flops
+            + shortcut_flops)
 
 
 def _conv_unit_costs(k: ConvKnobs, channels, pixels):
@@ -433,12 +581,13 @@ class Builder:
     raise `Impossible` when a layer does not fit."""
 
     def __init__(self, input_shape: tuple[int, int, int]):
-        self.shape = input_shape
+        self.shape = self.input_shape = input_shape
         self.layers: list[Layer] = []
 
-    def add(self, name, kind, config, shape, params, flops):
-        self.layers.append(Layer(name, kind, config, tuple(shape), int(params), int(flops)))
-        self.shape = tuple(shape)
+    def add(self, name, kind, config, shape, params, flops, inputs: tuple = ()):
+        self.layers.append(Layer(name, kind, config, tuple(int(d) for d in shape),
+                                 int(params), int(flops), tuple(inputs)))
+        self.shape = tuple(int(d) for d in shape)
 
     def augment(self, v: dict) -> None:
         """The augmentation layers `v` turns on (after the rescaling, so on [0, 1] pixels).
@@ -451,27 +600,52 @@ class Builder:
             if factor not in (0.0, "none"):
                 self.add(f"augment_{name}", kind, {"factor": factor}, self.shape, 0, 0)
 
+    def resize(self, resolution: int | None) -> None:
+        """Resize the images to `resolution` x `resolution` (bilinear) inside the model, so
+        a served model takes them as they come. A resize reads four pixels for each it
+        writes: 8 FLOPs (four multiply-adds) per output element. None, or the size they
+        have: nothing."""
+        h, w, c = self.shape
+        if resolution is None or (h, w) == (resolution, resolution):
+            return
+        self.add("resizing", "Resizing", {"height": resolution, "width": resolution},
+                 (resolution, resolution, c), 0, 8 * resolution * resolution * c)
+
     def stage(self, stage: int, v: dict) -> None:
         p = f"stage_{stage}/"
         h, w, c = self.shape
         k = ConvKnobs.of(v, p)
-        padding, activation = v[p + "padding"], v[p + "activation"]
+        padding, activation = v.get(p + "padding", "same"), v[p + "activation"]
         oh, ow = _conv_size(h, k), _conv_size(w, k)
         if oh < 1 or ow < 1:
             raise Impossible(
                 f"stage {stage}: a {k.kernel}x{k.kernel} conv with {padding} padding and "
                 f"stride {k.stride} does not fit the {h}x{w} feature map"
             )
-        self._conv(p, "", k, padding, activation, c, (oh, ow), k.stride)
-        for n in range(2, k.convs + 1):  # stacked convs: stride 1, the stage's padding
-            h, w = oh, ow
-            oh, ow = _next_conv_size(h, k), _next_conv_size(w, k)
-            if oh < 1 or ow < 1:
-                raise Impossible(
-                    f"stage {stage}: conv {n} of {k.convs}, {k.kernel}x{k.kernel} with "
-                    f"{padding} padding, does not fit the {h}x{w} feature map"
-                )
-            self._conv(p, f"_{n}", k, padding, activation, k.filters, (oh, ow), 1)
+        if k.block == _BLOCK_NUMBERS["mbconv"]:
+            for n in range(1, k.convs + 1):
+                self._mbconv(p, "" if n == 1 else f"_{n}", k, activation,
+                             k.stride if n == 1 else 1)
+        else:
+            block_input = self._last()
+            residual = k.block == _BLOCK_NUMBERS["residual"]
+            self._conv(p, "", k, padding, activation, c, (oh, ow), k.stride,
+                       activated=not residual or k.convs > 1)
+            for n in range(2, k.convs + 1):  # stacked convs: stride 1, the stage's padding
+                h, w = oh, ow
+                oh, ow = _next_conv_size(h, k), _next_conv_size(w, k)
+                if oh < 1 or ow < 1:
+                    raise Impossible(
+                        f"stage {stage}: conv {n} of {k.convs}, {k.kernel}x{k.kernel} with "
+                        f"{padding} padding, does not fit the {h}x{w} feature map"
+                    )
+                self._conv(p, f"_{n}", k, padding, activation, k.filters, (oh, ow), 1,
+                           activated=not residual or n < k.convs)
+            if residual:  # ResNet's: the last conv's activation comes after the sum
+                self._excite(p, "", k, activation, c)
+                self._shortcut(p, "", k, block_input, c, k.stride)
+                self.add(p + "act_out", "Activation", {"activation": activation},
+                         self.shape, 0, _activation_flops(k, oh * ow))
         pixels = oh * ow
         if k.pointwise:
             self.add(p + "pointwise", "Conv2D",
@@ -493,9 +667,9 @@ class Builder:
                      (ph, pw, k.filters), 0, _pool_flops(q, k.filters, ph * pw))
 
     def _conv(self, p: str, suffix: str, k: ConvKnobs, padding: str, activation: str,
-              channels, size: tuple, stride) -> None:
+              channels, size: tuple, stride, activated: bool = True) -> None:
         """One conv of a stage (`suffix` "" for its first, "_2"... for the stacked ones),
-        with its batch norm and activation."""
+        with its batch norm and (`activated`) activation."""
         pixels = size[0] * size[1]
         self.add(p + "conv" + suffix, "SeparableConv2D" if k.separable else "Conv2D",
                  {"filters": k.filters, "kernel_size": k.kernel, "strides": stride,
@@ -504,8 +678,93 @@ class Builder:
         if k.batch_norm:
             self.add(p + "bn" + suffix, "BatchNormalization", {}, self.shape,
                      *_batch_norm_cost(k, pixels))
-        self.add(p + "act" + suffix, "Activation", {"activation": activation}, self.shape, 0,
-                 _activation_flops(k, pixels))
+        if activated:
+            self.add(p + "act" + suffix, "Activation", {"activation": activation}, self.shape,
+                     0, _activation_flops(k, pixels))
+
+    def _normalized_1x1(self, name: str, k: ConvKnobs, out: int, stride=1,
+                        inputs: tuple = ()) -> None:
+        """A 1x1 conv to `out` channels and the stage's batch norm (`name` + "_bn")."""
+        h, w, channels = (self.shape if not inputs else self._shape_of(inputs[0]))
+        size = (-(-h // stride), -(-w // stride))
+        params, flops = _normalized_1x1_cost(k, channels, out, size[0] * size[1])
+        conv_params = channels * out + out * (1 - k.batch_norm)
+        self.add(name, "Conv2D", {"filters": out, "kernel_size": 1, "strides": stride,
+                                  "padding": "same", "use_bias": not k.batch_norm},
+                 (*size, out), conv_params, 2 * channels * out * size[0] * size[1], inputs)
+        if k.batch_norm:
+            self.add(name + "_bn", "BatchNormalization", {}, self.shape,
+                     params - conv_params, flops - 2 * channels * out * size[0] * size[1])
+
+    def _excite(self, p: str, suffix: str, k: ConvKnobs, activation: str, channels) -> None:
+        """Squeeze-and-excitation on the feature map (where `k.se` > 0): its channels
+        weighed by what a squeeze of them, `_squeeze(channels)` wide, makes of the whole."""
+        if not k.se:
+            return
+        h, w, wide = self.shape
+        squeezed = int(_squeeze(k, channels))
+        excited = self._last()
+        self.add(p + "se_squeeze" + suffix, "GlobalAveragePooling2D", {"keepdims": True},
+                 (1, 1, wide), 0, h * w * wide)
+        self.add(p + "se_reduce" + suffix, "Conv2D",
+                 {"filters": squeezed, "kernel_size": 1, "strides": 1, "padding": "same",
+                  "use_bias": True}, (1, 1, squeezed), wide * squeezed + squeezed,
+                 2 * wide * squeezed)
+        self.add(p + "se_reduce_act" + suffix, "Activation", {"activation": activation},
+                 self.shape, 0, squeezed)
+        self.add(p + "se_expand" + suffix, "Conv2D",
+                 {"filters": wide, "kernel_size": 1, "strides": 1, "padding": "same",
+                  "use_bias": True}, (1, 1, wide), squeezed * wide + wide, 2 * squeezed * wide)
+        self.add(p + "se_gate" + suffix, "Activation", {"activation": "sigmoid"}, self.shape,
+                 0, wide)
+        self.add(p + "se_scale" + suffix, "Multiply", {}, (h, w, wide), 0, h * w * wide,
+                 (excited, p + "se_gate" + suffix))
+
+    def _shortcut(self, p: str, suffix: str, k: ConvKnobs, block_input: str, channels,
+                  stride) -> None:
+        """The block's input, projected (`_projects`), added to what the block made."""
+        made = self._last()
+        h, w, _ = self.shape
+        source = block_input
+        if _projects(k, channels, stride, "exact"):
+            self._normalized_1x1(p + "shortcut" + suffix, k, k.filters, stride, (block_input,))
+            source = self._last()
+        self.add(p + "add" + suffix, "Add", {}, (h, w, k.filters), 0, h * w * k.filters,
+                 (made, source))
+
+    def _mbconv(self, p: str, suffix: str, k: ConvKnobs, activation: str, stride) -> None:
+        """One mbconv block (MobileNetV2's inverted residual, EfficientNet's with
+        squeeze-and-excitation): see `_mbconv_block_costs`."""
+        block_input = self._last()
+        h, w, channels = self.shape
+        expanded = channels * k.expand
+        if k.expand > 1:
+            self._normalized_1x1(p + "expand" + suffix, k, expanded)
+            self.add(p + "expand_act" + suffix, "Activation", {"activation": activation},
+                     self.shape, 0, h * w * expanded)
+        oh, ow = -(-h // stride), -(-w // stride)
+        pixels = oh * ow
+        weights = k.kernel * k.kernel * expanded
+        self.add(p + "depthwise" + suffix, "DepthwiseConv2D",
+                 {"kernel_size": k.kernel, "strides": stride, "padding": "same",
+                  "use_bias": not k.batch_norm}, (oh, ow, expanded),
+                 weights + expanded * (1 - k.batch_norm), 2 * weights * pixels)
+        if k.batch_norm:
+            self.add(p + "depthwise_bn" + suffix, "BatchNormalization", {}, self.shape,
+                     4 * expanded, 2 * pixels * expanded)
+        self.add(p + "depthwise_act" + suffix, "Activation", {"activation": activation},
+                 self.shape, 0, pixels * expanded)
+        self._excite(p, suffix, k, activation, channels)
+        self._normalized_1x1(p + "project" + suffix, k, k.filters)  # linear: no activation
+        self._shortcut(p, suffix, k, block_input, channels, stride)
+
+    def _last(self) -> str:
+        """The name of the last layer added ("image": the model's input, `INPUT`)."""
+        return self.layers[-1].name if self.layers else INPUT
+
+    def _shape_of(self, name: str) -> tuple:
+        return next((layer.output_shape for layer in reversed(self.layers)
+                     if layer.name == name), self.input_shape)
 
     def head(self, v: dict, num_classes: int) -> None:
         self.reduce(v)

@@ -20,6 +20,7 @@ refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -457,14 +458,17 @@ def space_costs(space: SearchSpace, convs: list[dict], pools: list[dict],
     filters, so it is known at once when weighing them all would pass that. Past it, it
     runs over feature-map sizes alone: every cost grows with the channels a layer is
     given, so with every stage after the first given the fewest channels the space has,
-    the costs are lower bounds; given the most, upper bounds.
+    the costs are lower bounds; given the most, upper bounds. A block's shortcut is the
+    one cost that does not grow with them (a 1x1 conv only where the channels change):
+    the lower bounds count it only where it strides, the upper ones everywhere.
     """
     depths = set(space.depth.values())
     conv_knobs, pool_knobs = (list(dict.fromkeys(map(type_.of, options)))
                               for type_, options in ((ConvKnobs, convs), (PoolKnobs, pools)))
 
-    def parts(dtype, channels=None) -> tuple:
-        return (_Step(conv_knobs, conv_costs, dtype, channels),
+    def parts(dtype, channels=None, shortcut="exact") -> tuple:
+        costs = functools.partial(conv_costs, shortcut=shortcut)
+        return (_Step(conv_knobs, costs, dtype, channels),
                 _Step(pool_knobs, pool_costs, dtype), _Head(head_specs, num_classes, dtype))
 
     # No stage costs more than on the input's height and width with the most channels.
@@ -479,7 +483,7 @@ def space_costs(space: SearchSpace, convs: list[dict], pools: list[dict],
             return _weigh(*parts(dtype), input_shape, depths, work, _Budget(EXACT_WORK)), True
         except _TooLarge:
             pass
-    low, high = (_weigh(*parts(dtype, c), input_shape, depths, work, _Budget(None))
-                 for c in (min(filters), max(filters)))
+    low, high = (_weigh(*parts(dtype, c, shortcut), input_shape, depths, work, _Budget(None))
+                 for c, shortcut in ((min(filters), "low"), (max(filters), "high")))
     bounds = low.front._replace(real=np.zeros(low.front.size, bool))
     return _Costs(bounds, True, high.max_params, high.max_flops), False

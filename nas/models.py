@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from nas.architecture import Architecture
+from nas.architecture import INPUT, Architecture
 
 __all__ = ["build_model", "make_optimizer"]
 
@@ -23,6 +23,7 @@ _OPTIMIZERS = {
 BATCH_NORM_MOMENTUM = 0.9
 
 _POOLS = {"MaxPooling2D": keras.layers.MaxPooling2D, "AveragePooling2D": keras.layers.AveragePooling2D}
+_MERGES = {"Add": keras.layers.Add, "Multiply": keras.layers.Multiply}
 _REDUCERS = {
     "Flatten": keras.layers.Flatten,
     "GlobalAveragePooling2D": keras.layers.GlobalAveragePooling2D,
@@ -53,11 +54,16 @@ def build_model(architecture: Architecture, *, jit_compile: bool | str = "auto",
     """
     if architecture.impossible:
         raise ValueError(f"cannot build an impossible candidate: {architecture.impossible}")
-    inputs = keras.Input(shape=architecture.input_shape, name="image")
-    x = inputs
+    inputs = keras.Input(shape=architecture.input_shape, name=INPUT)
+    x, outputs = inputs, {INPUT: inputs}
     policy = "mixed_float16" if mixed_precision else "float32"
     for layer in architecture.layers:
-        x = _make_layer(layer, policy)(x)
+        made = _make_layer(layer, policy)
+        if layer.kind in _MERGES:
+            x = made([outputs[name] for name in layer.inputs])
+        else:
+            x = made(outputs[layer.inputs[0]] if layer.inputs else x)
+        outputs[layer.name] = x
     model = keras.Model(inputs, x, name="candidate")
     values = architecture.values
     optimizer = make_optimizer(values["optimizer"], values["learning_rate"])
@@ -103,6 +109,14 @@ def _make_layer(layer, policy: str) -> keras.layers.Layer:
     if layer.kind == "Conv2D":
         return keras.layers.Conv2D(c["filters"], c["kernel_size"], strides=c["strides"],
                                    padding=c["padding"], use_bias=c["use_bias"], **common)
+    if layer.kind == "DepthwiseConv2D":
+        return keras.layers.DepthwiseConv2D(c["kernel_size"], strides=c["strides"],
+                                            padding=c["padding"], use_bias=c["use_bias"],
+                                            **common)
+    if layer.kind == "Resizing":
+        return keras.layers.Resizing(c["height"], c["width"], **common)
+    if layer.kind in _MERGES:
+        return _MERGES[layer.kind](**common)
     if layer.kind == "SeparableConv2D":
         return keras.layers.SeparableConv2D(c["filters"], c["kernel_size"],
                                             strides=c["strides"], padding=c["padding"],
@@ -114,7 +128,8 @@ def _make_layer(layer, policy: str) -> keras.layers.Layer:
     if layer.kind in _POOLS:
         return _POOLS[layer.kind](c["pool_size"], strides=c["strides"], **common)
     if layer.kind in _REDUCERS:
-        return _REDUCERS[layer.kind](**common)
+        return _REDUCERS[layer.kind](**({"keepdims": True} if c.get("keepdims") else {}),
+                                     **common)
     if layer.kind == "Dropout":
         return keras.layers.Dropout(c["rate"], **common)
     if layer.kind == "Dense":

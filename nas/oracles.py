@@ -222,12 +222,15 @@ class _GridOracle(_Oracle, kt.oracles.GridSearchOracle):
 
 # Where a search of a classic CNN space starts (as AutoKeras's greedy oracle starts from
 # `initial_hps`): VGG-like stages of 3x3 "same" convolutions with batch norm and max
-# pooling, widening with depth, one dropout-regularized dense layer, Adam at 1e-3. Each
+# pooling, widening with depth, one dropout-regularized dense layer, Adam at 1e-3. In a
+# space of residual or mbconv blocks, the same stages of its blocks (EfficientNet's
+# expansion and squeeze-and-excitation where it has those knobs). Each
 # is a target, snapped to the nearest value the space allows; knobs a seed leaves out,
 # and stages it does not name, take the space's defaults (or the previous stage's values).
 _STAGE = {"kernel_size": 3, "stride": 1, "padding": "same", "activation": "relu",
-          "batch_norm": True, "pointwise": False, "pool": "max", "pool_size": 2}
-_HEAD = {"reduce": "flatten", "dense_layers": 1, "dense_1/units": 128,
+          "batch_norm": True, "pointwise": False, "pool": "max", "pool_size": 2,
+          "expand_ratio": 4, "se": 0.25}
+_HEAD = {"width": 1.0, "reduce": "flatten", "dense_layers": 1, "dense_1/units": 128,
          "dense_1/dropout": 0.25, "optimizer": "adam", "learning_rate": 1e-3}
 
 

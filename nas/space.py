@@ -19,7 +19,7 @@ import dataclasses
 import math
 import random
 
-from nas.architecture import Architecture, hyperparameter_specs
+from nas.architecture import Architecture, Builder, hyperparameter_specs, scaled_filters
 from nas.costs import FRONT_WORK, space_costs
 from nas.counting import Sizes, count_assignments, count_impossible, left_out, stage_options
 from nas.specs import Constraints, Knob, Pipeline, SearchSpace
@@ -178,8 +178,64 @@ def analyse(space: SearchSpace, input_shape, num_classes: int,
     Every count is exact. The costs are exact unless the space is too large to weigh
     exactly (`nas.costs.EXACT_WORK`); they are then bounds (`SpaceReport.costs_exact`).
     The front is thinned to bounds past `work` candidate points (`SpaceReport.front_exact`).
+
+    A space with a width multiplier or a resolution is the union of one space per width
+    and resolution: each is weighed on its own (its filters scaled, its images resized)
+    and the reports are joined.
     """
     input_shape = tuple(int(d) for d in input_shape)
+    widths = space.width.values()
+    resolutions = space.resolution.values() if space.resolution is not None else [None]
+    if widths == [1.0] and resolutions == [None]:
+        return _analyse(space, input_shape, num_classes, work)
+    reports = []
+    for resolution in resolutions:
+        builder = Builder(input_shape)
+        builder.resize(resolution)
+        resized, resize_flops = builder.shape, sum(layer.flops for layer in builder.layers)
+        # The counts are those at width 1 whatever the width (scaled filters may
+        # coincide, 1 and 2 at width 0.5, but they are still two choices).
+        plain = dataclasses.replace(space, width=Knob("float", (1.0,)), resolution=None)
+        counted = _analyse(plain, resized, num_classes, work // len(widths))
+        for width in widths:
+            scaled = dataclasses.replace(plain, filters=Knob("int", tuple(dict.fromkeys(
+                scaled_filters(f, width) for f in space.filters.values()))))
+            part = counted if width == 1.0 else _analyse(scaled, resized, num_classes,
+                                                         work // len(widths))
+            reports.append((part, counted, resize_flops))
+    return _joined(space, input_shape, reports)
+
+
+def _joined(space: SearchSpace, input_shape, reports: list) -> SpaceReport:
+    """One report of the union of the spaces `reports` weighed: (report, the report
+    whose counts are right, the FLOPs of the resize before them)."""
+    reasons: collections.Counter = collections.Counter()
+    for _, counted, _ in reports:
+        reasons.update(dict(counted.impossible_reasons))
+    points = {(params, flops + resize): (params, flops) in part.reached
+              for part, _, resize in reports for params, flops in part.front}
+    front = []
+    for point in sorted(points):  # fewest parameters first; each kept beats the rest on FLOPs
+        if not front or point[1] < front[-1][1]:
+            front.append(point)
+    possible = [(part, resize) for part, counted, resize in reports if counted.possible]
+    first = reports[0][1]
+    return SpaceReport(
+        space=space, input_shape=input_shape, num_classes=first.num_classes,
+        architectures=sum(counted.architectures for _, counted, _ in reports),
+        training_settings=first.training_settings, left_out=first.left_out,
+        impossible=sum(counted.impossible for _, counted, _ in reports),
+        impossible_reasons=tuple(sorted(reasons.items(), key=lambda item: (-item[1], item[0]))),
+        front=tuple(front),
+        max_params=max((part.max_params for part, _ in possible), default=None),
+        max_flops=max((part.max_flops + resize for part, resize in possible), default=None),
+        costs_exact=all(part.costs_exact for part, _, _ in reports),
+        front_exact=all(part.front_exact for part, _, _ in reports),
+        reached=tuple(point for point in front if points[point]))
+
+
+def _analyse(space: SearchSpace, input_shape, num_classes: int, work: int) -> SpaceReport:
+    """`analyse` of a space with no width multiplier and no resolution."""
     specs = hyperparameter_specs(space)
     convs, pools = stage_options(specs)
     head_specs = [s for s in specs if s.name == "reduce" or s.name.startswith("dense_")]

@@ -33,6 +33,9 @@ __all__ = [
 
 PADDINGS = ("same", "valid")
 POOL_TYPES = ("max", "avg", "none")
+# What a stage is built of (`nas.architecture`): convs in a line; convs with a shortcut
+# added around them; inverted residuals (1x1 expand, depthwise, 1x1 project, a shortcut).
+BLOCKS = ("plain", "residual", "mbconv")
 REDUCERS = ("flatten", "global_avg", "global_max")
 ACTIVATIONS = ("relu", "elu", "gelu", "selu", "swish", "tanh", "sigmoid", "leaky_relu")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam")
@@ -161,6 +164,16 @@ class SearchSpace:
     convs: Knob = Knob("int", (1,))
     # depthwise-separable convs (a depthwise conv, then a 1x1 across channels)
     separable: Knob = Knob("bool", (False,))
+    # what a stage is built of (`BLOCKS`); an mbconv block's expansion of its input's
+    # channels; squeeze-and-excitation's squeeze, a share of the block's input channels
+    # (0: none), in residual and mbconv blocks
+    block: Knob = Knob("str", ("plain",))
+    expand_ratio: Knob = Knob("int", (1,))
+    se: Knob = Knob("float", (0.0,))
+    # model-wide: every stage's filters multiplied (rounded, at least 1); the size the
+    # images are resized to inside the model (None: as they come)
+    width: Knob = Knob("float", (1.0,))
+    resolution: Knob | None = None
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
 
@@ -364,11 +377,14 @@ def load_space(ref: str) -> SearchSpace:
     path, display = _resolve(ref, "search_spaces")
     data, text = _parse_yaml(path, display)
     r = _Reader(display)
-    r.mapping(data, "", ("name", "stages", "head", "optimizer", "augment", "constraints"),
+    r.mapping(data, "", ("name", "resolution", "stages", "head", "optimizer", "augment",
+                         "constraints"),
               required=("stages", "head", "optimizer"))
     name = r.scalar(data.get("name", path.stem), "name", "str")
 
-    stages = r.mapping(data["stages"], "stages", ("depth", "conv", "pointwise", "pool"),
+    stages = r.mapping(data["stages"], "stages",
+                       ("depth", "block", "width", "conv", "expand_ratio", "se", "pointwise",
+                        "pool"),
                        required=("depth", "conv"))
     conv = r.mapping(stages["conv"], "stages.conv",
                      ("filters", "convs", "kernel_size", "stride", "padding", "activation",
@@ -384,9 +400,16 @@ def load_space(ref: str) -> SearchSpace:
     if stages.get("pool", {}).get("stride") is not None:
         pool_stride = r.knob(pool["stride"], "stages.pool.stride", "int", low=1)
 
+    blocks = _blocks(r, stages, conv)
     return SearchSpace(
         name=name,
         source=display,
+        block=blocks,
+        expand_ratio=r.knob(stages.get("expand_ratio", 1), "stages.expand_ratio", "int", low=1),
+        se=r.knob(stages.get("se", 0.0), "stages.se", "float", low=0.0, high=1.0),
+        width=r.knob(stages.get("width", 1.0), "stages.width", "float", low=1e-3),
+        resolution=(r.knob(data["resolution"], "resolution", "int", low=1)
+                    if data.get("resolution") is not None else None),
         depth=r.knob(stages["depth"], "stages.depth", "int", low=1),
         filters=r.knob(conv["filters"], "stages.conv.filters", "int", low=1),
         convs=r.knob(conv.get("convs", 1), "stages.conv.convs", "int", low=1),
@@ -412,6 +435,31 @@ def load_space(ref: str) -> SearchSpace:
         augment=_augment(r, data.get("augment")),
         text=text,
     )
+
+
+def _blocks(reader: _Reader, stages: dict, conv: dict) -> Knob:
+    """The `stages.block` knob, after checking that every knob given applies to one of
+    its blocks: `expand_ratio` to mbconv, `se` to residual and mbconv, `separable` to plain
+    and residual, `padding` "valid" and `pointwise` to plain (a shortcut needs the map's
+    size kept, so the other blocks pad "same")."""
+    block = reader.knob(stages.get("block", "plain"), "stages.block", "str", allowed=BLOCKS)
+    kinds = set(block.values())
+
+    def needs(field: str, given, allowed: tuple[str, ...]) -> None:
+        if given and not kinds & set(allowed):
+            reader.fail(field, f"applies to {' and '.join(allowed)} blocks only, and "
+                        f"stages.block is {_show(list(block.values()))}")
+
+    def listed(value) -> list:
+        return value if isinstance(value, list) else [value]
+
+    needs("stages.expand_ratio", "expand_ratio" in stages, ("mbconv",))
+    needs("stages.se", "se" in stages, ("residual", "mbconv"))
+    needs("stages.conv.separable", True in listed(conv.get("separable", False)),
+          ("plain", "residual"))
+    needs("stages.conv.padding", "valid" in listed(conv.get("padding", "same")), ("plain",))
+    needs("stages.pointwise", True in listed(stages.get("pointwise", False)), ("plain",))
+    return block
 
 
 def _augment(reader: _Reader, value, field: str = "augment", read=None) -> tuple:

@@ -471,7 +471,7 @@ def bad_inputs(tmp):
     yield (["--space", write(tmp / "k.yaml", "name: x\nstages: {}\nhead: {}\noptimizer: {}\n"
                                               "extra: 1\n")],
            f"Error: {tmp / 'k.yaml'}: extra: unknown key; allowed keys are "
-           f"['augment', 'constraints', 'head', 'name', 'optimizer', 'stages']")
+           f"['augment', 'constraints', 'head', 'name', 'optimizer', 'resolution', 'stages']")
     yield (["--tuner", "annealing"],
            "Error: Invalid value for '--tuner': 'annealing' is not one of 'evolution', 'random', "
            "'bayesian', 'hyperband', 'grid'. (see 'nas search --help')")

@@ -152,7 +152,7 @@ def test_continuous_knobs_are_named_and_left_out_of_the_count(tmp_path):
     assert lenet.architectures == 3 * 3 * 2 * 2 * 2 * 2 * 2 * 2 * 2 * 2  # 2 stages, 2 dense
 
 
-@pytest.mark.parametrize("name", ["cnn", "lenet", "tiny"])
+@pytest.mark.parametrize("name", builtin_spaces())
 def test_every_builtin_space_is_counted(name):
     # How long it takes is a benchmark figure: bench/run.py --only space.
     report = analyse(load_space(name), (32, 32, 3), 10)

@@ -36,7 +36,7 @@ def write_space(tmp_path, change=None, name="space.yaml"):
 
 
 def test_builtins_load():
-    assert {"cnn", "lenet", "tiny"} <= set(builtin_spaces())
+    assert {"cnn", "lenet", "mobile", "resnet", "tiny"} <= set(builtin_spaces())
     assert {"digits", "mnist", "fashion_mnist", "cifar10", "shapes"} <= set(builtin_pipelines())
     for name in builtin_spaces():
         assert load_space(name).name == name
@@ -66,7 +66,7 @@ def test_a_valid_space_file(tmp_path):
     [
         (lambda d: d.update(colour="red"),
          "colour: unknown key; allowed keys are ['augment', 'constraints', 'head', 'name', "
-         "'optimizer', 'stages']"),
+         "'optimizer', 'resolution', 'stages']"),
         (lambda d: d.update(augment={"blur": 0.1}),
          "augment.blur: unknown key; allowed keys are ['contrast', 'flip', 'rotation', "
          "'translation', 'zoom']"),
@@ -138,7 +138,7 @@ def test_missing_file_and_unknown_name():
     with pytest.raises(SpecError, match=r"^nope\.yaml: no such file$"):
         load_space("nope.yaml")
     with pytest.raises(SpecError, match=re.escape(
-            "nope: no such file, and not a built-in; built-ins are ['cnn', 'lenet', 'tiny']")):
+            "nope: no such file, and not a built-in; built-ins are ['cnn', 'lenet', 'mobile', 'resnet', 'tiny']")):
         load_space("nope")
 
 
