@@ -17,6 +17,10 @@ in a row as take `SAMPLE_SECONDS` (one run of a small model takes microseconds, 
 little to time alone: the clock and the loop around it would be most of what is timed).
 A model's weights do not change its latency, so a trial's is measured on its
 architecture freshly built.
+
+`measure_layers` measures layers one at a time into a per-layer table
+(`nas.latency_table`), from which the guard predicts a candidate's latency before it is
+trained.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import sys
 import time
 from typing import Iterator
 
-__all__ = ["ENGINES", "Latency", "measure"]
+__all__ = ["ENGINES", "Latency", "measure", "measure_layers"]
 
 ENGINES = ("tflite", "keras")
 WARMUP = 10  # runs before timing
@@ -74,8 +78,9 @@ def measure(model, engine: str = "tflite", threads: int = 1, runs: int = RUNS,
         raise ValueError(f"threads: {threads} must be at least 1")
     import numpy as np
 
-    image = np.random.default_rng(0).random((1, *model.input_shape[1:]), dtype=np.float32)
-    run = _tflite(model, image, threads) if engine == "tflite" else _keras(model, image)
+    rng = np.random.default_rng(0)
+    images = [rng.random((1, *tensor.shape[1:]), dtype=np.float32) for tensor in model.inputs]
+    run = _tflite(model, images, threads) if engine == "tflite" else _keras(model, images)
     begin = time.perf_counter()
     for _ in range(warmup):
         run()
@@ -92,7 +97,28 @@ def measure(model, engine: str = "tflite", threads: int = 1, runs: int = RUNS,
                    runs * in_a_row)
 
 
-def _tflite(model, image, threads: int):
+def measure_layers(table, entries, runs: int = RUNS) -> None:
+    """Measure each of `entries` (`nas.latency_table.Entry`: a layer and its input shape)
+    into `table` (a `nas.latency_table.LatencyTable`), and the empty model's latency
+    first when the table has none, as the table's engine runs them on its threads.
+
+    A layer is measured as a model of it alone (`nas.models.layer_model`, built as a
+    candidate's layers are); its entry is that model's latency less the empty model's
+    (the runtime's own work per call, counted once per candidate), at least 0.
+    """
+    from nas.models import layer_model
+
+    if table.overhead_ms is None:
+        shape = entries[0].input_shape if entries else (1, 1, 1)
+        table.overhead_ms = measure(layer_model(None, shape), table.engine, table.threads,
+                                    runs).median_ms
+    for entry in entries:
+        model = layer_model(entry.layer, entry.input_shape)
+        measured = measure(model, table.engine, table.threads, runs).median_ms
+        table.entries[entry.key] = max(0.0, measured - table.overhead_ms)
+
+
+def _tflite(model, images, threads: int):
     """Convert with TensorFlow's TFLite converter; run with LiteRT's interpreter (the
     maintained home of `tf.lite.Interpreter`, which TensorFlow deprecates)."""
     import tensorflow as tf
@@ -102,7 +128,8 @@ def _tflite(model, image, threads: int):
         converted = tf.lite.TFLiteConverter.from_keras_model(model).convert()
         interpreter = Interpreter(model_content=converted, num_threads=threads)
         interpreter.allocate_tensors()
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image)
+    for detail, image in zip(interpreter.get_input_details(), images):
+        interpreter.set_tensor(detail["index"], image)
     return interpreter.invoke
 
 
@@ -123,9 +150,10 @@ def _quiet() -> Iterator[None]:
         os.close(devnull)
 
 
-def _keras(model, image):
+def _keras(model, images):
     import tensorflow as tf
 
     forward = tf.function(lambda x: model(x, training=False))
-    tensor = tf.constant(image)
+    tensor = [tf.constant(image) for image in images] if len(images) > 1 else tf.constant(
+        images[0])
     return lambda: forward(tensor).numpy()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import keras
 
-from nas.architecture import Architecture
+from nas.architecture import Architecture, Layer
 
-__all__ = ["build_model", "make_optimizer"]
+__all__ = ["build_model", "layer_model", "make_optimizer"]
 
 _OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
@@ -120,3 +120,22 @@ def _make_layer(layer, policy: str) -> keras.layers.Layer:
     if layer.kind == "Dense":
         return keras.layers.Dense(c["units"], activation=c["activation"], **common)
     raise ValueError(f"unknown layer type {layer.kind!r}")
+
+
+def layer_model(layer: Layer | None, input_shape: tuple[int, ...]) -> keras.Model:
+    """A model of `layer` alone, built as `build_model` builds it, on an input of
+    `input_shape` (batch size left out); of no layer (None), the input passed through.
+
+    What `nas.latency` times to measure one layer (the empty model: what every model
+    costs its runtime besides its layers). A layer that takes a list of inputs (an Add,
+    a Multiply) gets two of `input_shape`.
+    """
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    if layer is None:
+        return keras.Model(inputs, keras.layers.Identity()(inputs), name="empty")
+    made = _make_layer(layer, "float32")
+    try:
+        return keras.Model(inputs, made(inputs), name="layer")
+    except (ValueError, TypeError):  # a merging layer: it wants a list of inputs
+        other = keras.Input(shape=tuple(input_shape), name="other")
+        return keras.Model([inputs, other], made([inputs, other]), name="layer")
