@@ -60,8 +60,9 @@ class Latency:
     @property
     def how(self) -> str:
         """What ran it: "TFLite, 1 thread", "Keras"."""
-        threads = f"{self.threads} thread{'' if self.threads == 1 else 's'}"
-        return f"TFLite, {threads}" if self.engine == "tflite" else "Keras"
+        from nas.latency_table import how
+
+        return how(self.engine, self.threads)
 
     def describe(self) -> str:
         return (f"{self.median_ms:.3f} ms at batch size 1 ({self.how}; {self.runs} runs "

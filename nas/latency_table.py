@@ -47,7 +47,7 @@ from nas.errors import InputError
 from nas.state import write_atomic
 
 __all__ = ["FORMAT", "Entry", "LatencyGuard", "LatencyTable", "LatencyTableError",
-           "cache_path", "key", "layer_inputs", "machine_key", "space_layers"]
+           "cache_path", "how", "key", "layer_inputs", "machine_key", "space_layers"]
 
 FORMAT = "nas latency table 1"  # the `format` of the JSON file
 
@@ -116,6 +116,13 @@ def cache_path(engine: str, threads: int) -> Path:
 def _how(engine: str, threads: int) -> str:
     # Keras runs on TensorFlow's own threads: its tables are not per thread count.
     return f"tflite-{threads}" if engine == "tflite" else engine
+
+
+def how(engine: str, threads: int) -> str:
+    """What runs a model, as people say it: "TFLite, 1 thread", "Keras"."""
+    if engine != "tflite":
+        return "Keras"
+    return f"TFLite, {threads} thread{'' if threads == 1 else 's'}"
 
 
 @dataclasses.dataclass
