@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Iterator
 
-__all__ = ["ENGINES", "Latency", "measure", "measure_layers"]
+__all__ = ["ENGINES", "Latency", "measure", "measure_layers", "write_layer_models"]
 
 ENGINES = ("tflite", "keras")
 WARMUP = 10  # runs before timing
@@ -119,14 +119,43 @@ def measure_layers(table, entries, runs: int = RUNS) -> None:
         table.entries[entry.key] = max(0.0, measured - table.overhead_ms)
 
 
+def write_layer_models(entries, folder) -> None:
+    """Each of `entries` (`nas.latency_table.Entry`) as a TFLite model of it alone,
+    `folder`/00001.tflite..., the empty model (`nas.latency_table.EMPTY_MODEL`) and their
+    index (`nas.latency_table.MODELS_INDEX`): what to time on another device, for
+    `nas.latency_table.from_timings`."""
+    import json
+    from pathlib import Path
+
+    from nas.latency_table import EMPTY_MODEL, MODELS_INDEX
+    from nas.models import layer_model
+
+    folder = Path(folder)
+    shape = entries[0].input_shape if entries else (1, 1, 1)
+    (folder / EMPTY_MODEL).write_bytes(_converted(layer_model(None, shape)))
+    index = {}
+    for number, entry in enumerate(entries, 1):
+        name = f"{number:05d}.tflite"
+        (folder / name).write_bytes(_converted(layer_model(entry.layer, entry.input_shape)))
+        index[name] = entry.key
+    (folder / MODELS_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+
+
+def _converted(model) -> bytes:
+    """`model` converted by TensorFlow's TFLite converter."""
+    import tensorflow as tf
+
+    with _quiet():
+        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
 def _tflite(model, images, threads: int):
     """Convert with TensorFlow's TFLite converter; run with LiteRT's interpreter (the
     maintained home of `tf.lite.Interpreter`, which TensorFlow deprecates)."""
-    import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
+    converted = _converted(model)
     with _quiet():
-        converted = tf.lite.TFLiteConverter.from_keras_model(model).convert()
         interpreter = Interpreter(model_content=converted, num_threads=threads)
         interpreter.allocate_tensors()
     for detail, image in zip(interpreter.get_input_details(), images):

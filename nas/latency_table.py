@@ -47,9 +47,13 @@ from nas.errors import InputError
 from nas.state import write_atomic
 
 __all__ = ["FORMAT", "Entry", "LatencyGuard", "LatencyTable", "LatencyTableError",
-           "cache_path", "how", "key", "layer_inputs", "machine_key", "space_layers"]
+           "EMPTY_MODEL", "MODELS_INDEX", "cache_path", "from_timings", "how", "key",
+           "layer_inputs", "machine_key", "space_layers"]
 
 FORMAT = "nas latency table 1"  # the `format` of the JSON file
+# What `nas latency-table export` writes beside the layers' models, to time elsewhere:
+MODELS_INDEX = "layers.json"  # {model file: its layer's key}
+EMPTY_MODEL = "empty.tflite"  # the empty model (its input passed through)
 
 
 class LatencyTableError(InputError):
@@ -326,3 +330,45 @@ def _stage_options(maps, convs, pools, stage: int) -> Iterator[tuple[tuple, dict
             for pool in pools:
                 yield shape, {f"stage_{stage}/{name}": value
                               for name, value in {**conv, **pool}.items()}
+
+
+def from_timings(folder, timings, machine: str, threads: int) -> LatencyTable:
+    """The table of the TFLite models `nas latency-table export` wrote to `folder`, from
+    `timings`: a text file of lines "MODEL_FILE MICROSECONDS" (as TFLite's
+    `benchmark_model` reports "Inference (avg)"), one per model, the empty model's too,
+    timed on the device `machine` on `threads` threads.
+
+    Raises:
+        LatencyTableError: the index or the timings are missing or malformed, or a
+            model has no timing; names the file (and the line or the model).
+    """
+    index_path = Path(folder) / MODELS_INDEX
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        raise LatencyTableError(f"{index_path}: not the index `nas latency-table export` "
+                                f"writes") from None
+    timings = Path(timings)
+    try:
+        lines = timings.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise LatencyTableError(f"{timings}: cannot be read ({error})") from None
+    measured: dict[str, float] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        words = line.split()
+        try:
+            name, microseconds = Path(words[0]).name, float(words[1])
+        except (IndexError, ValueError):
+            raise LatencyTableError(f"{timings}:{number}: {line.strip()!r} is not "
+                                    f"\"MODEL_FILE MICROSECONDS\"") from None
+        measured[name] = microseconds / 1000
+    lacking = [name for name in [EMPTY_MODEL, *index] if name not in measured]
+    if lacking:
+        more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+        raise LatencyTableError(f"{timings}: no timing of {lacking[0]}{more}")
+    overhead = measured[EMPTY_MODEL]
+    return LatencyTable("tflite", threads, machine,
+                        {key: max(0.0, measured[name] - overhead) for name, key in index.items()},
+                        overhead)
