@@ -136,6 +136,10 @@ def layer_model(layer: Layer | None, input_shape: tuple[int, ...]) -> keras.Mode
     made = _make_layer(layer, "float32")
     try:
         return keras.Model(inputs, made(inputs), name="layer")
-    except (ValueError, TypeError):  # a merging layer: it wants a list of inputs
+    except ValueError as alone:  # a merging layer (an Add) wants a list of inputs
         other = keras.Input(shape=tuple(input_shape), name="other")
-        return keras.Model([inputs, other], made([inputs, other]), name="layer")
+        try:
+            merged = made([inputs, other])
+        except Exception:
+            raise alone from None  # not a merging layer: its own error
+        return keras.Model([inputs, other], merged, name="layer")
