@@ -90,7 +90,8 @@ def test_predicting_from_a_cached_table_imports_no_tensorflow(tmp_path):
             "guard = LatencyGuard(LatencyTable.cached('tflite', 1), 1.5)\n"
             "print(sum(guard.rejection(a) is not None for a in found))\n"
             "from nas.cli import main\n"
-            "try:\n    main(['space', 'show', 'tiny', '--samples', '0', '--max-latency-ms', '1.5'])\n"
+            "try:\n"
+            "    main(['space', 'show', 'tiny', '--samples', '0', '--max-latency-ms', '1.5'])\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

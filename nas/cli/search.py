@@ -107,8 +107,8 @@ from nas.settings import (LOCAL_RAY, TUNERS, UNCAPPED_TRIALS, Budget, FinalModel
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
            mixed_precision, jit_compile, latency, latency_threads, max_latency_ms,
-           latency_table, register, ensemble, refit, skip_bad_images, distribution, workers, ray_address, cpus_per_trial,
-           gpus_per_trial, max_concurrent, max_retries, progress):
+           latency_table, register, ensemble, refit, skip_bad_images, distribution, workers,
+           ray_address, cpus_per_trial, gpus_per_trial, max_concurrent, max_retries, progress):
     """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
     from nas import search as search_module
     from nas.specs import load_pipeline, load_space

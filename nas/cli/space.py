@@ -115,7 +115,7 @@ def _latency(space_module, chosen, input_shape, num_classes, pixel_scale, budget
     guard = LatencyGuard(table, max_latency_ms, None if table.fixed else latency.measure_layers)
     within, predicted = space_module.latency_estimate(found, guard)
     where = (f"table {table.path}, measured on {table.machine}" if table.fixed
-             else f"this machine's table")
+             else "this machine's table")
     click.echo(f"latency            {within} of {len(found)} sampled candidates (seed {seed}) "
                f"predicted within {max_latency_ms:g} ms: an estimate from a sample, not a "
                f"count ({where}, {how(table.engine, table.threads)}; predicted "
