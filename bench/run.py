@@ -8,7 +8,9 @@
     python bench/run.py --only fashion --time-limit 30m   # real data (bench/fashion.py)
     python bench/run.py --only space     # how long looking at a space takes (bench/spaces.py)
     python bench/run.py --only scale     # a search on Ray: driver and store per trial
-    python bench/run.py --only latency   # how repeatable a model's measured latency is
+    python bench/run.py --only latency   # how repeatable a model's measured latency is,
+                                         # how well the per-layer table predicts it
+    python bench/run.py --only latency --latency-space mobile --latency-candidates 50
 
 Prints one table (figure, nas, baseline, ratio, target, ok) and exits 1 when a target is
 missed. Every baseline is measured by this same run. Each measurement runs in a fresh
@@ -1051,6 +1053,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default=",".join(fashion.ROWS), metavar="LIST",
                         help=f"fashion: the rows, in this order  [default: "
                              f"{','.join(fashion.ROWS)}]")
+    parser.add_argument("--latency-space", default="cnn", metavar="NAME|PATH",
+                        help="latency: the space whose candidates the per-layer table "
+                             "predicts  [default: cnn]")
+    parser.add_argument("--latency-candidates", type=int, default=None, metavar="N",
+                        help=f"latency: candidates predicted and measured  [default: "
+                             f"{latency.CANDIDATES}; --quick {latency.QUICK_CANDIDATES}]")
     parser.add_argument("--worker", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -1096,6 +1104,8 @@ def main(argv=None) -> int:
                 scale.figure_scale(table, root, nas_executable(), _ENV, log, args.quick)
             elif figure == "latency":
                 latency.figure_latency(table, log, args.quick)
+                latency.figure_prediction(table, log, args.latency_space,
+                                          args.latency_candidates, args.quick)
             elif figure == "fashion":
                 from nas.cli.common import Duration
 

@@ -154,8 +154,9 @@ class Layer:
 @dataclasses.dataclass(frozen=True)
 class Rejection:
     """Why a candidate must not be trained: `kind` is "impossible" (its feature map
-    vanishes at `stage`), "max_params" or "max_flops" (it breaks that budget). Reads as
-    its `reason`."""
+    vanishes at `stage`), "max_params" or "max_flops" (it breaks that budget), or
+    "max_latency_ms" (its per-layer latency table predicts it over that budget:
+    `nas.latency_table.LatencyGuard`). Reads as its `reason`."""
 
     kind: str
     reason: str

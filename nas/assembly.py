@@ -38,7 +38,7 @@ from nas.settings import SearchConfig
 from nas.trial_runs import TrialRuns
 
 __all__ = ["Parts", "assemble", "configure_tensorflow", "import_ahead", "interruptions",
-           "raise_interrupted", "strategy"]
+           "latency_guard", "raise_interrupted", "strategy"]
 
 # What a search imports lazily once it runs: KerasTuner's TensorBoard support in its first
 # trial (which pulls in boto3); MLflow's model flavor, pyfunc, git context and the tracing
@@ -59,6 +59,9 @@ class Parts:
     hypermodel: object  # nas.tuning.CandidateModel
     hooks: TrialRuns
     samples: tuple[int, int] = (0, 0)  # training and validation samples
+    # The guard of `max_latency_ms` (a nas.latency_table.LatencyGuard), where the oracle
+    # is guarded: the search's own process, or the driver of a search on Ray.
+    latency: object = None
 
     @property
     def funnel(self):
@@ -88,8 +91,8 @@ class Parts:
             kt.Objective(pipeline.objective, pipeline.direction),
             max_trials=config.budget.max_trials, seed=config.seed,
             max_epochs=config.epochs_per_trial, max_failures=config.budget.max_failures,
-            check=((lambda values: self.hypermodel.check(values, constraints)) if guarded
-                   else (lambda values: None)),
+            check=((lambda values: self.hypermodel.check(values, constraints, self.latency))
+                   if guarded else (lambda values: None)),
             time_limit=config.budget.time_limit if guarded else None,
             funnel=(self.funnel, lambda values: self.hypermodel.architecture(values).flops)
             if guarded and self.funnel is not None else None,
@@ -134,9 +137,23 @@ def latency_meter(config: SearchConfig):
                              threads=config.latency_threads)
 
 
+def latency_guard(config: SearchConfig, table):
+    """The guard that keeps candidates the per-layer `table` predicts over
+    `max_latency_ms` from being trained (`nas.latency_table.LatencyGuard`), measuring the
+    layers it lacks on this machine unless it was measured elsewhere; None without one."""
+    if table is None:
+        return None
+    from nas import latency
+    from nas.latency_table import LatencyGuard
+
+    return LatencyGuard(table, config.max_latency_ms,
+                        None if table.fixed else latency.measure_layers)
+
+
 def assemble(config: SearchConfig, arrays, tracker, experiment_id: str, search_run_id: str,
-             callback) -> Parts:
-    """The parts of the search `search_run_id` over `arrays`, reporting to `callback`."""
+             callback, latency_table=None) -> Parts:
+    """The parts of the search `search_run_id` over `arrays`, reporting to `callback`;
+    with `latency_table`, their oracle guards the latency budget."""
     from nas import tuning
 
     hypermodel = tuning.CandidateModel(config.space, arrays.input_shape, arrays.num_classes,
@@ -146,7 +163,8 @@ def assemble(config: SearchConfig, arrays, tracker, experiment_id: str, search_r
                                        label_smoothing=config.pipeline.label_smoothing)
     hooks = TrialRuns(tracker, experiment_id, search_run_id, config, callback,
                       config.budget.max_trials)
-    return Parts(config, hypermodel, hooks, (len(arrays.y_train), len(arrays.y_val)))
+    return Parts(config, hypermodel, hooks, (len(arrays.y_train), len(arrays.y_val)),
+                 latency_guard(config, latency_table))
 
 
 def strategy(name: str | None):

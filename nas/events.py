@@ -73,7 +73,8 @@ class TrialEnded:
 @dataclasses.dataclass(frozen=True)
 class CandidateRejected:
     """The oracle rejected a candidate before any model was built: `kind` "impossible"
-    (its feature map vanishes at `stage`), "max_params" or "max_flops"."""
+    (its feature map vanishes at `stage`), "max_params", "max_flops" or "max_latency_ms"
+    (predicted over it by the per-layer latency table)."""
 
     kind: str
     reason: str

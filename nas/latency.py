@@ -17,6 +17,10 @@ in a row as take `SAMPLE_SECONDS` (one run of a small model takes microseconds, 
 little to time alone: the clock and the loop around it would be most of what is timed).
 A model's weights do not change its latency, so a trial's is measured on its
 architecture freshly built.
+
+`measure_layers` measures layers one at a time into a per-layer table
+(`nas.latency_table`), from which the guard predicts a candidate's latency before it is
+trained.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import sys
 import time
 from typing import Iterator
 
-__all__ = ["ENGINES", "Latency", "measure"]
+__all__ = ["ENGINES", "Latency", "measure", "measure_layers", "write_layer_models"]
 
 ENGINES = ("tflite", "keras")
 WARMUP = 10  # runs before timing
@@ -56,8 +60,9 @@ class Latency:
     @property
     def how(self) -> str:
         """What ran it: "TFLite, 1 thread", "Keras"."""
-        threads = f"{self.threads} thread{'' if self.threads == 1 else 's'}"
-        return f"TFLite, {threads}" if self.engine == "tflite" else "Keras"
+        from nas.latency_table import how
+
+        return how(self.engine, self.threads)
 
     def describe(self) -> str:
         return (f"{self.median_ms:.3f} ms at batch size 1 ({self.how}; {self.runs} runs "
@@ -74,8 +79,9 @@ def measure(model, engine: str = "tflite", threads: int = 1, runs: int = RUNS,
         raise ValueError(f"threads: {threads} must be at least 1")
     import numpy as np
 
-    image = np.random.default_rng(0).random((1, *model.input_shape[1:]), dtype=np.float32)
-    run = _tflite(model, image, threads) if engine == "tflite" else _keras(model, image)
+    rng = np.random.default_rng(0)
+    images = [rng.random((1, *tensor.shape[1:]), dtype=np.float32) for tensor in model.inputs]
+    run = _tflite(model, images, threads) if engine == "tflite" else _keras(model, images)
     begin = time.perf_counter()
     for _ in range(warmup):
         run()
@@ -92,17 +98,69 @@ def measure(model, engine: str = "tflite", threads: int = 1, runs: int = RUNS,
                    runs * in_a_row)
 
 
-def _tflite(model, image, threads: int):
-    """Convert with TensorFlow's TFLite converter; run with LiteRT's interpreter (the
-    maintained home of `tf.lite.Interpreter`, which TensorFlow deprecates)."""
+def measure_layers(table, entries, runs: int = RUNS) -> None:
+    """Measure each of `entries` (`nas.latency_table.Entry`: a layer and its input shape)
+    into `table` (a `nas.latency_table.LatencyTable`), and the empty model's latency
+    first when the table has none, as the table's engine runs them on its threads.
+
+    A layer is measured as a model of it alone (`nas.models.layer_model`, built as a
+    candidate's layers are); its entry is that model's latency less the empty model's
+    (the runtime's own work per call, counted once per candidate), at least 0.
+    """
+    from nas.models import layer_model
+
+    if table.overhead_ms is None:
+        shape = entries[0].input_shape if entries else (1, 1, 1)
+        table.overhead_ms = measure(layer_model(None, shape), table.engine, table.threads,
+                                    runs).median_ms
+    for entry in entries:
+        model = layer_model(entry.layer, *entry.input_shapes)
+        measured = measure(model, table.engine, table.threads, runs).median_ms
+        table.entries[entry.key] = max(0.0, measured - table.overhead_ms)
+
+
+def write_layer_models(entries, folder) -> None:
+    """Each of `entries` (`nas.latency_table.Entry`) as a TFLite model of it alone,
+    `folder`/00001.tflite..., the empty model (`nas.latency_table.EMPTY_MODEL`) and their
+    index (`nas.latency_table.MODELS_INDEX`): what to time on another device, for
+    `nas.latency_table.from_timings`."""
+    import json
+    from pathlib import Path
+
+    from nas.latency_table import EMPTY_MODEL, MODELS_INDEX
+    from nas.models import layer_model
+
+    folder = Path(folder)
+    shape = entries[0].input_shape if entries else (1, 1, 1)
+    (folder / EMPTY_MODEL).write_bytes(_converted(layer_model(None, shape)))
+    index = {}
+    for number, entry in enumerate(entries, 1):
+        name = f"{number:05d}.tflite"
+        (folder / name).write_bytes(_converted(layer_model(entry.layer, *entry.input_shapes)))
+        index[name] = entry.key
+    (folder / MODELS_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+
+
+def _converted(model) -> bytes:
+    """`model` converted by TensorFlow's TFLite converter."""
     import tensorflow as tf
-    from ai_edge_litert.interpreter import Interpreter
 
     with _quiet():
-        converted = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+def _tflite(model, images, threads: int):
+    """Convert with TensorFlow's TFLite converter; run with LiteRT's interpreter (the
+    maintained home of `tf.lite.Interpreter`, which TensorFlow deprecates)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    converted = _converted(model)
+    with _quiet():
         interpreter = Interpreter(model_content=converted, num_threads=threads)
         interpreter.allocate_tensors()
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image)
+    for detail in interpreter.get_input_details():  # in TFLite's order, not always Keras's
+        image = next(image for image in images if image.shape == tuple(detail["shape"]))
+        interpreter.set_tensor(detail["index"], image)
     return interpreter.invoke
 
 
@@ -123,9 +181,10 @@ def _quiet() -> Iterator[None]:
         os.close(devnull)
 
 
-def _keras(model, image):
+def _keras(model, images):
     import tensorflow as tf
 
     forward = tf.function(lambda x: model(x, training=False))
-    tensor = tf.constant(image)
+    tensor = [tf.constant(image) for image in images] if len(images) > 1 else tf.constant(
+        images[0])
     return lambda: forward(tensor).numpy()

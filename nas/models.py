@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import keras
 
-from nas.architecture import INPUT, Architecture
+from nas.architecture import INPUT, Architecture, Layer
 
-__all__ = ["build_model", "make_optimizer"]
+__all__ = ["build_model", "layer_model", "make_optimizer"]
 
 _OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
@@ -135,3 +135,22 @@ def _make_layer(layer, policy: str) -> keras.layers.Layer:
     if layer.kind == "Dense":
         return keras.layers.Dense(c["units"], activation=c["activation"], **common)
     raise ValueError(f"unknown layer type {layer.kind!r}")
+
+
+def layer_model(layer: Layer | None, input_shape: tuple[int, ...],
+                *other_shapes: tuple[int, ...]) -> keras.Model:
+    """A model of `layer` alone, built as `build_model` builds it, on an input of
+    `input_shape` (batch size left out), and of `other_shapes` for a layer that takes
+    several (an Add, a Multiply); of no layer (None), the input passed through.
+
+    What `nas.latency` times to measure one layer (the empty model: what every model
+    costs its runtime besides its layers).
+    """
+    inputs = [keras.Input(shape=tuple(shape), name=name) for shape, name in zip(
+        (input_shape, *other_shapes), (INPUT, *(f"other_{n}" for n in range(
+            1, len(other_shapes) + 1))))]
+    if layer is None:
+        return keras.Model(inputs[0], keras.layers.Identity()(inputs[0]), name="empty")
+    made = _make_layer(layer, "float32")
+    return keras.Model(inputs if other_shapes else inputs[0],
+                       made(inputs if layer.kind in _MERGES else inputs[0]), name="layer")

@@ -18,12 +18,15 @@ from nas import assembly, final_model, pareto, results, resume, tracking
 from nas.data import Arrays, load_arrays
 from nas.errors import SearchError, SearchFailed
 from nas.events import CandidateRejected, Callback, SearchEnded
+from nas.latency_table import LatencyTable, space_layers
 from nas.settings import STATE_FILE, SearchConfig
 from nas.space import search_problem
 from nas.state import SearchLock
 
-__all__ = ["Prepared", "SearchConfig", "SearchError", "SearchFailed", "SearchResult",
-           "prepare", "run"]
+__all__ = ["LATENCY_TABLE_ARTIFACT", "Prepared", "SearchConfig", "SearchError",
+           "SearchFailed", "SearchResult", "latency_table", "prepare", "run"]
+
+LATENCY_TABLE_ARTIFACT = "latency_table.json"  # on the search's run, with `max_latency_ms`
 
 
 @dataclasses.dataclass
@@ -62,6 +65,8 @@ class Prepared:
     # Taken by `run` (or before it, by its caller: `nas search`); `prepare` only checks
     # it is free.
     lock: SearchLock | None = None
+    # What the guard predicts a candidate's latency from (with `max_latency_ms`).
+    latency_table: LatencyTable | None = None
 
 
 def prepare(config: SearchConfig, checks: Callable[[], None] | None = None) -> Prepared:
@@ -88,11 +93,14 @@ def prepare(config: SearchConfig, checks: Callable[[], None] | None = None) -> P
     for flag, limit in (("`max_params`", config.max_params), ("`max_flops`", config.max_flops)):
         if limit is not None and limit < 1:
             raise SearchError(f"{flag}: {limit} must be at least 1")
+    if config.latency_table is not None and config.max_latency_ms is None:
+        raise SearchError("`latency_table` is for `max_latency_ms`: give it too")
     arrays = load_arrays(config.pipeline, config.skip_bad_images)
     # Before the tracking store is touched: a space nothing in can be trained is refused.
     problem = search_problem(config, arrays.input_shape, arrays.num_classes)
     if problem:
         raise SearchError(problem)
+    table = None if config.max_latency_ms is None else latency_table(config, arrays)
     _check_workdir(config.project_dir)
     lock = SearchLock(config.project_dir, config.experiment_name)
     lock.check()  # another process runs this search: refused before anything is written
@@ -102,9 +110,30 @@ def prepare(config: SearchConfig, checks: Callable[[], None] | None = None) -> P
     tracker = tracking.Tracker(config.tracking_uri)
     tracker.check()
     if config.overwrite:
-        return Prepared(config, arrays, tracker, None, previous=saved, lock=lock)
+        return Prepared(config, arrays, tracker, None, previous=saved, lock=lock,
+                        latency_table=table)
     return Prepared(config, arrays, tracker, resume.find(config, arrays, tracker, saved),
-                    lock=lock)
+                    lock=lock, latency_table=table)
+
+
+def latency_table(config: SearchConfig, arrays) -> LatencyTable:
+    """The per-layer table the guard of `max_latency_ms` predicts from: the file
+    `latency_table`, which must hold every layer a candidate of the space can have (it
+    cannot grow), or this machine's for the search's engine and threads, which grows.
+
+    Raises:
+        nas.latency_table.LatencyTableError: the file is missing, malformed or lacks a
+            layer; names the file (and the layer).
+    """
+    if config.latency_table is None:
+        return LatencyTable.cached(config.latency_engine, config.latency_threads)
+    table = LatencyTable.load(config.latency_table)
+    needed = space_layers(config.space, arrays.input_shape, arrays.num_classes,
+                          arrays.pixel_scale)
+    lacking = [entry for key, entry in needed.items() if key not in table.entries]
+    if lacking:
+        raise table.lacks(lacking)
+    return table
 
 
 def _check_workdir(folder: Path) -> None:
@@ -184,8 +213,11 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
     resume.write_state(config, state)
     search_run_id = state.search_run_id
 
-    parts = assembly.assemble(config, arrays, tracker, experiment_id, search_run_id, callback)
+    parts = assembly.assemble(config, arrays, tracker, experiment_id, search_run_id, callback,
+                              prepared.latency_table)
     hooks = parts.hooks
+    if parts.latency is not None:
+        echo(_predicting(parts.latency.table))
 
     def new_oracle():
         return parts.oracle(on_reject=lambda why: callback.on_candidate_rejected(
@@ -214,6 +246,9 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
                     _search(tuner, lambda: parts.search(tuner, datasets))
             finally:
                 hooks.close()
+                if parts.latency is not None:  # the table the guard predicted from
+                    tracker.log_dict(search_run_id, parts.latency.table.to_dict(),
+                                     LATENCY_TABLE_ARTIFACT)
             result = _result(tuner, tracker, experiment_id, search_run_id, config, resumed)
             _log_outcome(tracker, search_run_id, result)
             # One after the other: both are Python-bound, and in two threads they take
@@ -235,6 +270,17 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
             hooks.close()
             gc.unfreeze()
     return result
+
+
+def _predicting(table: LatencyTable) -> str:
+    """The notice of a search whose guard predicts latencies from `table`."""
+    held = f"{len(table.entries):,} layers"
+    if table.fixed:
+        return (f"latency budget: candidates predicted over `max_latency_ms` are not trained "
+                f"(per-layer table {table.path}, {held}, measured on {table.machine})")
+    return (f"latency budget: candidates predicted over `max_latency_ms` are not trained "
+            f"(this machine's per-layer table {table.path}, {held}; a layer met for the "
+            f"first time is measured first)")
 
 
 def _search(tuner, search) -> None:

@@ -97,8 +97,12 @@ class SearchConfig:
     latency: str | None = None
     latency_threads: int = 1
     # A trial measured slower is never chosen, and the final model is kept under it
-    # (ms at batch size 1; None: no budget; set, the latency is measured).
+    # (ms at batch size 1; None: no budget; set, the latency is measured). A candidate
+    # its per-layer table (`nas.latency_table`) predicts slower is not trained.
     max_latency_ms: float | None = None
+    # That table: a file measured on another device; None: this machine's, measured as
+    # the search meets new layers and cached.
+    latency_table: str | None = None
     # Where it lives: its experiment, tracking store and working folder.
     experiment: str | None = None  # None: SPACE-PIPELINE
     tracking_uri: str | None = None  # None: MLflow's own rule
@@ -157,6 +161,7 @@ class SearchConfig:
             "ensemble": self.final.ensemble, "refit": self.final.refit,
             **({"latency": self.latency_engine, "latency_threads": self.latency_threads,
                 "max_latency_ms": self.max_latency_ms} if self.latency_engine else {}),
+            **({"latency_table": self.latency_table} if self.latency_table else {}),
         }
 
 

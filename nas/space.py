@@ -25,7 +25,7 @@ from nas.counting import Sizes, count_assignments, count_impossible, left_out, s
 from nas.specs import Constraints, Knob, Pipeline, SearchSpace
 
 __all__ = ["SpaceReport", "analyse", "input_signature", "sample", "budget_problem",
-           "search_problem", "describe", "describe_candidate"]
+           "search_problem", "describe", "describe_candidate", "latency_estimate"]
 
 # Knobs that shape the training, not the network: counted apart from the architectures.
 _TRAINING_KNOBS = ("optimizer", "learning_rate")  # and every `augment/...` knob
@@ -304,6 +304,18 @@ def sample(space: SearchSpace, input_shape, num_classes: int, count: int, seed: 
         else:
             found.append(architecture)
     return found, rejected
+
+
+def latency_estimate(candidates: list[Architecture], guard) -> tuple[int, list[float]]:
+    """How many of `candidates` (a sample) `guard` (a `nas.latency_table.LatencyGuard`)
+    predicts within its budget, and each one's predicted latency (ms), in order. The
+    guard's table measures what it lacks first, where it grows (with TensorFlow).
+
+    Raises:
+        nas.latency_table.LatencyTableError: a fixed table lacks a layer.
+    """
+    predicted = [guard.predict(architecture) for architecture in candidates]
+    return sum(ms <= guard.max_ms for ms in predicted), predicted
 
 
 # --- budgets -------------------------------------------------------------------------

@@ -68,8 +68,15 @@ class CandidateModel(kt.HyperModel):
             return values
         return {**values, **self.augment}
 
-    def check(self, values: dict, constraints) -> Rejection | None:
-        return self.architecture(values).rejection(constraints)
+    def check(self, values: dict, constraints, latency=None) -> Rejection | None:
+        """Why the candidate `values` pick must not be trained: impossible, over a budget
+        of `constraints`, or predicted over the latency budget by `latency` (a
+        `nas.latency_table.LatencyGuard`, asked last: it may measure layers); or None."""
+        architecture = self.architecture(values)
+        rejection = architecture.rejection(constraints)
+        if rejection is None and latency is not None:
+            return latency.rejection(architecture)
+        return rejection
 
     def build(self, hp):
         architecture = self.architecture(hp.values)

@@ -32,6 +32,7 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("NAS_WORKDIR", str(tmp_path / ".nas"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # latency tables
     random.seed(0)
     np.random.seed(0)
 

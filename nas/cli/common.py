@@ -22,7 +22,7 @@ from nas.errors import InputError
 from nas.settings import SearchConfig
 
 __all__ = ["TRACKING_URI", "EXPERIMENT", "WORKDIR", "SPACE", "PIPELINE", "PROGRESS",
-           "LATEST_EXPERIMENT", "UserError", "user_errors", "flag_of",
+           "LATENCY_TABLE", "LATEST_EXPERIMENT", "UserError", "user_errors", "flag_of",
            "tensorflow_environment", "start_tensorflow", "tensorflow_lines", "Duration",
            "Group", "plural", "describe_final", "test_line", "cell", "count", "seconds"]
 
@@ -53,6 +53,13 @@ SPACE = click.option("--space", default="cnn", show_default=True, metavar="NAME|
 
 PIPELINE = click.option("--pipeline", default="digits", show_default=True, metavar="NAME|PATH",
                         help="Pipeline: a built-in name or a YAML file.")
+
+
+LATENCY_TABLE = click.option(
+    "--latency-table", default=None, metavar="FILE",
+    help="With --max-latency-ms: predict from this per-layer latency table, measured on "
+         "another device, instead of this machine's (measured as needed, cached).",
+)
 
 
 PROGRESS = click.option(

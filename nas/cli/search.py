@@ -8,8 +8,9 @@ import sys
 import click
 
 from nas import events
-from nas.cli.common import (Duration, EXPERIMENT, PIPELINE, PROGRESS, SPACE, TRACKING_URI,
-                            WORKDIR, flag_of, plural, start_tensorflow, test_line, user_errors)
+from nas.cli.common import (LATENCY_TABLE, Duration, EXPERIMENT, PIPELINE, PROGRESS, SPACE,
+                            TRACKING_URI, WORKDIR, flag_of, plural, start_tensorflow, test_line,
+                            user_errors)
 from nas.errors import Interrupted, SearchFailed
 from nas.events import Printer, duration
 from nas.settings import (LOCAL_RAY, TUNERS, UNCAPPED_TRIALS, Budget, FinalModel, ScaleOut,
@@ -59,9 +60,10 @@ from nas.settings import (LOCAL_RAY, TUNERS, UNCAPPED_TRIALS, Budget, FinalModel
               help="With --latency tflite: the threads the TFLite interpreter runs on.")
 @click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="MS",
-              help="A latency budget: trials measured slower are never chosen, and the "
-                   "final model is kept within it (measured as --latency says; TFLite "
-                   "without it).")
+              help="A latency budget: candidates a per-layer table predicts slower are not "
+                   "trained, trials measured slower are never chosen, and the final model is "
+                   "kept within it (measured as --latency says; TFLite without it).")
+@LATENCY_TABLE
 @click.option("--register", default=None, metavar="NAME",
               help="Register the final model in the MLflow Model Registry as NAME.")
 @click.option("--ensemble", type=click.IntRange(min=1), default=FinalModel.ensemble,
@@ -104,9 +106,9 @@ from nas.settings import (LOCAL_RAY, TUNERS, UNCAPPED_TRIALS, Budget, FinalModel
 @user_errors
 def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, seed, experiment,
            tracking_uri, workdir, overwrite, max_failures, max_params, max_flops,
-           mixed_precision, jit_compile, latency, latency_threads, max_latency_ms, register,
-           ensemble, refit, skip_bad_images, distribution, workers, ray_address, cpus_per_trial,
-           gpus_per_trial, max_concurrent, max_retries, progress):
+           mixed_precision, jit_compile, latency, latency_threads, max_latency_ms,
+           latency_table, register, ensemble, refit, skip_bad_images, distribution, workers,
+           ray_address, cpus_per_trial, gpus_per_trial, max_concurrent, max_retries, progress):
     """Search a space for the best CNN on a pipeline's data, logging to MLflow."""
     from nas import search as search_module
     from nas.specs import load_pipeline, load_space
@@ -133,6 +135,7 @@ def search(space, pipeline, tuner, max_trials, time_limit, epochs, batch_size, s
         epochs=epochs, batch_size=batch_size, seed=seed, max_params=max_params,
         max_flops=max_flops, mixed_precision=mixed_precision, jit_compile=jit_compile,
         latency=latency, latency_threads=latency_threads, max_latency_ms=max_latency_ms,
+        latency_table=latency_table,
         experiment=experiment, tracking_uri=tracking_uri, workdir=workdir,
         overwrite=overwrite, skip_bad_images=skip_bad_images,
         budget=Budget(max_trials=max_trials, time_limit=time_limit, max_failures=max_failures),
