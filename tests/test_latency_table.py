@@ -130,7 +130,7 @@ def test_a_fixed_table_never_measures_and_names_a_layer_it_lacks(tmp_path):
     data = phone_table(tmp_path / "phone.json")
     (candidate,) = candidates(1)
     first = candidate.for_serving().layers[1]  # the first conv: input 8x8x1
-    lacking = key(first, (8, 8, 1))
+    lacking = key(first, ((8, 8, 1),))
     del data["layers"][lacking]
     (tmp_path / "phone.json").write_text(json.dumps(data))
     guard = LatencyGuard(LatencyTable.load(tmp_path / "phone.json"), 1.0)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from nas.architecture import Architecture, Builder, Impossible, hyperparameter_specs
 from nas.cli import main
 from nas.space import analyse, budget_problem, sample
-from nas.specs import Constraints, load_space
+from nas.specs import Constraints, builtin_spaces, load_space
 
 SMALL_SPACES = {
     # Three stages; pool size is chosen only when a stage pools: a conditional knob.
