@@ -8,7 +8,13 @@ option's numbers and `conv_costs` / `pool_costs` on numpy arrays of many (for
 
 FLOPs count a multiply-add as two operations for conv and dense layers, one
 operation per input element read by a pooling window, two per element for batch
-normalization and one per element for an activation.
+normalization, one per element for an activation, a sum (a shortcut's) or a product
+(squeeze-and-excitation's), one per input element for a global average, and eight per
+output element for a bilinear resize.
+
+A stage is a block (`nas.specs.BLOCKS`): plain convs in a line, a residual block (the
+convs, a shortcut, the sum) or mbconv blocks (expand, depthwise, project, a shortcut).
+Layers that take other inputs than the layer before them name them (`Layer.inputs`).
 """
 
 from __future__ import annotations
