@@ -15,7 +15,11 @@ same `--time-limit`, counted from its process's start to its end:
   early stopping on a 10% validation share with patience 3, best weights restored, and
   stopped at the limit;
 - `keras-tuner`: the hand-written KerasTuner `RandomSearch` of the quality figure (a
-  tutorial's build function), on nas's split, trials started while they fit in the limit.
+  tutorial's build function), on nas's split, trials started while they fit in the limit;
+- `latency` and `budget` (issue 23, not in the default rows): the default with `--latency`
+  (its final model timed as TFLite on one thread), then with `--max-latency-ms` half the
+  `latency` row's final-model latency; the budget row's final model is timed again here,
+  loaded from MLflow as a user would.
 
 One search per row: at these sizes a row is 30-60 minutes (the notes say so).
 """
@@ -40,6 +44,13 @@ def figure_fashion(table, root: Path, limit: float, rows: list[str], run_worker,
         folder = Path(tempfile.mkdtemp(prefix=f"fashion-{row}-", dir=root))
         if row in ("default", "random"):
             found[row] = _search(folder, row, limit, nas, env, log)
+        elif row == "latency":
+            found[row] = _search(folder, "default", limit, nas, env, log, ["--latency"])
+        elif row == "budget":
+            budget = found["latency"]["latency"] / 2
+            found[row] = _search(folder, "default", limit, nas, env, log,
+                                 ["--max-latency-ms", f"{budget:.4f}"])
+            found[row]["budget"] = budget
         else:
             log(f"fashion: {row}, limit {limit:.0f} s")
             start = time.perf_counter()
@@ -54,6 +65,16 @@ def figure_fashion(table, root: Path, limit: float, rows: list[str], run_worker,
         table.notes.append(f"fashion {limit / 60:.0f}m ({row}): test accuracy "
                            f"{result['test']:.4f}; wall {result['wall']:.0f} s "
                            f"({result['wall'] / limit:.2f} of the limit); {result['detail']}")
+    if "budget" in found:
+        free, bound = found["latency"], found["budget"]
+        table.add(f"fashion {limit / 60:.0f}m: final model's latency under --max-latency-ms "
+                  f"{bound['budget']:.3f} (half the unconstrained's), re-measured",
+                  f"{bound['remeasured']:.3f} ms", f"{free['latency']:.3f} ms", "-",
+                  "<= the budget", bound["remeasured"] <= bound["budget"])
+        loss = free["test"] - bound["test"]
+        table.add(f"fashion {limit / 60:.0f}m: test accuracy lost to the latency budget",
+                  f"{bound['test']:.4f}", f"{free['test']:.4f}", f"{-loss:+.4f}",
+                  "<= 0.01 lost", loss <= 0.01)
     if "default" in found:
         others = {row: r["test"] for row, r in found.items() if row != "default"}
         target = TARGETS.get(int(limit))
@@ -72,8 +93,11 @@ def figure_fashion(table, root: Path, limit: float, rows: list[str], run_worker,
                        "the test set is scored once per row, after its search")
 
 
-def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log) -> dict:
-    """`nas search` on Fashion-MNIST as a user runs it; its score and funnel from MLflow."""
+def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log,
+            more: list[str] = ()) -> dict:
+    """`nas search` on Fashion-MNIST as a user runs it (with `more` options); its score
+    and funnel from MLflow, and its final model's latency (logged; and, under a budget,
+    measured again)."""
     from runs import search_runs
 
     from nas import tracking
@@ -84,8 +108,9 @@ def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log) ->
                "bench", "--no-progress"]
     if tuner != "default":
         command += ["--tuner", tuner]
+    command += list(more)
     log(f"fashion: nas search --pipeline fashion_mnist --time-limit {limit:.0f}s"
-        + ("" if tuner == "default" else f" --tuner {tuner}"))
+        + ("" if tuner == "default" else f" --tuner {tuner}") + "".join(f" {m}" for m in more))
     start = time.perf_counter()
     done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -102,9 +127,28 @@ def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log) ->
               if r.data.tags.get(tracking.TAG_TRIAL) in final]
     shown = "; ".join(f"share {share}: {len(epochs)} trials, {sum(epochs):.0f} epochs"
                       for share, epochs in sorted(funnel.items()))
-    return {"test": parent.data.metrics["test_accuracy"], "wall": wall,
-            "detail": f"{len(runs)} trials ({shown}); final model: trials "
-                      f"{', '.join(final)}, {sum(p or 0 for p in params):,.0f} parameters"}
+    found = {"test": parent.data.metrics["test_accuracy"], "wall": wall,
+             "detail": f"{len(runs)} trials ({shown}); final model: trials "
+                       f"{', '.join(final)}, {sum(p or 0 for p in params):,.0f} parameters"}
+    if "latency_ms" in parent.data.metrics:
+        found["latency"] = parent.data.metrics["latency_ms"]
+        found["detail"] += f", {found['latency']:.3f} ms (TFLite, 1 thread)"
+    if "--max-latency-ms" in more:
+        found["remeasured"] = _remeasured(uri, parent.info.run_id)
+        found["detail"] += f", re-measured {found['remeasured']:.3f} ms"
+    return found
+
+
+def _remeasured(uri: str, run_id: str) -> float:
+    """The latency of a search's final model as MLflow holds it, measured again."""
+    import mlflow
+    import mlflow.tensorflow
+
+    from nas import latency
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.tensorflow.load_model(f"runs:/{run_id}/model")
+    return latency.measure(model, "tflite", 1).median_ms
 
 
 # --- workers (each in its own process, as bench/run.py runs them) --------------------

@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import blocks
 import fashion
 import latency
 import scale
@@ -45,7 +46,7 @@ from baselines import small_cnn_build
 from runs import search_runs
 
 FIGURES = ("overhead", "startup", "memory", "rejection", "space", "data", "quality", "shapes",
-           "images", "augment", "fashion", "scale", "latency")
+           "images", "augment", "fashion", "scale", "latency", "blocks")
 _RESULT = "BENCH_RESULT "
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
 _ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -1049,7 +1050,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split-seeds", default=None, metavar="LIST",
                         help="quality: the digits split seeds  [default: 0,1,2,3,4]")
     parser.add_argument("--time-limit", default="30m", metavar="DURATION",
-                        help="fashion: every row's time limit (90s, 30m, 1h)  [default: 30m]")
+                        help="fashion: every row's time limit (90s, 30m, 1h); blocks: every "
+                             "space's  [default: 30m]")
     parser.add_argument("--rows", default=",".join(fashion.ROWS), metavar="LIST",
                         help=f"fashion: the rows, in this order  [default: "
                              f"{','.join(fashion.ROWS)}]")
@@ -1069,7 +1071,8 @@ def main(argv=None) -> int:
     sizes = dict(QUICK if args.quick else FULL)
     if args.split_seeds:
         sizes["q_seeds"] = tuple(int(x) for x in args.split_seeds.split(","))
-    figures = args.only or [f for f in FIGURES if f != "fashion"]  # fashion: an hour a row
+    # fashion: an hour a row; blocks: three searches of --time-limit
+    figures = args.only or [f for f in FIGURES if f not in ("fashion", "blocks")]
     tuners = [t for t in args.tuners.split(",") if t]
     table = Table()
     started = time.perf_counter()
@@ -1106,6 +1109,12 @@ def main(argv=None) -> int:
                 latency.figure_latency(table, log, args.quick)
                 latency.figure_prediction(table, log, args.latency_space,
                                           args.latency_candidates, args.quick)
+            elif figure == "blocks":
+                from nas.cli.common import Duration
+
+                limit = Duration().convert(args.time_limit, None, None)
+                blocks.figure_blocks(table, root, limit, _image_folder, nas_executable(),
+                                     _ENV, log)
             elif figure == "fashion":
                 from nas.cli.common import Duration
 

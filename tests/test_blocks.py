@@ -128,7 +128,7 @@ def test_every_block_kind_has_the_shapes_and_parameters_keras_builds(tmp_path):
     rng = random.Random(2)
     built, impossible, kinds = 0, 0, set()
     input_shape = (11, 11, 1)
-    for _ in range(30):
+    for _ in range(24):
         values = sample_values(space, rng)
         architecture = Architecture.from_values(space, values, input_shape, 10, 16.0)
         try:
@@ -147,7 +147,7 @@ def test_every_block_kind_has_the_shapes_and_parameters_keras_builds(tmp_path):
                   for s in range(1, architecture.depth + 1)}
         built += 1
         keras.backend.clear_session()
-    assert kinds == {"plain", "residual", "mbconv"} and built >= 15 and impossible >= 1
+    assert kinds == {"plain", "residual", "mbconv"} and built >= 12 and impossible >= 1
 
 
 def block_values(block: str, **stage) -> dict:
@@ -238,18 +238,14 @@ def test_width_scales_every_stage_and_resolution_resizes_inside_the_model(tmp_pa
     assert [c.output_shape for c in convs] == [(16, 16, 8), (16, 16, 15)]
 
 
-@pytest.mark.parametrize("resolution, text", [
-    (None, ""),
-    ("[6, 9]", "resolution: [6, 9]\n"),
-])
-def test_space_show_counts_and_weighs_the_new_knobs_exactly(tmp_path, resolution, text):
-    space = load_space(write(tmp_path, text + textwrap.dedent("""
-        stages:
+@pytest.mark.parametrize("model_wide", ["stages:\n  width: [0.5, 1.0]\n",
+                                        "resolution: [6, 9]\nstages:\n"])
+def test_space_show_counts_and_weighs_the_new_knobs_exactly(tmp_path, model_wide):
+    space = load_space(write(tmp_path, model_wide + textwrap.dedent("""\
           depth: {min: 1, max: 2}
           block: [plain, residual, mbconv]
-          width: [0.5, 1.0]
-          conv: {filters: [2, 4], kernel_size: [3, 5], stride: [1, 2], padding: [same, valid],
-                 batch_norm: [false, true]}
+          conv: {filters: [2, 4], kernel_size: 3, stride: [1, 2], padding: [same, valid],
+                 batch_norm: true}
           expand_ratio: [1, 3]
           se: [0, 0.5]
           pool: {type: [max, none], size: 2}
@@ -264,7 +260,7 @@ def test_space_show_counts_and_weighs_the_new_knobs_exactly(tmp_path, resolution
                                               "learning_rate": 0.001}, input_shape, 10)
              for values in assignments(specs)]
     possible = [a for a in every if not a.impossible]
-    assert report.architectures == len(every) > 1000
+    assert report.architectures == len(every) > 5000
     assert report.impossible == len(every) - len(possible) > 0
     assert report.costs_exact and report.front_exact
     assert (report.min_params, report.max_params) == (min(a.params for a in possible),
