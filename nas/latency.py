@@ -14,7 +14,8 @@ Warm-up runs first (the first calls allocate and, for TFLite, pick kernels), the
 median of `RUNS` timed samples, with their spread (the interquartile range): one slow
 run, another process's burst on a shared CPU, moves neither. A sample times as many runs
 in a row as take `SAMPLE_SECONDS` (one run of a small model takes microseconds, too
-little to time alone: the clock and the loop around it would be most of what is timed).
+little to time alone: the clock and the loop around it would be most of what is timed);
+Python's garbage collector is off while they run, as `timeit` has it.
 A model's weights do not change its latency, so a trial's is measured on its
 architecture freshly built.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import math
 import os
@@ -88,11 +90,12 @@ def measure(model, engine: str = "tflite", threads: int = 1, runs: int = RUNS,
     each = (time.perf_counter() - begin) / max(1, warmup)
     in_a_row = max(1, math.ceil(SAMPLE_SECONDS / max(each, 1e-9)))
     times: list[float] = []
-    for _ in range(runs):
-        begin = time.perf_counter()
-        for _ in range(in_a_row):
-            run()
-        times.append((time.perf_counter() - begin) * 1000 / in_a_row)
+    with _no_garbage_collection():
+        for _ in range(runs):
+            begin = time.perf_counter()
+            for _ in range(in_a_row):
+                run()
+            times.append((time.perf_counter() - begin) * 1000 / in_a_row)
     quartiles = statistics.quantiles(times, n=4)
     return Latency(engine, threads, statistics.median(times), quartiles[2] - quartiles[0],
                    runs * in_a_row)
@@ -162,6 +165,19 @@ def _tflite(model, images, threads: int):
         image = next(image for image in images if image.shape == tuple(detail["shape"]))
         interpreter.set_tensor(detail["index"], image)
     return interpreter.invoke
+
+
+@contextlib.contextmanager
+def _no_garbage_collection() -> Iterator[None]:
+    """Python's collector off while runs are timed (as `timeit` does): a collection the
+    Keras engine's allocations set off would land in one sample and not the next."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager

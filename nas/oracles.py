@@ -132,8 +132,10 @@ class _Guard:
 
     def seconds_left(self, values: dict) -> float | None:
         """What the running trial of `values` may still take before the limit (None: no
-        deadline)."""
-        return None
+        deadline): a trial started in time, longer than the trials before it, stops at
+        the limit (after its last epoch that ends in time)."""
+        limit = getattr(self, "time_limit", None)
+        return None if limit is None else max(0.0, limit - self.elapsed())
 
     def create_trial(self, tuner_id):
         if self.out_of_time():
@@ -278,7 +280,7 @@ class _EvolutionOracle(_Oracle, kt.Oracle):
 
     def seconds_left(self, values: dict) -> float | None:
         if self.funnel is None:
-            return None
+            return super().seconds_left(values)
         left = self.funnel.left(self.elapsed(), self._trained())
         full = funnel_module.fidelity(values)[0] >= 1
         return self.funnel.full_seconds(left) if full else left

@@ -27,7 +27,7 @@ from nas.models import build_model
 from nas.specs import SearchSpace
 from nas.state import StateError, read_json, write_atomic
 
-__all__ = ["CandidateModel", "CosineDecay", "NasTuner", "MedianStopping", "early_stopping",
+__all__ = ["CandidateModel", "CosineDecay", "Deadline", "NasTuner", "MedianStopping", "early_stopping",
            "inherit", "stopping_rule", "trained_model"]
 
 # Collects the garbage of finished trials while the next one trains (see NasTuner._try_build):
@@ -336,15 +336,18 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         rate decays, within the time the search has left (`CosineDecay`); a full training
         is not stopped early but by that time."""
         share, epochs = funnel.fidelity(values)
-        if epochs is None:
+        left = (self.oracle.seconds_left(values) if hasattr(self.oracle, "seconds_left")
+                else None)
+        if epochs is None:  # not a funnel's: its epochs, but none past the time limit
+            if left is not None:
+                kwargs = {**kwargs, "callbacks": [*kwargs.get("callbacks", []),
+                                                  Deadline(left)]}
             return args, kwargs
         if share < 1:
             args = (self.shares(share), *args[1:])
         callbacks = [c for c in kwargs.get("callbacks", [])
                      if not (_full_training(values)
                              and isinstance(c, keras.callbacks.EarlyStopping))]
-        left = (self.oracle.seconds_left(values) if hasattr(self.oracle, "seconds_left")
-                else None)
         callbacks.append(CosineDecay(values["learning_rate"], epochs, left))
         return args, {**kwargs, "epochs": epochs, "callbacks": callbacks}
 
@@ -423,35 +426,19 @@ def inherit(model, parent) -> list[str]:
     return inherited
 
 
-class CosineDecay(keras.callbacks.Callback):
-    """The learning rate from `initial` down towards zero over `epochs` epochs along half a
-    cosine (SGDR without restarts, Loshchilov & Hutter), set at each epoch's start, so that
-    a trial given a known number of epochs converges by its end.
+class Deadline(keras.callbacks.Callback):
+    """Stops training when another epoch would not end within `seconds` (None: never),
+    judged by the epochs timed so far (the first, which also traces the training step,
+    only until a later one is timed)."""
 
-    With `seconds` (the time the search has left), the epochs are also made to fit it:
-    once an epoch has been timed, the decay ends at the last epoch that still ends in time
-    when that comes first, and training stops when another epoch would not end in time.
-    Epochs count from the trial's start: a resumed trial goes on where its rate was.
-    """
-
-    def __init__(self, initial: float, epochs: int, seconds: float | None = None):
+    def __init__(self, seconds: float | None):
         super().__init__()
-        self.initial, self.epochs = float(initial), max(1, int(epochs))
         self.end = None if seconds is None else time.monotonic() + seconds
-        self.horizon = self.epochs
         self._times: list[float] = []
         self._began = time.monotonic()
 
-    def rate(self, epoch: int) -> float:
-        return self.initial * 0.5 * (1 + math.cos(math.pi * min(epoch, self.horizon)
-                                                  / self.horizon))
-
     def on_epoch_begin(self, epoch, logs=None):
         self._began = time.monotonic()
-        if self.end is not None and self._times:
-            fit = int((self.end - self._began) // self._epoch_seconds())
-            self.horizon = max(1, min(self.epochs, epoch + fit))
-        self.model.optimizer.learning_rate = self.rate(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.monotonic()
@@ -460,9 +447,37 @@ class CosineDecay(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def _epoch_seconds(self) -> float:
-        # The first epoch also traces the training step: the later ones say better.
         later = self._times[1:] or self._times
         return sum(later) / len(later)
+
+
+class CosineDecay(Deadline):
+    """The learning rate from `initial` down towards zero over `epochs` epochs along half a
+    cosine (SGDR without restarts, Loshchilov & Hutter), set at each epoch's start, so that
+    a trial given a known number of epochs converges by its end.
+
+    With `seconds` (the time the search has left), the epochs are also made to fit it:
+    once an epoch has been timed, the decay ends at the last epoch that still ends in time
+    when that comes first, and training stops when another epoch would not end in time
+    (`Deadline`). Epochs count from the trial's start: a resumed trial goes on where its
+    rate was.
+    """
+
+    def __init__(self, initial: float, epochs: int, seconds: float | None = None):
+        super().__init__(seconds)
+        self.initial, self.epochs = float(initial), max(1, int(epochs))
+        self.horizon = self.epochs
+
+    def rate(self, epoch: int) -> float:
+        return self.initial * 0.5 * (1 + math.cos(math.pi * min(epoch, self.horizon)
+                                                  / self.horizon))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        if self.end is not None and self._times:
+            fit = int((self.end - self._began) // self._epoch_seconds())
+            self.horizon = max(1, min(self.epochs, epoch + fit))
+        self.model.optimizer.learning_rate = self.rate(epoch)
 
 
 def _background_collector() -> concurrent.futures.ThreadPoolExecutor:

@@ -63,6 +63,29 @@ def test_a_short_time_limit_ends_the_search_cleanly_with_its_final_model_and_res
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tuner", ["random", "evolution"])
+def test_a_trial_longer_than_the_time_left_stops_at_the_limit(tmp_path, tuner):
+    # No early stopping and more epochs than the limit holds: the first trial (nothing
+    # measured yet, so it starts) must stop at the limit, not train all of them.
+    pipeline = tmp_path / "long.yaml"
+    pipeline.write_text("data: {source: digits}\n"
+                        "train: {epochs: 400, early_stopping_patience: null}\n")
+    import time
+
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["search", "--space", "tiny", "--pipeline", str(pipeline),
+                                       "--tuner", tuner, "--max-trials", "5", "--time-limit",
+                                       "5s", "--experiment", "timed"])
+    wall = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    (trial,) = trial_runs()
+    assert trial.info.status == "FINISHED"
+    assert 1 <= trial.data.metrics["epochs_trained"] < 400
+    assert "final model: " in result.output
+    assert wall < 30  # 400 epochs of it take a minute or more
+
+
+@pytest.mark.slow
 def test_max_trials_first_when_it_comes_first_and_a_bad_duration_is_refused(tmp_path):
     result = CliRunner().invoke(main, SEARCH + ["--max-trials", "2", "--time-limit", "1h"])
     assert result.exit_code == 0, result.output
