@@ -27,8 +27,8 @@ from nas.models import build_model
 from nas.specs import SearchSpace
 from nas.state import StateError, read_json, write_atomic
 
-__all__ = ["CandidateModel", "CosineDecay", "Deadline", "NasTuner", "MedianStopping", "early_stopping",
-           "inherit", "stopping_rule", "trained_model"]
+__all__ = ["CandidateModel", "CosineDecay", "Deadline", "NasTuner", "MedianStopping",
+           "early_stopping", "inherit", "stopping_rule", "trained_model"]
 
 # Collects the garbage of finished trials while the next one trains (see NasTuner._try_build):
 # one for the process, made by the first tuner that collects in the background.

@@ -128,7 +128,7 @@ def test_every_block_kind_has_the_shapes_and_parameters_keras_builds(tmp_path):
     rng = random.Random(2)
     built, impossible, kinds = 0, 0, set()
     input_shape = (11, 11, 1)
-    for _ in range(24):
+    for _ in range(16):
         values = sample_values(space, rng)
         architecture = Architecture.from_values(space, values, input_shape, 10, 16.0)
         try:
@@ -147,7 +147,7 @@ def test_every_block_kind_has_the_shapes_and_parameters_keras_builds(tmp_path):
                   for s in range(1, architecture.depth + 1)}
         built += 1
         keras.backend.clear_session()
-    assert kinds == {"plain", "residual", "mbconv"} and built >= 12 and impossible >= 1
+    assert kinds == {"plain", "residual", "mbconv"} and built >= 8 and impossible >= 1
 
 
 def block_values(block: str, **stage) -> dict:
