@@ -61,6 +61,12 @@ def build_model(architecture: Architecture, *, jit_compile: bool | str = "auto",
         made = _make_layer(layer, policy)
         if layer.kind in _MERGES:
             x = made([outputs[name] for name in layer.inputs])
+        elif layer.kind == "Resizing":
+            # Keras's image layers default `training` to True when a call leaves it out,
+            # and pass that on to every layer after them: a served model (`model.export`
+            # traces its call without it) would normalize each batch by its own
+            # statistics. A resize is the same in training and inference: say so.
+            x = made(x, training=False)
         else:
             x = made(outputs[layer.inputs[0]] if layer.inputs else x)
         outputs[layer.name] = x

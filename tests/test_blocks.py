@@ -314,13 +314,29 @@ def test_knobs_of_one_block_are_active_only_where_a_stage_takes_it():
                    for name in (s.name for s in hyperparameter_specs(load_space("cnn"))))
 
 
+# Drawn by the random tuner with seed 3: an mbconv stage, then a residual one, both
+# striding, under width 0.5, on the digits resized to 10x10 (the test checks each).
+BOTH = """
+resolution: 10
+stages:
+  depth: 2
+  block: [residual, mbconv]
+  width: [0.5, 1.0]
+  conv: {filters: [8, 16], convs: [1, 2], kernel_size: 3, stride: [1, 2], batch_norm: true}
+  expand_ratio: 3
+  se: 0.25
+  pool: {type: none}
+head: {reduce: global_avg}
+optimizer: {name: adam, learning_rate: 0.003}
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("space", ["resnet", "mobile"])
-def test_a_search_of_the_new_spaces_serves_the_same_predictions_everywhere(tmp_path, space,
-                                                                          monkeypatch):
-    """A search's final model of every block kind: the SavedModel, the TFLite model and
-    the MLflow model give the Keras model's predictions; its trial run logs the
-    architecture's parameters and FLOPs."""
+def test_a_search_of_every_block_serves_the_same_predictions_everywhere(tmp_path,
+                                                                       monkeypatch):
+    """A search's final model of residual and mbconv blocks with squeeze-and-excitation,
+    a width and a resize: the SavedModel, the TFLite model and the MLflow model give the
+    same predictions; its trial run logs the architecture's parameters and FLOPs."""
     import mlflow.pyfunc
     import tensorflow as tf
 
@@ -329,29 +345,30 @@ def test_a_search_of_the_new_spaces_serves_the_same_predictions_everywhere(tmp_p
     from nas.specs import load_pipeline
     from nas.tracking import Tracker
 
+    space = write(tmp_path, BOTH, "both")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--tracking-uri", uri, "--workdir", str(tmp_path / ".nas")]
     searched = CliRunner().invoke(main, ["search", "--space", space, "--pipeline", "digits",
-                                         "--max-trials", "1", "--epochs", "2", "--experiment",
-                                         space, *common])
+                                         "--tuner", "random", "--seed", "3", "--max-trials",
+                                         "1", "--epochs", "1", "--experiment", "both",
+                                         *common])
     assert searched.exit_code == 0, searched.output
     tracker = Tracker(uri)
-    search = results.find_search(tracker, space)
+    search = results.find_search(tracker, "both")
     (trial,) = results.list_trials(tracker, search)
     architecture = Architecture.from_values(load_space(space), trial.values, (8, 8, 1), 10,
                                             16.0)
-    kind = {"resnet": "Add", "mobile": "DepthwiseConv2D"}[space]
-    assert any(layer.kind == kind for layer in architecture.layers)
-    assert any(layer.kind == "Multiply" for layer in architecture.layers) == bool(
-        trial.values.get("stage_1/se"))
+    assert [trial.values[f"stage_{s}/block"] for s in (1, 2)] == ["mbconv", "residual"]
+    assert trial.values["width"] == 0.5
+    kinds = {layer.kind for layer in architecture.layers}
+    assert {"Resizing", "DepthwiseConv2D", "Multiply", "Add"} <= kinds
     assert (trial.metrics["params"], trial.metrics["flops"]) == (architecture.params,
                                                                  architecture.flops)
 
     x = load_arrays(load_pipeline("digits")).x_val[:16].astype("float32")
     for form in ("savedmodel", "tflite"):
-        out = tmp_path / form
-        exported = CliRunner().invoke(main, ["export", "--experiment", space, "--format", form,
-                                             "--out", str(out), *common])
+        exported = CliRunner().invoke(main, ["export", "--experiment", "both", "--format", form,
+                                             "--out", str(tmp_path / form), *common])
         assert exported.exit_code == 0, exported.output
     served = tf.saved_model.load(str(tmp_path / "savedmodel")).signatures["serving_default"]
     expected = served(image=tf.constant(x))["output_0"].numpy()
