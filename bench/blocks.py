@@ -12,8 +12,6 @@ turn, alone on the machine; each is scored once on the held-out test images.
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 
 SPACES = ("cnn", "resnet", "mobile")
@@ -52,7 +50,7 @@ def figure_blocks(table, root: Path, limit: float, image_folder, nas: str, env: 
 
 def _search(folder: Path, space: str, pipeline: Path, limit: float, nas: str, env: dict,
             log) -> dict:
-    from runs import search_runs
+    from runs import run_search
 
     from nas import tracking
 
@@ -62,13 +60,7 @@ def _search(folder: Path, space: str, pipeline: Path, limit: float, nas: str, en
                f"{limit:.0f}s", "--tracking-uri", uri, "--workdir", str(folder / "work"),
                "--experiment", "bench", "--no-progress"]
     log(f"blocks: nas search --space {space} --time-limit {limit:.0f}s")
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    (folder / "stdout.txt").write_text(done.stdout)
-    if done.returncode != 0:
-        raise RuntimeError(f"nas search failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    parent, runs = search_runs(uri)
+    parent, runs, wall = run_search(folder, command, env, uri)
     final = parent.data.tags.get("nas.final_trials", "")
     params = [r.data.metrics.get("params", 0) for r in runs
               if r.data.tags.get(tracking.TAG_TRIAL) in final.split(",")]

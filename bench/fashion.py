@@ -27,7 +27,6 @@ One search per row: at these sizes a row is 30-60 minutes (the notes say so).
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +97,7 @@ def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log,
     """`nas search` on Fashion-MNIST as a user runs it (with `more` options); its score
     and funnel from MLflow, and its final model's latency (logged; and, under a budget,
     measured again)."""
-    from runs import search_runs
+    from runs import run_search
 
     from nas import tracking
 
@@ -111,13 +110,7 @@ def _search(folder: Path, tuner: str, limit: float, nas: str, env: dict, log,
     command += list(more)
     log(f"fashion: nas search --pipeline fashion_mnist --time-limit {limit:.0f}s"
         + ("" if tuner == "default" else f" --tuner {tuner}") + "".join(f" {m}" for m in more))
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    (folder / "stdout.txt").write_text(done.stdout)
-    if done.returncode != 0:
-        raise RuntimeError(f"nas search failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    parent, runs = search_runs(uri)
+    parent, runs, wall = run_search(folder, command, env, uri)
     funnel: dict[str, list[float]] = {}
     for run in runs:
         share = float(run.data.params.get("nas/share", 1.0))

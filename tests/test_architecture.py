@@ -82,56 +82,6 @@ def keras_from_values(values, input_shape, num_classes=10):
     return keras.Model(inputs, L.Dense(num_classes)(x))
 
 
-STACKED = """
-name: stacked
-stages:
-  depth: {min: 1, max: 3}
-  conv:
-    filters: [8, 16]
-    convs: [1, 2, 3]
-    kernel_size: [3, 5]
-    stride: [1, 2]
-    padding: [same, valid]
-    batch_norm: [false, true]
-    separable: [false, true]
-  pointwise: [false, true]
-  pool: {type: [max, avg, none], size: 2}
-head:
-  reduce: [flatten, global_avg]
-  dense: {layers: {min: 0, max: 1}, units: [16]}
-optimizer: {name: adam, learning_rate: 0.001}
-"""
-
-
-def test_stacked_and_separable_convs_match_keras_and_are_impossible_exactly_when_keras_fails(
-        tmp_path):
-    import keras
-
-    from nas.models import build_model
-
-    path = tmp_path / "stacked.yaml"
-    path.write_text(STACKED)
-    built = impossible = 0
-    input_shape = (12, 12, 1)  # small enough that stacked valid convs do not always fit
-    for architecture in candidates(str(path), input_shape, 20, seed=1):
-        assert architecture.values.get("stage_1/convs") in (1, 2, 3)
-        assert architecture.values.get("stage_1/separable") in (False, True)
-        try:
-            reference = keras_from_values(architecture.values, input_shape)
-        except ValueError:
-            assert architecture.impossible and architecture.impossible.startswith("stage ")
-            impossible += 1
-            continue
-        assert architecture.impossible is None, architecture.table()
-        model = build_model(architecture)
-        assert architecture.params == model.count_params() == reference.count_params()
-        keras_shapes = [tuple(layer.output.shape[1:]) for layer in model.layers[1:]]
-        assert [layer.output_shape for layer in architecture.layers] == keras_shapes
-        built += 1
-        keras.backend.clear_session()
-    assert built >= 8 and impossible >= 3
-
-
 def test_a_hand_computed_stage_of_two_convs_and_a_separable_conv():
     import dataclasses
 
