@@ -53,24 +53,66 @@ def test_params_and_shapes_match_keras_for_every_valid_candidate(space_name, inp
     assert built >= 8
 
 
-def keras_from_values(values, input_shape, num_classes=10):
-    """The candidate built straight from its values with Keras, with no guard at all."""
+def keras_from_values(values: dict, input_shape, num_classes: int = 10):
+    """The candidate built straight from its values with Keras's layers, with no guard,
+    written apart from `nas.models` and `nas.architecture` (the rules as the docs state
+    them, every block kind included)."""
     import keras
 
     L = keras.layers
     x = inputs = keras.Input(input_shape)
+    if "resolution" in values and tuple(input_shape[:2]) != (values["resolution"],) * 2:
+        x = L.Resizing(values["resolution"], values["resolution"])(x)
+
+    def normalized(y, bn):
+        return L.BatchNormalization()(y) if bn else y
+
+    def shortcut(block_input, made, filters, stride, bn):
+        if stride > 1 or block_input.shape[-1] != filters:
+            block_input = normalized(L.Conv2D(filters, 1, stride, "same", use_bias=not bn)(
+                block_input), bn)
+        return L.Add()([made, block_input])
+
+    def excite(y, squeezed):
+        gate = L.GlobalAveragePooling2D(keepdims=True)(y)
+        gate = L.Conv2D(squeezed, 1, activation="relu")(gate)
+        gate = L.Conv2D(y.shape[-1], 1, activation="sigmoid")(gate)
+        return L.Multiply()([y, gate])
+
     for s in range(1, values["depth"] + 1):
         p = f"stage_{s}/"
-        bn = values[p + "batch_norm"]
-        conv = L.SeparableConv2D if values.get(p + "separable") else L.Conv2D
-        for n in range(values.get(p + "convs", 1)):  # stacked convs stride once, first
-            x = conv(values[p + "filters"], values[p + "kernel_size"],
-                     values[p + "stride"] if n == 0 else 1, values[p + "padding"],
-                     use_bias=not bn)(x)
-            if bn:
-                x = L.BatchNormalization()(x)
-        if values[p + "pointwise"]:
-            x = L.Conv2D(values[p + "filters"], 1)(x)
+        filters = max(1, int(values[p + "filters"] * values.get("width", 1.0) + 0.5))
+        block, bn = values.get(p + "block", "plain"), values[p + "batch_norm"]
+        kernel, stride, se = values[p + "kernel_size"], values[p + "stride"], values.get(
+            p + "se", 0)
+        channels = x.shape[-1]
+        if block == "mbconv":
+            for n in range(values.get(p + "convs", 1)):
+                block_input, step = x, stride if n == 0 else 1
+                wide = x.shape[-1] * values[p + "expand_ratio"]
+                if values[p + "expand_ratio"] > 1:
+                    x = L.Activation("relu")(normalized(L.Conv2D(wide, 1, use_bias=not bn)(x), bn))
+                x = L.DepthwiseConv2D(kernel, step, "same", use_bias=not bn)(x)
+                x = L.Activation("relu")(normalized(x, bn))
+                if se:
+                    x = excite(x, max(1, int(block_input.shape[-1] * se)))
+                x = normalized(L.Conv2D(filters, 1, use_bias=not bn)(x), bn)
+                x = shortcut(block_input, x, filters, step, bn)
+        else:
+            block_input = x
+            conv = L.SeparableConv2D if values.get(p + "separable") else L.Conv2D
+            padding = values.get(p + "padding", "same")
+            for n in range(values.get(p + "convs", 1)):
+                x = normalized(conv(filters, kernel, stride if n == 0 else 1, padding,
+                                    use_bias=not bn)(x), bn)
+                if block == "plain" or n < values.get(p + "convs", 1) - 1:
+                    x = L.Activation("relu")(x)
+            if block == "residual":
+                if se:
+                    x = excite(x, max(1, int(channels * se)))
+                x = L.Activation("relu")(shortcut(block_input, x, filters, stride, bn))
+            if values.get(p + "pointwise"):
+                x = L.Conv2D(filters, 1)(x)
         if values[p + "pool"] != "none":
             pool = L.MaxPooling2D if values[p + "pool"] == "max" else L.AveragePooling2D
             x = pool(values[p + "pool_size"])(x)
