@@ -28,7 +28,7 @@ from nas.specs import Constraints, Knob, SearchSpace
 
 __all__ = ["Architecture", "Builder", "INPUT", "Impossible", "Layer", "HyperparameterSpec",
            "hyperparameter_specs", "CONV_SHAPE_KNOBS", "POOL_KNOBS", "ConvKnobs", "PoolKnobs",
-           "conv_costs", "pool_costs", "scaled_filters"]
+           "at_width", "conv_costs", "pool_costs", "scaled_filters"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,6 +359,15 @@ _SE_UNIT = 1_000_000
 def scaled_filters(filters: int, width: float) -> int:
     """A stage's filters under the model-wide width multiplier: rounded, at least 1."""
     return max(1, int(filters * width + 0.5))
+
+
+def at_width(space: SearchSpace, width: float) -> SearchSpace:
+    """`space` with `width` applied: every stage's filters scaled (values that coincide,
+    1 and 2 at width 0.5, kept once), no width multiplier and no resolution left; what
+    `nas.space` and `nas.latency_table` walk, one width (and resolution) at a time."""
+    filters = tuple(dict.fromkeys(scaled_filters(f, width) for f in space.filters.values()))
+    return dataclasses.replace(space, filters=Knob("int", filters),
+                               width=Knob("float", (1.0,)), resolution=None)
 
 
 class ConvKnobs(NamedTuple):

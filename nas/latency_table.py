@@ -41,10 +41,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from nas.architecture import (INPUT, Architecture, Builder, Impossible, Layer, Rejection,
-                              hyperparameter_specs, scaled_filters)
+                              at_width, hyperparameter_specs)
 from nas.counting import assignments, stage_options
 from nas.errors import InputError
-from nas.specs import Knob
 from nas.state import write_atomic
 
 __all__ = ["FORMAT", "Entry", "LatencyGuard", "LatencyTable", "LatencyTableError",
@@ -309,11 +308,8 @@ def space_layers(space, input_shape, num_classes: int, pixel_scale: float = 1.0
     resolutions = space.resolution.values() if space.resolution is not None else [None]
     for resolution in resolutions:
         for width in space.width.values():  # every stage's filters scaled, one space each
-            scaled = dataclasses.replace(space, width=Knob("float", (1.0,)), resolution=None,
-                                         filters=Knob("int", tuple(dict.fromkeys(
-                                             scaled_filters(f, width)
-                                             for f in space.filters.values()))))
-            _walk(scaled, input_shape, num_classes, pixel_scale, resolution, found)
+            _walk(at_width(space, width), input_shape, num_classes, pixel_scale, resolution,
+                  found)
     return found
 
 

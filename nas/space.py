@@ -19,7 +19,7 @@ import dataclasses
 import math
 import random
 
-from nas.architecture import Architecture, Builder, hyperparameter_specs, scaled_filters
+from nas.architecture import Architecture, Builder, at_width, hyperparameter_specs
 from nas.costs import FRONT_WORK, space_costs
 from nas.counting import Sizes, count_assignments, count_impossible, left_out, stage_options
 from nas.specs import Constraints, Knob, Pipeline, SearchSpace
@@ -195,13 +195,10 @@ def analyse(space: SearchSpace, input_shape, num_classes: int,
         resized, resize_flops = builder.shape, sum(layer.flops for layer in builder.layers)
         # The counts are those at width 1 whatever the width (scaled filters may
         # coincide, 1 and 2 at width 0.5, but they are still two choices).
-        plain = dataclasses.replace(space, width=Knob("float", (1.0,)), resolution=None)
-        counted = _analyse(plain, resized, num_classes, work // len(widths))
+        counted = _analyse(at_width(space, 1.0), resized, num_classes, work // len(widths))
         for width in widths:
-            scaled = dataclasses.replace(plain, filters=Knob("int", tuple(dict.fromkeys(
-                scaled_filters(f, width) for f in space.filters.values()))))
-            part = counted if width == 1.0 else _analyse(scaled, resized, num_classes,
-                                                         work // len(widths))
+            part = counted if width == 1.0 else _analyse(at_width(space, width), resized,
+                                                         num_classes, work // len(widths))
             reports.append((part, counted, resize_flops))
     return _joined(space, input_shape, reports)
 
