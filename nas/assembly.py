@@ -15,11 +15,9 @@ The performance tricks, and where each is started (none at import time):
   the driver on Ray, before the search's run starts;
 - `gc.freeze()`: by `nas.search.run` once the tuner is open, so that each trial's
   collection scans the trials' own objects only, not TensorFlow's and MLflow's modules;
-- the garbage of the last trial collected by a background thread while the next one
-  trains (`NasTuner`'s `collect_in_background`, the thread made when first asked for):
-  by `Parts.tuner`, so in every process that trains, the Ray workers' included;
 - TensorFlow's gradient registry purged after each trial (`NasTuner`'s
-  `forget_gradients`, `nas.tfcompat.forget_custom_gradients`): by `Parts.tuner` too.
+  `forget_gradients`, `nas.tfcompat.forget_custom_gradients`): by `Parts.tuner`, so in
+  every process that trains, the Ray workers' included.
 
 Nothing here imports TensorFlow or KerasTuner at import time.
 """
@@ -110,7 +108,7 @@ class Parts:
                 oracle, self.hypermodel, self.hooks,
                 stopping=tuning.stopping_rule(config.tuner, pipeline.objective,
                                               pipeline.direction),
-                collect_in_background=True, forget_gradients=True,  # see the module's doc
+                forget_gradients=True,  # see the module's doc
                 directory=config.workdir, project_name=config.project_name, overwrite=False,
                 distribution_strategy=strategy(config.scale.distribution),
                 latency=latency_meter(config))

@@ -7,7 +7,6 @@ saved each epoch so an interrupted trial resumes there (`Resume`).
 
 from __future__ import annotations
 
-import concurrent.futures
 import gc
 import json
 import math
@@ -19,7 +18,6 @@ from typing import Callable
 
 import keras
 import keras_tuner as kt
-import tensorflow as tf
 
 from nas import funnel, ktcompat, tfcompat, tracking
 from nas.architecture import Architecture, Rejection
@@ -29,11 +27,6 @@ from nas.state import StateError, read_json, write_atomic
 
 __all__ = ["CandidateModel", "CosineDecay", "Deadline", "NasTuner", "MedianStopping",
            "early_stopping", "inherit", "stopping_rule", "trained_model"]
-
-# Collects the garbage of finished trials while the next one trains (see NasTuner._try_build):
-# one for the process, made by the first tuner that collects in the background.
-_COLLECTOR: concurrent.futures.ThreadPoolExecutor | None = None
-
 
 class CandidateModel(kt.HyperModel):
     """Builds the candidate a trial's values pick, and times its `fit`."""
@@ -235,16 +228,14 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
     `epoch_ended(trial, epoch, logs)` and `trial_ended(trial, architecture, history,
     fit_seconds, error)`.
 
-    Two performance tricks, off unless asked for (`nas.assembly` turns them on):
-    `collect_in_background`, the last trial's garbage collected by a background thread
-    while this one trains (else before this one is built; see `_try_build`), and
+    A performance trick, off unless asked for (`nas.assembly` turns it on):
     `forget_gradients`, the custom gradients a trial leaves in TensorFlow's registry
     dropped once it has ended (`nas.tfcompat.forget_custom_gradients`).
     """
 
     def __init__(self, oracle, hypermodel: CandidateModel, hooks,
-                 stopping: MedianStopping | None = None, collect_in_background: bool = False,
-                 forget_gradients: bool = False, latency: Callable | None = None, **kwargs):
+                 stopping: MedianStopping | None = None, forget_gradients: bool = False,
+                 latency: Callable | None = None, **kwargs):
         from nas import tracking  # the MLflow side, loaded by now: imported once, not per batch
 
         ktcompat.install()  # atomic checkpoints
@@ -254,28 +245,20 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         self.stopping = stopping
         self.latency = latency  # model -> nas.latency.Latency; None: not measured
         self._epoch = 0
-        self._collect = False  # the last trial's garbage waits for this trial's first batch
-        self._on_gpu = bool(tf.config.list_logical_devices("GPU"))
-        self._collector = _background_collector() if collect_in_background else None
         self._forget_gradients = forget_gradients
 
     def _try_build(self, hp):
         # KerasTuner's own calls `keras.backend.clear_session()` and collects garbage twice
         # before every build, ~60 ms a trial here. Instead the last trial's model and
-        # graphs (nothing refers to them any more) are collected by a background thread
-        # once this trial's first batch has trained: the main thread then mostly waits on
-        # TensorFlow's kernels, so the collection overlaps the training. The session is
-        # not cleared: that only resets Keras's name counters and global settings and
-        # empties TensorFlow's kernel cache (every build ~15 ms slower); it frees nothing
-        # the collection does not. Collected now instead: on a GPU, whose memory the last
-        # model must leave before this one takes it, and after a trial that never trained
-        # a batch (its garbage and its predecessor's would wait for the next trial), and
-        # always without `collect_in_background`.
-        if self._collect or self._on_gpu or self._collector is None:
-            gc.collect()
-            self._collect = False
-        else:
-            self._collect = True
+        # graphs (nothing refers to them any more) are collected once. The session is not
+        # cleared: that only resets Keras's name counters and global settings and empties
+        # TensorFlow's kernel cache (every build ~15 ms slower); it frees nothing the
+        # collection does not. The collection runs here, in the thread that trains: run by
+        # a background thread while the next trial trained (10-20 ms saved a trial), it
+        # freed TensorFlow's objects beside a running training step, and about one
+        # process in ten then aborted or crashed (bench/README.md, "Garbage collected in
+        # the background").
+        gc.collect()
         return self._build_hypermodel(hp)
 
     def _populate_initial_space(self):
@@ -375,9 +358,6 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         if self._tracking.pending_interruption is not None:  # a signal's raise was swallowed
             raise self._tracking.pending_interruption
         self.hooks.batch_ended()
-        if self._collect:
-            self._collect = False
-            self._collector.submit(gc.collect)
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise kt.errors.FailedTrialError(
@@ -478,15 +458,6 @@ class CosineDecay(Deadline):
             fit = int((self.end - self._began) // self._epoch_seconds())
             self.horizon = max(1, min(self.epochs, epoch + fit))
         self.model.optimizer.learning_rate = self.rate(epoch)
-
-
-def _background_collector() -> concurrent.futures.ThreadPoolExecutor:
-    """The process's one garbage-collecting thread (`NasTuner`'s `collect_in_background`),
-    made on first use."""
-    global _COLLECTOR
-    if _COLLECTOR is None:
-        _COLLECTOR = concurrent.futures.ThreadPoolExecutor(1, "nas-gc")
-    return _COLLECTOR
 
 
 class MedianStopping:

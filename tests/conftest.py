@@ -15,15 +15,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The files that train the most first (the sum of their slow tests' time limits): the
-    suite is spread over processes in runs of tests (pytest-xdist's worksteal), so the long
-    ones start first and none is left running alone at the end. A file keeps its order."""
-    weight = collections.Counter()
+    """The files whose slow tests may take longest first, by the longest time limit of
+    their tests (the Ray cluster's, 900 s), then by the sum of them: the suite ends no
+    sooner than its longest file's run, so that run starts at once. pytest-xdist's
+    worksteal gives the first process all the tests and the others steal from the end of
+    its queue, so the first file in this order starts first. A file keeps its order."""
+    longest, total = collections.Counter(), collections.Counter()
     for item in items:
         if item.get_closest_marker("slow") is not None:
             limit = item.get_closest_marker("timeout")
-            weight[item.path] += limit.args[0] if limit is not None and limit.args else 300
-    items.sort(key=lambda item: -weight[item.path])
+            seconds = limit.args[0] if limit is not None and limit.args else 300
+            longest[item.path] = max(longest[item.path], seconds)
+            total[item.path] += seconds
+    items.sort(key=lambda item: (-longest[item.path], -total[item.path]))
 
 
 def pytest_xdist_auto_num_workers(config):

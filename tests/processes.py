@@ -95,6 +95,7 @@ def mlflow_server_in(root):
     """An `mlflow server` on 127.0.0.1 (SQLite backend in `root`, artifacts served by it),
     its URL while inside."""
     server = Processes(root)
+    server.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # as `nas ui` starts it
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     try:

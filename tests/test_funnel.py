@@ -3,6 +3,8 @@ on, weights a child inherits, a schedule that fits the time, a whole funnel and 
 
 from __future__ import annotations
 
+import time
+
 import keras
 import numpy as np
 import pytest
@@ -314,15 +316,19 @@ def test_a_funnel_interrupted_mid_way_resumes_the_same_funnel(small_funnel):
             if event.trial == 4:
                 raise KeyboardInterrupt
 
+    began = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         run(prepare(config(20.0)), Stop())
+    spent = time.monotonic() - began
     _, before = runs_of("funnel")
     looked = {r.data.tags["nas.trial_id"] for r in before if r.info.status == "FINISHED"}
     # Three trials ended, the first a look (on a slow machine the looks' part of the 20 s
     # may be spent by then, and the third already a full training).
     assert len(looked) == 3 and float(before[0].data.params["nas/share"]) < 1
 
-    result = run(prepare(config(20.0)), Callback())
+    # Resumed with a limit 16 s over what the first part spent (a larger limit grows a
+    # search): a full training fits after the reserve, however slow the machine.
+    result = run(prepare(config(spent + 16.0)), Callback())
     assert result.resumed
     _, after = runs_of("funnel")
     ids = [r.data.tags["nas.trial_id"] for r in after]

@@ -132,6 +132,10 @@ def ui(host, port, tracking_uri):
         click.echo(f"  the latest search (experiment {latest.experiment_name!r}): {link}")
     sys.stdout.flush()
     sys.stderr.flush()
+    # MLflow 3's job runner (GenAI jobs, about eight more processes) is not needed to
+    # browse runs: without it the server answers in 7-8 s, not 14-22 s (measured here).
+    # A user who sets the variable keeps theirs.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # Replaced by the server: Ctrl-C and signals reach it directly.
     os.execv(command[0], command)
 
