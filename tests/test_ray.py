@@ -10,6 +10,7 @@ import signal
 
 import pytest
 from click.testing import CliRunner
+from mlflow import MlflowClient
 
 from nas.cli import main
 from processes import NAS, search_runs
@@ -65,6 +66,9 @@ def test_a_trial_whose_worker_dies_after_its_last_retry_fails_and_the_search_goe
         processes, tmp_path):
     uri, experiment = f"sqlite:///{tmp_path}/mlflow.db", "retries"
     workdir = tmp_path / ".nas"
+    # The store made first: this test reads it while the search runs, and two processes
+    # creating one SQLite store's tables race.
+    MlflowClient(uri).search_experiments()
     # 12 epochs a trial: it is still training when its worker is killed
     search(processes, "driver", uri, "--ray", "--max-retries", "0", "--max-trials", "3",
            "--max-concurrent", "1", "--epochs", "12", experiment=experiment)

@@ -113,6 +113,9 @@ def test_a_restarted_driver_resumes_the_search_on_the_cluster_its_trials_on_the_
     workdir = tmp_path / ".nas"
     # 3 trials of 3 epochs, each asking for the cluster's one GPU
     options = ("--ray", cluster.address, "--max-trials", "3", "--gpus-per-trial", "1")
+    # The store made first: this test reads it while the search runs, and two processes
+    # creating one SQLite store's tables race.
+    MlflowClient(uri).search_experiments()
     search(processes, "first", uri, *options, experiment=experiment)
     victim = wait_for(processes, "first", lambda: training(uri, experiment, workdir),
                       "trial in the middle of its training")
