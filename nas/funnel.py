@@ -11,7 +11,9 @@ time as an expert would (successive halving over data size and epochs, in two ru
 2. **Full trainings.** The best looks, ranked on the validation data, are trained on all
    the training data, each starting from its look's weights (`PARENT`), for the epochs
    the time left allows: as many of them as the final model averages (`--ensemble`) when
-   each still gets `MIN_FULL_EPOCHS`, else fewer, at least one.
+   each still gets `ENSEMBLE_EPOCHS`, else fewer, at least one (one long training beats
+   several short ones averaged; bench/README.md); a later one, after the first ended, needs
+   `MIN_FULL_EPOCHS`.
 3. **What is left** goes to more looks while one fits; then the search stops, leaving the
    final model its share of the limit (`reserve`).
 
@@ -41,6 +43,7 @@ LOOK_SHARE = 0.2
 LOOK_EPOCHS = 3
 LOOK_BUDGET = 0.3  # of the limit: the looks before the first full training
 MIN_FULL_EPOCHS = 8  # a full training given fewer is not worth its time beside another's
+ENSEMBLE_EPOCHS = 20  # what each full training gets before the time is split among more
 VALIDATION_COST = 1 / 3  # a validation image is only a forward pass: a third of a step
 RESERVE_SHARE, RESERVE_SECONDS = 0.03, 15.0  # the final model's part of the limit
 
@@ -166,15 +169,15 @@ class Funnel:
             per_epoch = self.epoch_seconds(best.flops, 1.0, trained, own=best)
             if per_epoch is None:  # no time measured (a state rebuilt from MLflow): look
                 return look if left > 0 else None
-            # How many full trainings the time left holds at `MIN_FULL_EPOCHS` each (at
-            # least one, when none was trained yet), and this one's share of the time.
+            # How many full trainings the time left holds at `ENSEMBLE_EPOCHS` each (at
+            # least one), and this one's share of the time; after the first, one more
+            # only when it gets `MIN_FULL_EPOCHS`.
             for_fulls = self.full_seconds(left)
-            room = int(for_fulls // (MIN_FULL_EPOCHS * per_epoch))
-            count = min(self.finalists - fulls_so_far, max(room, 0 if fulls_so_far else 1))
-            if count > 0:
-                epochs = int(for_fulls / count // per_epoch)
-                if epochs >= (MIN_FULL_EPOCHS if fulls_so_far else 1):
-                    return Step("full", 1.0, epochs, best.trial_id)
+            room = int(for_fulls // (ENSEMBLE_EPOCHS * per_epoch))
+            count = min(self.finalists - fulls_so_far, max(room, 1))
+            epochs = int(for_fulls / count // per_epoch)
+            if epochs >= (MIN_FULL_EPOCHS if fulls_so_far else 1):
+                return Step("full", 1.0, epochs, best.trial_id)
         return look if left > 0 else None
 
     def _ranked(self, looks: list[Trained]) -> list[Trained]:

@@ -35,16 +35,16 @@ def test_the_funnel_looks_first_then_trains_the_best_looks_on_all_the_data_in_th
                   direction="max")
     assert plan.reserve == 30  # 3% of the limit, for the final model
     assert plan.next(0, []) == Step("look", funnel.LOOK_SHARE, funnel.LOOK_EPOCHS)
-    looks = [look("0", 0.80), look("1", 0.86), look("2", 0.83), look("3", None)]  # 3 failed
+    looks = [look("0", 0.80, 4), look("1", 0.86, 4), look("2", 0.83, 4), look("3", None)]
     assert plan.next(100, looks).kind == "look"  # inside the looks' part of the limit
 
     step = plan.next(400, looks)  # past it: the best look, on all the data, from its weights
     assert step.kind == "full" and step.share == 1.0 and step.parent == "1"
-    # A look of 1000 FLOPs took 10 s for 3 epochs on 2,000 training images and 1,000 of
-    # validation (a third each): 0.001 s per unit; a full epoch is 11,000,000 units: 11 s.
-    per_epoch = 10 / (3 * 1000 * (2_000 + 1_000)) * 1000 * (10_000 + 1_000)
+    # A look of 1000 FLOPs took 4 s for 3 epochs on 2,000 training images and 1,000 of
+    # validation (a third each); a full epoch is 11,000,000 units: 4.4 s.
+    per_epoch = 4 / (3 * 1000 * (2_000 + 1_000)) * 1000 * (10_000 + 1_000)
     left = 1000 - 30 - 400
-    assert 3 * funnel.MIN_FULL_EPOCHS * per_epoch <= left  # room for three finalists
+    assert 3 * funnel.ENSEMBLE_EPOCHS * per_epoch <= left  # room for three finalists
     assert step.epochs == int(left / 3 // per_epoch)
 
     # the next goes to the next best look, never to one promoted or being trained elsewhere
@@ -64,6 +64,10 @@ def test_the_funnel_trains_fewer_finalists_when_the_time_left_holds_fewer():
     looks = [look("0", 0.5, seconds=60), look("1", 0.3, seconds=60)]  # loss: lower is better
     step = plan.next(400, looks)  # an epoch on all the data now takes 20 s x 11/3
     assert step.parent == "1" and step.epochs == int((1000 - 30 - 400) // (20 * 11 / 3))
+    # the time left for two at `ENSEMBLE_EPOCHS` each, not three: two, each half of it
+    quick = [look("0", 0.5, seconds=9), look("1", 0.3, seconds=9)]  # 11 s an epoch
+    assert 2 * funnel.ENSEMBLE_EPOCHS * 11 <= 1000 - 30 - 400 < 3 * funnel.ENSEMBLE_EPOCHS * 11
+    assert plan.next(400, quick).epochs == int((1000 - 30 - 400) / 2 // 11)
     # too little time even for one full training at its minimum epochs: still one, shorter
     assert plan.next(850, looks).epochs == 1
     # once one full training exists, another must get its minimum, or looks fill the time
