@@ -6,6 +6,7 @@ import collections
 import contextlib
 import os
 import random
+import shutil
 import types
 
 import numpy as np
@@ -38,9 +39,28 @@ def pytest_xdist_auto_num_workers(config):
     return (os.cpu_count() or 1) + 1
 
 
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory):
+    """An MLflow SQLite store with its tables made and nothing in them, as MLflow makes a
+    new one. Making the tables costs MLflow 2-3 s of CPU (its schema migrations, one by
+    one), and most tests make a store: each gets a copy of this one instead (`_isolated`).
+    Made in its own folder, whose ./mlruns its Default experiment names (nas logs to
+    experiments of its own)."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("empty_store")
+    with contextlib.chdir(folder):
+        MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
+
+
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Run each test in its own folder with its own MLflow store, seeded."""
+def _isolated(request, tmp_path, monkeypatch):
+    """Run each test in its own folder with its own MLflow store, seeded. The store,
+    ./mlflow.db, is there from the start, empty (`_empty_store`), unless the test is
+    marked `new_store`: it sees the store made, or not, by what it runs."""
+    if request.node.get_closest_marker("new_store") is None:
+        shutil.copy(request.getfixturevalue("_empty_store"), tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("NAS_WORKDIR", str(tmp_path / ".nas"))
@@ -50,7 +70,7 @@ def _isolated(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def digits_search(tmp_path_factory):
+def digits_search(tmp_path_factory, _empty_store):
     """One small finished search (tiny space, digits), shared by read-only tests.
 
     Returns a namespace with `root`, `tracking_uri`, `workdir`, `experiment`, `result`.
@@ -60,6 +80,7 @@ def digits_search(tmp_path_factory):
     from nas.specs import load_pipeline, load_space
 
     root = tmp_path_factory.mktemp("digits_search")
+    shutil.copy(_empty_store, root / "mlflow.db")
     tracking_uri = f"sqlite:///{root}/mlflow.db"
     config = search.SearchConfig(
         space=load_space("tiny"), pipeline=load_pipeline("digits"), max_trials=3, epochs=4,
@@ -86,9 +107,12 @@ def processes(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """The URL of an `mlflow server` on 127.0.0.1, for the tests of one module."""
+def mlflow_server(tmp_path_factory, _empty_store):
+    """The URL of an `mlflow server` on 127.0.0.1, for the tests of one module (its store
+    a copy of `_empty_store`)."""
     from processes import mlflow_server_in
 
-    with mlflow_server_in(tmp_path_factory.mktemp("mlflow_server")) as url:
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    shutil.copy(_empty_store, folder / "mlflow.db")
+    with mlflow_server_in(folder) as url:
         yield url

@@ -4,6 +4,7 @@ validation, and their models served the same everywhere."""
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import textwrap
@@ -281,11 +282,16 @@ def test_a_search_of_every_block_serves_the_same_predictions_everywhere(tmp_path
     space = write(tmp_path, BOTH, "both")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--tracking-uri", uri, "--workdir", str(tmp_path / ".nas")]
-    searched = CliRunner().invoke(main, ["search", "--space", space, "--pipeline", "digits",
-                                         "--tuner", "random", "--seed", "3", "--max-trials",
-                                         "1", "--epochs", "1", "--experiment", "both",
-                                         *common])
-    assert searched.exit_code == 0, searched.output
+    # The search and the TFLite export each in a process of their own, as a user runs
+    # them. The search with TensorFlow's oneDNN kernels off: with them, TensorFlow 2.21
+    # crashed this space's training step in 3 of 10 runs, without them in none (the
+    # known crash of docs/guide/spaces-and-pipelines.md, and its workaround).
+    searched = subprocess.run([*NAS, "search", "--space", space, "--pipeline", "digits",
+                               "--tuner", "random", "--seed", "3", "--max-trials", "1",
+                               "--epochs", "1", "--experiment", "both", *common],
+                              capture_output=True, text=True, timeout=240,
+                              env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert searched.returncode == 0, searched.stdout + searched.stderr
     tracker = Tracker(uri)
     search = results.find_search(tracker, "both")
     (trial,) = results.list_trials(tracker, search)
@@ -302,10 +308,6 @@ def test_a_search_of_every_block_serves_the_same_predictions_everywhere(tmp_path
     exported = CliRunner().invoke(main, ["export", "--experiment", "both", "--out",
                                          str(tmp_path / "savedmodel"), *common])
     assert exported.exit_code == 0, exported.output
-    # TFLite in a process of its own, as a user runs `nas export` (TensorFlow's converter
-    # aborted twice in test processes that had trained many models before, while trials'
-    # garbage was collected in the background: bench/README.md, "Garbage collected in
-    # the background").
     exported = subprocess.run([*NAS, "export", "--experiment", "both", "--format", "tflite",
                                "--out", str(tmp_path / "tflite"), *common],
                               capture_output=True, text=True, timeout=240)

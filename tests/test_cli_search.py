@@ -84,6 +84,7 @@ def test_search_on_digits_lands_in_mlflow(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.new_store
 def test_default_store_is_mlflows_own(tmp_path, monkeypatch):
     """No --tracking-uri and no MLFLOW_TRACKING_URI: mlflow.db and ./mlruns, as `mlflow ui` reads."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI")

@@ -162,6 +162,7 @@ def test_a_data_path_that_is_a_file_is_refused(tmp_path):
         load_arrays(load_pipeline(str(pipeline_file(tmp_path))))
 
 
+@pytest.mark.new_store
 def test_a_broken_file_is_one_line_exit_2_and_nothing_written(tmp_path):
     file, message = broken(tmp_path / "data", "magic")
     pipeline = pipeline_file(tmp_path)

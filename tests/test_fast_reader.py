@@ -194,6 +194,7 @@ def test_trials_imports_neither_mlflow_nor_tensorflow(digits_search, tmp_path):
     assert done.imported.isdisjoint(HEAVY), sorted(done.imported & set(HEAVY))
 
 
+@pytest.mark.new_store
 def test_no_store_yet_is_refused_as_mlflow_names_it(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     default = mlflow.get_tracking_uri()  # in tmp_path, the current folder

@@ -74,6 +74,7 @@ def bmp(bits: int, pixels: bytes, width: int, height: int, compression: int = 0,
             + header.ljust(header_size, b"\0") + palette + pixels)
 
 
+@pytest.mark.new_store
 def test_each_bmp_tensorflow_cannot_decode_is_refused_with_why(tmp_path):
     import tensorflow as tf
     from PIL import Image
@@ -128,6 +129,7 @@ def test_each_bmp_tensorflow_cannot_decode_is_refused_with_why(tmp_path):
         assert faithful == (path.name in accepted), path.name
 
 
+@pytest.mark.new_store
 def test_unreadable_files_are_refused_in_one_line_before_anything_is_written(tmp_path):
     folder = make_folder(tmp_path / "data", per_class=6)
     bad = break_some(folder)

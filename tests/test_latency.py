@@ -151,6 +151,7 @@ def test_a_latency_budget_keeps_slower_trials_out_of_the_final_model_and_shrinks
     (["--max-latency-ms", "2", "--latency", "keras", "--latency-threads", "2"],
      "--latency-threads is for --latency tflite: give it too"),
 ])
+@pytest.mark.new_store
 def test_bad_latency_flags_are_refused_in_one_line(tmp_path, args, message):
     result = CliRunner().invoke(main, ["search", "--space", "tiny", "--pipeline", "digits",
                                        *args])

@@ -160,6 +160,7 @@ def bad_tables(tmp_path):
 
 
 @pytest.mark.parametrize("case", range(4))
+@pytest.mark.new_store
 def test_a_bad_latency_table_is_refused_in_one_line_before_anything_is_written(tmp_path,
                                                                              case):
     name, message = bad_tables(tmp_path)[case]

@@ -156,6 +156,7 @@ def test_report_refuses_bad_input_with_exit_code_2(digits_search, tmp_path, args
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.new_store
 def test_report_without_a_store_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["report", "--out", "plot.png"])
     assert result.exit_code == 2

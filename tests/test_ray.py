@@ -51,6 +51,7 @@ def test_a_search_on_a_local_ray_trains_each_trial_as_a_ray_task(processes, tmp_
     (["--workers", "0"], "Error: Invalid value for '--workers'"),
     (["--chief", "127.0.0.1:1"], "Error: No such option '--chief'"),
 ])
+@pytest.mark.new_store
 def test_workers_beside_another_ray_or_concurrency_is_refused_in_one_line(args, message,
                                                                           tmp_path):
     result = CliRunner().invoke(main, ["search", *TINY, *args])
@@ -110,6 +111,7 @@ def test_a_store_the_cluster_cannot_reach_is_refused():
     (["--ray", "--max-concurrent", "0"], "Error: Invalid value for '--max-concurrent'"),
     (["--ray", "--max-retries", "-1"], "Error: Invalid value for '--max-retries'"),
 ])
+@pytest.mark.new_store
 def test_bad_ray_flags_are_refused_in_one_line(args, message, tmp_path):
     result = CliRunner().invoke(main, ["search", *TINY, *args])
     assert result.exit_code == 2, result.output
@@ -127,6 +129,7 @@ def test_bad_ray_flags_are_refused_in_one_line(args, message, tmp_path):
      "many"),
     (["--ray", "127.0.0.1:9"], "Error: --ray: no Ray cluster answers at '127.0.0.1:9'"),
 ])
+@pytest.mark.new_store
 def test_what_ray_cannot_give_is_refused_before_anything_is_written(args, message, processes,
                                                                     tmp_path):
     processes.start("driver", NAS + ["search", *TINY, *args])

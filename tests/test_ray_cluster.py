@@ -45,6 +45,7 @@ def cluster():
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.new_store
 def test_a_store_on_this_machine_is_refused_when_a_node_is_on_another(processes, tmp_path):
     """A node at another address (127.0.0.2: another machine, as far as Ray can tell) could
     not log to a SQLite file here: refused in one line, before anything is written."""

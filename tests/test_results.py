@@ -184,6 +184,7 @@ def test_unknown_experiment_is_one_line_exit_2(digits_search):
                                  f"{digits_search.tracking_uri} (it holds: 'shared')\n")
 
 
+@pytest.mark.new_store
 def test_an_empty_store_says_to_search_first(tmp_path):
     result = nas("trials")
     assert result.exit_code == 2

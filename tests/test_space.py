@@ -270,6 +270,7 @@ def test_space_show_imports_no_tensorflow():
 # --- budgets in a search ---------------------------------------------------------------
 
 
+@pytest.mark.new_store
 def test_a_budget_nothing_fits_is_refused_before_anything_is_written(tmp_path):
     result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-params", "60",
                                        "--max-trials", "2", "--epochs", "2"])
@@ -280,6 +281,7 @@ def test_a_budget_nothing_fits_is_refused_before_anything_is_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no mlflow.db, mlruns, .nas
 
 
+@pytest.mark.new_store
 def test_budgets_from_the_space_are_named_when_refused(tmp_path):
     text = (load_space("tiny").text + "constraints: {max_params: 5000, max_flops: 1000}\n")
     path = tmp_path / "budget.yaml"
@@ -293,6 +295,7 @@ def test_budgets_from_the_space_are_named_when_refused(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.new_store
 def test_a_space_of_impossible_candidates_is_refused_before_anything_is_written(tmp_path):
     path = write_space(tmp_path, "big", """
         stages: {depth: 1, conv: {filters: 4, kernel_size: 9, padding: valid}}
@@ -306,6 +309,7 @@ def test_a_space_of_impossible_candidates_is_refused_before_anything_is_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.yaml"]
 
 
+@pytest.mark.new_store
 def test_a_budget_below_one_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["search", "--space", "tiny", "--max-flops", "0"],
                                 prog_name="nas")
@@ -545,6 +549,7 @@ def test_bounds_still_refuse_what_cannot_fit_and_say_they_are_bounds(monkeypatch
         "smallest the space reaches is at least 90 parameters and at least 2,960 FLOPs")
 
 
+@pytest.mark.new_store
 def test_a_deep_space_nothing_in_can_be_trained_is_refused_at_once(tmp_path):
     # From stage 2 on, a valid 7x7 conv meets a 2x2 map: every architecture collapses.
     path = write_space(tmp_path, "deep", DEEP.replace("{min: 1, max: 20}", "{min: 2, max: 20}")
@@ -562,6 +567,7 @@ def test_a_deep_space_nothing_in_can_be_trained_is_refused_at_once(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.yaml"]
 
 
+@pytest.mark.new_store
 def test_a_budget_below_a_deep_space_is_refused_at_once(tmp_path):
     path = write_space(tmp_path, "deep", DEEP)
     smallest = analyse(load_space(str(path)), (8, 8, 1), 10)
