@@ -253,11 +253,12 @@ class NasTuner(ktcompat.AtomicTuner, kt.Hyperband):
         # graphs (nothing refers to them any more) are collected once. The session is not
         # cleared: that only resets Keras's name counters and global settings and empties
         # TensorFlow's kernel cache (every build ~15 ms slower); it frees nothing the
-        # collection does not. The collection runs here, in the thread that trains: run by
-        # a background thread while the next trial trained (10-20 ms saved a trial), it
-        # freed TensorFlow's objects beside a running training step, and about one
-        # process in ten then aborted or crashed (bench/README.md, "Garbage collected in
-        # the background").
+        # collection does not. The collection runs here, in the thread that trains. It once
+        # ran in a background thread while the next trial trained (10-20 ms saved a
+        # trial); that was removed when processes crashed, a crash later traced mostly to
+        # TensorFlow's oneDNN kernels on one space (bench/README.md, "Garbage collected in
+        # the background"), and freeing TensorFlow's objects beside a running training
+        # step is not worth 10-20 ms.
         gc.collect()
         return self._build_hypermodel(hp)
 

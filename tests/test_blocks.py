@@ -284,7 +284,7 @@ def test_a_search_of_every_block_serves_the_same_predictions_everywhere(tmp_path
     common = ["--tracking-uri", uri, "--workdir", str(tmp_path / ".nas")]
     # The search and the TFLite export each in a process of their own, as a user runs
     # them. The search with TensorFlow's oneDNN kernels off: with them, TensorFlow 2.21
-    # crashed this space's training step in 3 of 10 runs, without them in none (the
+    # crashed this space's training step in 5 of 20 runs, without them in 0 of 10 (the
     # known crash of docs/guide/spaces-and-pipelines.md, and its workaround).
     searched = subprocess.run([*NAS, "search", "--space", space, "--pipeline", "digits",
                                "--tuner", "random", "--seed", "3", "--max-trials", "1",
