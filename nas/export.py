@@ -90,10 +90,10 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
                           f"not FINISHED; it has no trained model to export")
     members = [trial] if trial is not None else _members(search, rows, ensemble)
     # After --refit the final model is the retrained one; trials asked for by name or
-    # count are exported as the search trained them.
+    # count are exported as the search trained them (without test-time flips too).
     asked = trial is not None or ensemble is not None
     final = (search.final_trials == [m.trial_id for m in members]
-             and not (asked and search.refit))
+             and not (asked and (search.refit or search.flips)))
     classes = _read_json(tracker, search.run_id, "classes.json")
     model, source = load_model(tracker, search, members, workdir, final=final)
     exported = Exported(out, format, search, members[0], source, None, tuple(members), final)
@@ -120,6 +120,7 @@ def export(tracker: tracking.Tracker, out: str | os.PathLike, *, experiment: str
             # Held-out scores, measured once by `nas search`, of its final model only.
             "test": search.test if final else {},
             "refit": final and search.refit,  # retrained on training + validation data
+            "test_time_flips": final and search.flips,  # averaged with each mirror image
         }, indent=2) + "\n")
         _move_into_place(staged, out)
 
@@ -158,12 +159,15 @@ def load_model(tracker: tracking.Tracker, search: results.Search,
 
     `final`: `members` are the search's final model. One that `nas search --refit`
     retrained exists only as the search's MLflow model (its trials' checkpoints hold
-    their weights as the search trained them).
+    their weights as the search trained them); one with test-time flips
+    (`train.test_time_flips`) averages each member's probabilities on the image and its
+    mirror image, as the search made it.
 
     Raises:
         ExportError: neither KerasTuner's checkpoints nor a matching MLflow model is found.
     """
     ids = ",".join(m.trial_id for m in members)
+    flips = final and search.flips  # the search's final model sees mirror images too
     if final and search.refit:
         found = _from_logged_model(tracker, search, ids)
         if found is None:
@@ -172,11 +176,11 @@ def load_model(tracker: tracking.Tracker, search: results.Search,
                 f"`nas search --refit`) was not logged to MLflow on run {search.run_id}; "
                 f"`trial` ID or `ensemble` K export the trials as the search trained them")
         return found
-    if len(members) == 1:
+    if len(members) == 1 and not flips:
         return load_trial_model(tracker, search, members[0], workdir)
     checkpoints = [_checkpoint(search, m, workdir) for m in members]
     if None not in checkpoints:
-        return (_ensemble_from(tracker, members, checkpoints),
+        return (_ensemble_from(tracker, members, checkpoints, flips),
                 f"the KerasTuner checkpoints in {checkpoints[0].parent.parent}")
     found = (None if search.refit  # the logged model is the refit one
              else _from_logged_model(tracker, search, ids))
@@ -184,7 +188,7 @@ def load_model(tracker: tracking.Tracker, search: results.Search,
         return found
     logged = [final_model.logged_weights(tracker, m.run_id) for m in members]
     if None not in logged:
-        return (_ensemble_from(tracker, members, logged),
+        return (_ensemble_from(tracker, members, logged, flips),
                 f"the weights logged to the trials' MLflow runs ({tracking.WEIGHTS})")
     raise ExportError(
         f"experiment {search.experiment_name!r}: no weights found for the ensemble of trials "
@@ -193,10 +197,10 @@ def load_model(tracker: tracking.Tracker, search: results.Search,
     )
 
 
-def _ensemble_from(tracker: tracking.Tracker, members, weights: list[Path]):
+def _ensemble_from(tracker: tracking.Tracker, members, weights: list[Path], flips: bool = False):
     models = [final_model.model_from_weights(_read_json(tracker, m.run_id, "architecture.json"), w)
               for m, w in zip(members, weights)]
-    return final_model.ensemble_of(models, [m.trial_id for m in members])
+    return final_model.ensemble_of(models, [m.trial_id for m in members], flips)
 
 
 def _from_logged_model(tracker: tracking.Tracker, search: results.Search, trial_ids: str):

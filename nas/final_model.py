@@ -1,7 +1,8 @@
 """A search's final model in MLflow: made, scored once on the test data, logged.
 
 At the end of `nas search`, `log_best_model` makes the final model (the best trial's
-weights at its best epoch, an ensemble of the best K, or those retrained with `--refit`),
+weights at its best epoch, an ensemble of the best K, or those retrained with `--refit`;
+each on the image and its mirror image too with the pipeline's `train.test_time_flips`),
 scores it on the held-out test data and logs it as the MLflow model of the search's run
 (`runs:/<search run>/model`), registering it when asked. The pieces `nas.export` builds
 on live here too: a trial's model from its `Architecture` and weights (KerasTuner's
@@ -22,13 +23,15 @@ from pathlib import Path
 
 from nas import funnel, mlflowcompat, results, tracking
 
-__all__ = ["CHAMPION", "CHECKPOINT", "MODEL_NAME", "TAG_FINAL", "TAG_REFIT", "ensemble_of",
+__all__ = ["CHAMPION", "CHECKPOINT", "MODEL_NAME", "TAG_FINAL", "TAG_FLIPS", "TAG_REFIT",
+           "ensemble_of",
            "log_best_model", "log_model", "logged_model", "logged_weights",
            "mlflow_store", "model_from_weights", "prepare_model_logging", "register_uri",
            "score_on_test"]
 
 MODEL_NAME = "model"  # the MLflow model on the search's run: runs:/<search run id>/model
 TAG_FINAL, TAG_REFIT = tracking.TAG_FINAL, tracking.TAG_REFIT  # on a search's run
+TAG_FLIPS = tracking.TAG_FLIPS
 CHAMPION = "champion"  # the registry alias of the registered version best on its test data
 CHECKPOINT = tracking.WEIGHTS  # KerasTuner's per-trial best-epoch weights (Keras 3)
 
@@ -38,23 +41,48 @@ def _silent(line: str) -> None:
     nothing itself)."""
 
 
-def ensemble_of(models: list, trial_ids: list[str]):
-    """One Keras model whose output is the average of `models`' class probabilities.
+def ensemble_of(models: list, trial_ids: list[str], flips: bool = False):
+    """One Keras model whose output is the average of `models`' class probabilities; with
+    `flips`, of each member's on the image and on its mirror image (left and right
+    swapped: test-time flips, `train.test_time_flips`).
 
     Same input (`image`, raw pixels) and output (class probabilities) as each member, so
-    it serves, exports and logs exactly as a single trial's model does. One model: itself.
+    it serves, exports and logs exactly as a single trial's model does. One model without
+    flips: itself. Built of Keras's own layers only, so it loads without `nas`.
     """
-    if len(models) == 1:
+    if len(models) == 1 and not flips:
         return models[0]
     import keras
 
     inputs = keras.Input(models[0].input_shape[1:], name="image")
     for model, trial_id in zip(models, trial_ids):
         model.name = f"trial_{trial_id}"
-    outputs = keras.layers.Average(name="probabilities")([m(inputs) for m in models])
+    views = [inputs, _mirror(inputs)] if flips else [inputs]
+    outputs = keras.layers.Average(name="probabilities")(
+        [model(view) for model in models for view in views])
     model = keras.Model(inputs, outputs, name="ensemble")
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
+
+
+def _mirror(images):
+    """`images` (batch, height, width, channels) with left and right swapped, exactly.
+
+    Keras has no layer that flips deterministically (`RandomFlip` flips at random, in
+    training only), and a layer of our own would not load where `nas` is not installed:
+    so the width axis is moved last and multiplied by the reversed identity matrix (each
+    output pixel is one input pixel times 1, plus zeros), then moved back.
+    """
+    import keras
+    import numpy as np
+
+    width = images.shape[2]
+    swap = keras.layers.Permute((1, 3, 2), name="mirror_in")
+    reverse = keras.layers.Dense(width, use_bias=False, trainable=False, name="mirror")
+    back = keras.layers.Permute((1, 3, 2), name="mirror_out")
+    mirrored = back(reverse(swap(images)))
+    reverse.set_weights([np.eye(width, dtype="float32")[::-1]])
+    return mirrored
 
 
 def log_model(tracker: tracking.Tracker, run_id: str, model, *, trial_id: str,
@@ -121,7 +149,8 @@ def prepare_model_logging() -> None:
 def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
                    register: str | None = None, echo=_silent, test=None,
                    ensemble: int = 1, refit=None, seed: int = 0, latency=None,
-                   max_latency_ms: float | None = None) -> tuple[dict, list[str]]:
+                   max_latency_ms: float | None = None,
+                   flips: bool = False) -> tuple[dict, list[str], bool]:
     """At the end of `nas search`: make the final model, score it on the test data, log it.
 
     The final model is the best trial's at its best epoch or, with `ensemble` K > 1, the
@@ -137,11 +166,14 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
     With `latency` (`nas.assembly.latency_meter`), the final model's latency is measured
     and logged on the search's run as well (`latency_ms`, `latency_spread_ms`; an ensemble
     runs every member). With `max_latency_ms`, only trials measured within it are
-    members, and an ensemble measured over it loses its last members until it is within
-    (or one is left). A failure here does not fail the search (its trials are logged):
-    it is told to `echo` and kept as the run's `nas.model_error` tag. Returns the test
-    scores ({} without) and the final model's trial ids ([] when it could not be made).
-    `echo(line)` is told what happens.
+    members, and a final model measured over it loses its test-time flips first, then
+    its last members, until it is within (or one model is left). With `flips`
+    (`train.test_time_flips`), the final model averages each member's probabilities on
+    the image and its mirror image (`ensemble_of`); the run's tag `nas.test_time_flips`
+    says whether it does. A failure here does not fail the search (its trials are
+    logged): it is told to `echo` and kept as the run's `nas.model_error` tag. Returns
+    the test scores ({} without), the final model's trial ids ([] when it could not be
+    made) and whether it flips. `echo(line)` is told what happens.
     """
     members = _of_full_fidelity(result.finished, tuner.oracle)
     if max_latency_ms is not None:
@@ -152,10 +184,10 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
                        f"{max_latency_ms:g}")
             tracker.set_tags(search_run_id, {tracking.TAG_MODEL_ERROR: message})
             echo(f"warning: no final model: {message}")
-            return {}, []
+            return {}, [], False
     members = members[:max(1, ensemble)]
     if not members:
-        return {}, []
+        return {}, [], False
     ids = [m.trial_id for m in members]
     try:
         models = []
@@ -172,16 +204,22 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
             architecture = tuner.hypermodel.architecture(trial.hyperparameters.values).to_dict()
             models.append(model_from_weights(architecture, checkpoint))
         tags = {TAG_FINAL: "", TAG_REFIT: "1" if refit is not None else "0"}
-        while True:  # an ensemble over the latency budget loses its last member
-            model = ensemble_of(models, ids)
+        while True:  # over the latency budget: without flips, then without the last member
+            model = ensemble_of(models, ids, flips)
             measured = _latency(model, latency, tags, echo)
-            if (max_latency_ms is None or len(models) == 1
+            if (max_latency_ms is None or (len(models) == 1 and not flips)
                     or measured.get("latency_ms", 0.0) <= max_latency_ms):
                 break
-            echo(f"the ensemble of {len(models)} is over --max-latency-ms "
-                 f"{max_latency_ms:g}: without trial {ids[-1]}")
+            what = "the final model" if len(models) == 1 else f"the ensemble of {len(models)}"
+            if flips:
+                echo(f"{what} is over --max-latency-ms {max_latency_ms:g}: without "
+                     f"test-time flips")
+                flips = False
+                continue
+            echo(f"{what} is over --max-latency-ms {max_latency_ms:g}: without trial {ids[-1]}")
             models, ids = models[:-1], ids[:-1]
         tags[TAG_FINAL] = ",".join(ids)
+        tags[TAG_FLIPS] = "1" if flips else "0"
         scores = {}
         if test is not None:
             scores = score_on_test(model, *test)
@@ -189,12 +227,12 @@ def log_best_model(tracker: tracking.Tracker, search_run_id: str, tuner, result,
         log_model(tracker, search_run_id, model, trial_id=",".join(ids),
                   trial_run_id=(members[0].run_id or "") if len(ids) == 1 else "",
                   register=register, echo=echo, scores=scores)
-        return scores, ids
+        return scores, ids, flips
     except Exception as error:  # the search's results stand without the model
         message = f"{error.__class__.__name__}: {error}".strip().splitlines()[0][:500]
         tracker.set_tags(search_run_id, {tracking.TAG_MODEL_ERROR: message})
         echo(f"warning: the best model was not logged to MLflow ({message})")
-        return {}, []
+        return {}, [], False
 
 
 def _latency(model, latency, tags: dict, echo) -> dict:

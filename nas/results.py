@@ -29,8 +29,8 @@ from nas.errors import InputError
 from nas import funnel, mlflow_sqlite, tracking  # none imports MLflow
 from nas.pareto import front_marks
 from nas.reader import Experiment, Reader, Run
-from nas.tracking import TAG_ERROR, TAG_FINAL, TAG_KIND, TAG_MAX_TRIALS, TAG_REFIT, TAG_SEARCH, \
-    TAG_TRIAL
+from nas.tracking import TAG_ERROR, TAG_FINAL, TAG_FLIPS, TAG_KIND, TAG_MAX_TRIALS, TAG_REFIT, \
+    TAG_SEARCH, TAG_TRIAL
 
 __all__ = ["ResultsError", "Search", "TrialRow", "Reader", "SORT_KEYS", "STATUSES",
            "open_store", "open_reader", "find_search", "find_run", "list_trials", "best_trial",
@@ -87,6 +87,12 @@ class Search:
     def refit(self) -> bool:
         """Whether the final model was retrained on training + validation data (--refit)."""
         return self.tags.get(TAG_REFIT) == "1"
+
+    @property
+    def flips(self) -> bool:
+        """Whether the final model averages each image and its mirror image
+        (`train.test_time_flips`)."""
+        return self.tags.get(TAG_FLIPS) == "1"
 
     @property
     def test(self) -> dict:

@@ -44,6 +44,7 @@ class SearchResult:
     stopped_by_time: bool = False  # --time-limit ended it before --max-trials
     final_trials: list[str] = dataclasses.field(default_factory=list)  # the final model's
     refit: bool = False  # the final model was retrained on training + validation data
+    flips: bool = False  # the final model also sees each image's mirror image
 
     @property
     def finished(self) -> list[results.TrialRow]:
@@ -259,12 +260,13 @@ def _run(prepared: Prepared, callback: Callback, serve) -> SearchResult:
             batch_size = config.batch_size or pipeline.batch_size
             test = test_dataset(arrays, batch_size)
             final = config.final
-            result.test, result.final_trials = final_model.log_best_model(
+            result.test, result.final_trials, result.flips = final_model.log_best_model(
                 tracker, search_run_id, tuner, result, register=final.register, echo=echo,
                 test=None if test is None else (test, len(arrays.y_test)),
                 ensemble=final.ensemble, seed=config.seed,
                 refit=refit_dataset(arrays, batch_size, config.seed) if final.refit else None,
-                latency=assembly.latency_meter(config), max_latency_ms=config.max_latency_ms)
+                latency=assembly.latency_meter(config), max_latency_ms=config.max_latency_ms,
+                flips=pipeline.test_time_flips)
             result.refit = final.refit and bool(result.final_trials)
         finally:
             hooks.close()
@@ -331,7 +333,7 @@ def _result(tuner, tracker, experiment_id, search_run_id, config, resumed) -> Se
                         test=search.test,
                         final_trials=search.final_trials,
                         stopped_by_time=getattr(tuner.oracle, "stopped_by_time", False),
-                        refit=search.refit)
+                        refit=search.refit, flips=search.flips)
 
 
 def _log_outcome(tracker, run_id: str, result: SearchResult) -> None:

@@ -203,6 +203,9 @@ class Pipeline:
     # the share of each label's probability spread over the other classes in the loss
     # (`train.label_smoothing`; 0: none), in every trial's training
     label_smoothing: float = 0.0
+    # the final model averages its probabilities for each image and its mirror image
+    # (`train.test_time_flips`; `nas.final_model.ensemble_of`)
+    test_time_flips: bool = False
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
     @property
@@ -495,7 +498,7 @@ def load_pipeline(ref: str) -> Pipeline:
                   required=("source",))
     train = r.mapping(data.get("train", {}), "train",
                       ("epochs", "batch_size", "early_stopping_patience", "augment",
-                       "label_smoothing"))
+                       "label_smoothing", "test_time_flips"))
     source = r.scalar(d["source"], "data.source", "str", allowed=SOURCES)
 
     data_path = None
@@ -560,5 +563,7 @@ def load_pipeline(ref: str) -> Pipeline:
         augment=_augment(r, train.get("augment"), "train.augment", r.scalar),
         label_smoothing=r.scalar(train.get("label_smoothing", 0.0), "train.label_smoothing",
                                  "float", low=0.0, high=1.0, high_open=True),
+        test_time_flips=r.scalar(train.get("test_time_flips", False), "train.test_time_flips",
+                                 "bool"),
         text=text,
     )

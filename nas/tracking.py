@@ -22,8 +22,8 @@ from nas.errors import InputError, Interrupted
 
 __all__ = ["Tracker", "TrackingError", "Interrupted", "TAG_KIND", "TAG_TRIAL", "TAG_SEARCH",
            "TAG_ERROR", "TAG_WORKER", "TAG_DEVICE", "TAG_NODE", "TAG_GPUS", "TAG_MAX_TRIALS",
-           "TAG_FINGERPRINT", "TAG_DATA_DIGEST", "TAG_FINAL", "TAG_REFIT", "TAG_MODEL_ERROR",
-           "TAG_BEST_TRIAL", "TAG_BEST_RUN", "TAG_TRIAL_RUN", "score_tag"]
+           "TAG_FINGERPRINT", "TAG_DATA_DIGEST", "TAG_FINAL", "TAG_FLIPS", "TAG_REFIT",
+           "TAG_MODEL_ERROR", "TAG_BEST_TRIAL", "TAG_BEST_RUN", "TAG_TRIAL_RUN", "score_tag"]
 
 # The tags nas writes and reads back, named here alone. MLflow is imported only where it
 # is used, so that reading these (`nas.results`, `nas trials`) costs no MLflow import.
@@ -42,6 +42,7 @@ TAG_DATA_DIGEST = "nas.data_digest"  # a directory's files (`nas.data.Arrays.dat
 TAG_MAX_TRIALS = "nas.max_trials"  # once it grew past its first budget
 TAG_FINAL = "nas.final_trials"  # the trial(s) of its final model
 TAG_REFIT = "nas.refit"  # "1" when its final model was retrained (--refit)
+TAG_FLIPS = "nas.test_time_flips"  # "1" when its final model also sees mirror images
 TAG_MODEL_ERROR = "nas.model_error"  # why its final model could not be logged
 TAG_LATENCY = "nas.latency"  # what measured the final model's latency ("TFLite, 1 thread")
 TAG_LATENCY_ERROR = "nas.latency_error"  # why a model's latency could not be measured

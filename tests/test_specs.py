@@ -163,6 +163,7 @@ def test_pipeline_defaults_and_relative_paths(tmp_path):
     assert pipeline.direction == "min"
     assert (pipeline.epochs, pipeline.batch_size, pipeline.early_stopping_patience) == (10, 64, 3)
     assert pipeline.augment == () and pipeline.label_smoothing == 0.0
+    assert pipeline.test_time_flips is False
     path.write_text("data: {source: digits}\ntrain: {augment: {zoom: 0.1, flip: horizontal}}")
     assert load_pipeline(str(path)).augment == (("flip", "horizontal"), ("zoom", 0.1))
 
@@ -184,7 +185,9 @@ def test_pipeline_defaults_and_relative_paths(tmp_path):
          "objective: 'f1' is not one of ['val_accuracy', 'val_loss', 'accuracy', 'loss']"),
         ("data: {source: digits}\ntrain: {epoch: 3}",
          "train.epoch: unknown key; allowed keys are ['augment', 'batch_size', "
-         "'early_stopping_patience', 'epochs', 'label_smoothing']"),
+         "'early_stopping_patience', 'epochs', 'label_smoothing', 'test_time_flips']"),
+        ("data: {source: digits}\ntrain: {test_time_flips: horizontal}",
+         "train.test_time_flips: 'horizontal' is not true or false"),
         ("data: {source: digits}\ntrain: {label_smoothing: 1.0}",
          "train.label_smoothing: 1.0 is not in [0.0, 1.0)"),
         ("data: {source: digits}\ntrain: {augment: {flip: diagonal}}",

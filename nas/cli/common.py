@@ -295,24 +295,26 @@ def plural(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
-def describe_final(trial_ids: list[str], refit: bool = False) -> str:
+def describe_final(trial_ids: list[str], refit: bool = False, flips: bool = False) -> str:
     refitted = ", retrained on training + validation data" if refit else ""
+    mirrored = ", over each image and its mirror image" if flips else ""
     if len(trial_ids) == 1:
-        return f"trial {trial_ids[0]}{refitted}"
+        return f"trial {trial_ids[0]}{refitted}{mirrored}"
     return (f"ensemble of trials {', '.join(trial_ids)} (their probabilities averaged"
-            f"{refitted})")
+            f"{mirrored}{refitted})")
 
 
-def test_line(test: dict, trial_ids: list[str], refit: bool = False) -> str:
+def test_line(test: dict, trial_ids: list[str], refit: bool = False,
+              flips: bool = False) -> str:
     """The final model's held-out score, or why there is none."""
     if not trial_ids:
         return "final model: none (it could not be made; see the warning above)"
+    final = describe_final(trial_ids, refit, flips)
     if "test_accuracy" not in test:
-        return (f"final model: {describe_final(trial_ids, refit)}; no test score (no test "
-                f"data: data.test_split is 0)")
-    return (f"final model: {describe_final(trial_ids, refit)}, test_accuracy "
-            f"{test['test_accuracy']:.4f}  test_loss {test['test_loss']:.4f}  on "
-            f"{int(test['test_samples']):,} held-out samples the search never saw")
+        return f"final model: {final}; no test score (no test data: data.test_split is 0)"
+    return (f"final model: {final}, test_accuracy {test['test_accuracy']:.4f}  test_loss "
+            f"{test['test_loss']:.4f}  on {int(test['test_samples']):,} held-out samples the "
+            f"search never saw")
 
 
 LATEST_EXPERIMENT = click.option(

@@ -59,7 +59,9 @@ def export_model(experiment, run_id, trial_id, ensemble, out, force, fmt, regist
     scores = ", ".join(f"{m.objective:.4f}" for m in done.members)
     final = " (the search's final model)" if done.is_final else ""
     refit = done.is_final and done.search.refit
-    click.echo(f"exported {describe_final([m.trial_id for m in done.members], refit)}{final} of "
+    flips = done.is_final and done.search.flips
+    click.echo(f"exported {describe_final([m.trial_id for m in done.members], refit, flips)}"
+               f"{final} of "
                f"experiment {done.search.experiment_name!r} ({done.search.objective} "
                f"{scores}) to {done.out} as {what}")
     click.echo(f"  weights:     {done.source}")

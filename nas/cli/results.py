@@ -77,7 +77,7 @@ def best(experiment, tracking_uri):
                + (f", latency {latency:.3f} ms" if latency is not None else ""))
     final = found.final_trials
     if final:
-        click.echo(test_line(found.test, final, found.refit))
+        click.echo(test_line(found.test, final, found.refit, found.flips))
         if "latency_ms" in found.metrics:
             click.echo(f"final model latency: {found.metrics['latency_ms']:.3f} ms at batch "
                        f"size 1 ({found.tags.get(TAG_LATENCY, 'measured')}; spread "
@@ -94,7 +94,7 @@ def best(experiment, tracking_uri):
     logged = final_model.logged_model(tracker, found)
     if logged is not None and final and logged.tags.get(TAG_TRIAL) == ",".join(final):
         click.echo(f"  model:     runs:/{found.run_id}/{final_model.MODEL_NAME} (the final "
-                   f"model: {describe_final(final, found.refit)})")
+                   f"model: {describe_final(final, found.refit, found.flips)})")
     hint = "" if tracker.tracking_uri.startswith("http") else "  (start it with `nas ui`)"
     click.echo(f"  UI:        {results.ui_link(tracker.tracking_uri, found, top.run_id)}{hint}")
 

@@ -238,7 +238,7 @@ def _print_result(result) -> None:
                    "(a larger limit resumes the search)")
     if finished:
         click.echo(_trial_table(finished[:5], result.objective))
-        click.echo(test_line(result.test, result.final_trials, result.refit))
+        click.echo(test_line(result.test, result.final_trials, result.refit, result.flips))
     click.echo(f"search run: {result.search_run_id} (experiment {result.experiment_id})")
 
 
