@@ -24,14 +24,13 @@ from pathlib import Path
 from nas import funnel, mlflowcompat, results, tracking
 
 __all__ = ["CHAMPION", "CHECKPOINT", "MODEL_NAME", "TAG_FINAL", "TAG_FLIPS", "TAG_REFIT",
-           "ensemble_of",
-           "log_best_model", "log_model", "logged_model", "logged_weights",
+           "ensemble_of", "log_best_model", "log_model", "logged_model", "logged_weights",
            "mlflow_store", "model_from_weights", "prepare_model_logging", "register_uri",
            "score_on_test"]
 
 MODEL_NAME = "model"  # the MLflow model on the search's run: runs:/<search run id>/model
-TAG_FINAL, TAG_REFIT = tracking.TAG_FINAL, tracking.TAG_REFIT  # on a search's run
-TAG_FLIPS = tracking.TAG_FLIPS
+# On a search's run:
+TAG_FINAL, TAG_REFIT, TAG_FLIPS = tracking.TAG_FINAL, tracking.TAG_REFIT, tracking.TAG_FLIPS
 CHAMPION = "champion"  # the registry alias of the registered version best on its test data
 CHECKPOINT = tracking.WEIGHTS  # KerasTuner's per-trial best-epoch weights (Keras 3)
 

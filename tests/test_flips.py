@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -47,16 +49,15 @@ def test_the_flipped_model_averages_each_image_and_its_mirror_and_loads_without_
 
     # Keras's own layers only: it loads where `nas` was never imported.
     two.save(tmp_path / "flipped.keras")
-    script = (f"import keras, numpy as np; m = keras.models.load_model({str(tmp_path)!r} + "
-              f"'/flipped.keras'); np.save({str(tmp_path)!r} + '/p.npy', m.predict(np.load("
-              f"{str(tmp_path)!r} + '/x.npy'), verbose=0))")
     np.save(tmp_path / "x.npy", x)
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    script = ("import sys, keras, numpy as np\n"
+              f"model = keras.models.load_model({str(tmp_path / 'flipped.keras')!r})\n"
+              f"np.save({str(tmp_path / 'p.npy')!r}, model.predict(np.load("
+              f"{str(tmp_path / 'x.npy')!r}), verbose=0))\n"
+              "assert not [m for m in sys.modules if m.split('.')[0] == 'nas'], 'nas imported'\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "nas" not in script
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-6)
 
 
